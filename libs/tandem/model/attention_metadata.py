@@ -1,0 +1,71 @@
+"""How the tokens of one forward pass are laid out, as attention needs to know it.
+
+The model always sees a flat list of T tokens. Two layouts exist:
+- `DenseCausal`: B rows of equal length L (T = B*L), causal inside a row, no cache. Training and reference.
+- `Paged`: a continuous batch of B sequences, each contributing some new tokens (a prefill chunk, one decode
+  token, or a token plus its drafts) on top of a context already in the paged KV cache.
+Gather/scatter indices are built once per step and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class DenseCausal:
+    batch_size: int
+    seq_len: int
+    positions: torch.Tensor  # [T] int64
+
+    @classmethod
+    def for_batch(cls, batch_size: int, seq_len: int, device: torch.device | str = "cpu") -> "DenseCausal":
+        positions = torch.arange(seq_len, device=device).repeat(batch_size)
+        return cls(batch_size, seq_len, positions)
+
+
+@dataclass(slots=True)
+class Paged:
+    """New tokens of B sequences over a paged MLA cache.
+
+    kv_cache: [num_kv_layers, num_slots, kv_lora_rank + qk_rope_head_dim]; slot = block * block_size + offset.
+    """
+
+    positions: torch.Tensor  # [T] int64, position of each new token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64, cache slot each new token's latent is written to
+    query_index: torch.Tensor  # [B, Q] int64, index into the T new tokens (padding points at token 0)
+    query_mask: torch.Tensor  # [B, Q] bool, False on padding
+    key_slots: torch.Tensor  # [B, S] int64, cache slot of each context position (padding points at slot 0)
+    attend_mask: torch.Tensor  # [B, Q, S] bool, query may attend to key (causal and inside the context)
+    kv_cache: torch.Tensor
+
+    @classmethod
+    def build(cls, *, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+              block_size: int, kv_cache: torch.Tensor) -> "Paged":
+        """query_lens[b] new tokens of sequence b occupy its last positions; context_lens[b] counts them too."""
+        device = kv_cache.device
+        B, Q, S = len(query_lens), max(query_lens), max(context_lens)
+        ql = torch.tensor(query_lens, dtype=torch.int64)
+        cl = torch.tensor(context_lens, dtype=torch.int64)
+        starts = torch.cumsum(ql, 0) - ql
+        q_off = torch.arange(Q)
+        query_mask = q_off[None, :] < ql[:, None]
+        query_index = torch.where(query_mask, starts[:, None] + q_off[None, :], 0)
+        q_pos = (cl - ql)[:, None] + q_off[None, :]  # [B, Q]
+        positions = q_pos[query_mask]
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64)
+        k_off = torch.arange(S)
+        key_valid = k_off[None, :] < cl[:, None]
+        key_block = torch.where(key_valid, k_off[None, :] // block_size, 0)
+        key_slots = tables.gather(1, key_block) * block_size + k_off[None, :] % block_size
+        key_slots = torch.where(key_valid, key_slots, 0)
+        slot_mapping = key_slots.gather(1, q_pos.clamp(max=S - 1))[query_mask]
+        attend_mask = (k_off[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :] & query_mask[:, :, None]
+        return cls(positions.to(device), slot_mapping.to(device), query_index.to(device), query_mask.to(device),
+                   key_slots.to(device), attend_mask.to(device), kv_cache)
+
+
+AttentionMetadata = DenseCausal | Paged

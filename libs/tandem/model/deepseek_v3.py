@@ -1,0 +1,341 @@
+"""DeepSeek-V3, in the order of the paper: RMSNorm -> RoPE/YaRN -> MLA -> MLP -> Gate -> MoE -> Block ->
+Transformer -> Multi-Token Prediction.
+
+Module and parameter names follow the Hugging Face checkpoint (`kv_lora_rank`, `e_score_correction_bias`,
+`eh_proj`, ...), so a state-dict key is a checkpoint key, except that routed experts are stacked per layer
+(see `tandem.model.loading`). The model sees a flat list of tokens; `attention_metadata` says how they
+are grouped into sequences and where their KV cache lives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.model.attention_metadata import AttentionMetadata, DenseCausal, Paged
+from tandem.model.config import ModelConfig, RopeConfig
+from tandem.moe.experts import ExpertBank, LocalExperts
+from tandem.moe.placement import Placement
+from tandem.moe.routing import route
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# --- Rotary position embedding, with YaRN context extension ------------------------------------------------
+
+def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """Inverse frequencies [dim/2]; YaRN blends interpolated and extrapolated frequencies by wavelength."""
+    base = rope.rope_theta
+    extrapolated = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if not rope.is_yarn:
+        return extrapolated.float()
+    interpolated = extrapolated / rope.factor
+    original = rope.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+    keep_extrapolated = 1 - ramp
+    return (interpolated.float() * ramp + extrapolated.float() * keep_extrapolated)
+
+
+class RotaryEmbedding(nn.Module):
+    """Decoupled RoPE on the last `qk_rope_head_dim` dims of queries and of the shared key.
+
+    With `rope_interleave` the rotated pairs are (x0, x1), (x2, x3), ... as DeepSeek stores them, else the
+    two halves. Either way the output is laid out as [rotated evens | rotated odds]; queries and keys get
+    the same layout so their dot products are unchanged.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.interleave = config.rope_interleave
+        inv_freq = rope_inv_freq(config.rope, config.qk_rope_head_dim)
+        t = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        scale = config.rope.cos_sin_scale
+        self.register_buffer("cos", freqs.cos() * scale, persistent=False)
+        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x [T, ..., R]; positions [T]
+        if self.interleave:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+        cos = self.cos[positions].view(shape).to(x.dtype)
+        sin = self.sin[positions].view(shape).to(x.dtype)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# --- Multi-head Latent Attention ---------------------------------------------------------------------------
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention.
+
+    Queries pass through a low-rank bottleneck (`q_a_proj -> q_a_layernorm -> q_b_proj`, or one `q_proj` when
+    `q_lora_rank` is None). Keys and values are compressed into one latent c_kv of `kv_lora_rank` plus a
+    decoupled rope key shared by all heads; only those are cached. `kv_b_proj` expands the latent into per-head
+    no-rope keys (W_UK) and values (W_UV). Training expands them; cached inference absorbs W_UK into the query
+    and W_UV into the output, attending over the latent directly.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.softmax_scale = config.softmax_scale
+        self.rotary = [rotary]  # shared, kept out of this module's state dict
+        H, D = self.num_heads, config.hidden_size
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * config.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * config.v_head_dim, D, bias=False)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # T tokens, H heads, C kv_lora_rank, R rope dim, N no-rope dim, V value dim
+        T = x.shape[0]
+        rope = self.rotary[0]
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(T, self.num_heads, -1)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = rope(q_pe, meta.positions)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = rope(k_pe, meta.positions)
+        if isinstance(meta, DenseCausal):
+            out = self._attend_expanded(q_nope, q_pe, c_kv, k_pe, meta)
+        else:
+            out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, meta)
+        return self.o_proj(out.reshape(T, -1))
+
+    def _attend_expanded(self, q_nope, q_pe, c_kv, k_pe, meta: DenseCausal) -> torch.Tensor:
+        B, L, H = meta.batch_size, meta.seq_len, self.num_heads
+        kv = self.kv_b_proj(c_kv).view(B, L, H, -1)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.view(B, L, 1, -1).expand(-1, -1, H, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).view(B, L, H, -1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=self.softmax_scale)
+        return out.transpose(1, 2)  # [B, L, H, V]
+
+    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, meta: Paged) -> torch.Tensor:
+        cache = meta.kv_cache[self.layer_idx]
+        cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype)
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
+        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+        q_full = torch.cat([q_latent, q_pe], dim=-1)[meta.query_index]  # [B, Q, H, C+R]
+        keys = cache[meta.key_slots].to(q_full.dtype)  # [B, S, C+R]
+        scores = torch.einsum("bqhc,bsc->bhqs", q_full, keys) * self.softmax_scale
+        scores = scores.masked_fill(~meta.attend_mask[:, None], float("-inf"))
+        probs = scores.float().softmax(-1).nan_to_num(0.0).to(keys.dtype)  # padded query rows are all -inf
+        out_latent = torch.einsum("bhqs,bsc->bqhc", probs, keys[..., : self.kv_lora_rank])
+        out = torch.einsum("bqhc,hvc->bqhv", out_latent, w_uv)
+        return out[meta.query_mask]  # [T, H, V]
+
+
+# --- Feed-forward: dense MLP and DeepSeekMoE ---------------------------------------------------------------
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward; the dense layers, and the shared experts of a MoE layer."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """The router: token-to-expert affinities, computed in float32 as DeepSeek does."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        logits = F.linear(x.float(), self.weight.float())
+        return route(logits, self.e_score_correction_bias.float(), top_k=c.num_experts_per_tok, n_group=c.n_group,
+                     topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
+                     routed_scaling_factor=c.routed_scaling_factor)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: always-on shared experts plus the routed experts the gate picks.
+
+    Routing and expert execution are separate steps: `experts` is any callable taking
+    (hidden [T, D], logical expert ids [T, K], weights [T, K]); colocated it is `LocalExperts`, in the
+    cluster a dispatcher that ships tokens to expert servers.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts) \
+            if config.n_shared_experts else None
+        self.experts: nn.Module = LocalExperts(
+            ExpertBank(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size),
+            Placement.identity(1, config.n_routed_experts).layer_table(0))
+        self.route_observer = None  # called with expert ids [T, K] after routing (training's load statistics)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, expert_ids = self.gate(x)
+        if self.route_observer is not None:
+            self.route_observer(expert_ids)
+        out = self.experts(x, expert_ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+# --- Transformer block and the main model -------------------------------------------------------------------
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = MLA(config, layer_idx, rotary)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """An MTP module's output norm; the projection itself is the main model's `lm_head`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """Multi-Token Prediction module k (DeepSeek-V3 section 2.2), stored as layer num_hidden_layers + k - 1.
+
+    h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]), then one transformer block, then
+    shared_head.norm and the shared output head predict t_{i+k+1}. The embedding and output head are the
+    main model's.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+        super().__init__(config, layer_idx, rotary)
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = SharedHead(config)
+
+    def forward(self, token_embeds: torch.Tensor, prev_hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(prev_hidden)], dim=-1))
+        return super().forward(x, meta)
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.rotary = RotaryEmbedding(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        N = config.num_hidden_layers
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, i, self.rotary) for i in range(N)]
+            + [MTPLayer(config, N + k, self.rotary) for k in range(config.num_nextn_predict_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """The main model plus its MTP modules.
+
+    `forward` returns the last layer's hidden states before the final norm; `mtp_input` picks what feeds the
+    first MTP module: "post_norm" (what vLLM and SGLang feed DeepSeek's released weights) or "pre_norm".
+    """
+
+    def __init__(self, config: ModelConfig, mtp_input: str = "post_norm"):
+        super().__init__()
+        if mtp_input not in ("post_norm", "pre_norm"):
+            raise ValueError(f"mtp_input must be 'post_norm' or 'pre_norm', got {mtp_input!r}")
+        self.config = config
+        self.mtp_input = mtp_input
+        self.model = DeepseekV3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_buffers(self) -> None:
+        """Recompute the derived, non-persistent tables (RoPE cos/sin, expert placement), e.g. after the model
+        was built on the meta device and materialised with `to_empty`."""
+        device = self.lm_head.weight.device
+        fresh = RotaryEmbedding(self.config).to(device)
+        self.model.rotary.cos, self.model.rotary.sin = fresh.cos, fresh.sin
+        table = Placement.identity(1, self.config.n_routed_experts).layer_table(0) if self.config.n_routed_experts \
+            else None
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE) and isinstance(layer.mlp.experts, LocalExperts):
+                layer.mlp.experts.log2phy = table.log2phy.to(device)
+                layer.mlp.experts.logcnt = table.logcnt.to(device)
+
+    @property
+    def main_layers(self) -> list[DecoderLayer]:
+        return list(self.model.layers[: self.config.num_hidden_layers])
+
+    @property
+    def mtp_layers(self) -> list[MTPLayer]:
+        return list(self.model.layers[self.config.num_hidden_layers:])
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids [T] -> hidden states [T, D] after the last main layer, before the final norm."""
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.main_layers:
+            x = layer(x, meta)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Main-model logits [T, V] (float32) from `forward`'s hidden states."""
+        return self.lm_head(self.model.norm(hidden)).float()
+
+    def mtp_hidden_from_main(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(hidden) if self.mtp_input == "post_norm" else hidden
+
+    def mtp_forward(self, k: int, input_ids: torch.Tensor, prev_hidden: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+        """MTP module k (0-based): input_ids [T] are the tokens one step ahead of prev_hidden's positions."""
+        return self.mtp_layers[k](self.model.embed_tokens(input_ids), prev_hidden, meta)
+
+    def mtp_logits(self, k: int, mtp_hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.mtp_layers[k].shared_head.norm(mtp_hidden)).float()

@@ -1,0 +1,65 @@
+"""Routed-expert FFN execution: a bank of physical experts and the grouped matmuls that run them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.moe.placement import LayerPlacement
+
+
+class ExpertBank(nn.Module):
+    """The physical experts one process holds for one MoE layer, stacked: [P, I, D] gate/up and [P, D, I] down."""
+
+    def __init__(self, num_slots: int, hidden_size: int, intermediate_size: int,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.gate_proj = nn.Parameter(torch.empty(num_slots, intermediate_size, hidden_size, **kw))
+        self.up_proj = nn.Parameter(torch.empty(num_slots, intermediate_size, hidden_size, **kw))
+        self.down_proj = nn.Parameter(torch.empty(num_slots, hidden_size, intermediate_size, **kw))
+
+    @property
+    def num_slots(self) -> int:
+        return self.gate_proj.shape[0]
+
+    def forward(self, x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over each token's experts. x [T, D], slot_ids [T, K] (local slots), weights [T, K]."""
+        # T tokens, K active experts, D hidden, I expert intermediate
+        out = torch.zeros_like(x)
+        flat_slots = slot_ids.reshape(-1)
+        order = flat_slots.argsort(stable=True)
+        counts = torch.bincount(flat_slots, minlength=self.num_slots).tolist()
+        token_of_pair = order // slot_ids.shape[1]
+        weight_of_pair = weights.reshape(-1)[order]
+        start = 0
+        for slot, count in enumerate(counts):
+            if not count:
+                continue
+            tokens = token_of_pair[start:start + count]
+            h = x[tokens]
+            h = F.silu(F.linear(h, self.gate_proj[slot])) * F.linear(h, self.up_proj[slot])
+            h = F.linear(h, self.down_proj[slot]) * weight_of_pair[start:start + count, None].to(x.dtype)
+            out.index_add_(0, tokens, h)
+            start += count
+        return out
+
+
+class LocalExperts(nn.Module):
+    """Colocated execution: every physical expert of the layer lives in this process.
+
+    The same call signature is what a remote dispatcher implements, so the model does not know where its
+    experts run.
+    """
+
+    def __init__(self, bank: ExpertBank, placement: LayerPlacement):
+        super().__init__()
+        self.bank = bank
+        # buffers, so that the table follows the bank to its device
+        self.register_buffer("log2phy", placement.log2phy, persistent=False)
+        self.register_buffer("logcnt", placement.logcnt, persistent=False)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        slots = LayerPlacement(self.log2phy, self.logcnt).to_physical(expert_ids)
+        return self.bank(x, slots, weights)
