@@ -1,0 +1,41 @@
+"""Incremental detokenization with stop strings.
+
+Byte-level BPE tokens need not end on a character boundary, so text is released only once it decodes
+cleanly; a stop string may span tokens, so the text that could still start one is held back too.
+"""
+
+from __future__ import annotations
+
+
+class Detokenizer:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.token_ids: list[int] = []
+        self.text = ""  # decoded so far, cut at a stop string once one appears
+        self.sent = 0  # characters of `text` already returned
+        self.stopped = False
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Returns (text that is now final, whether a stop string appeared)."""
+        self.token_ids.append(token_id)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return "", False  # in the middle of a multi-byte character
+        self.text = text
+        for s in self.stop:
+            at = text.find(s)
+            if at != -1:
+                self.text = text[:at]
+                self.stopped = True
+        hold = 0 if self.stopped else max((len(s) - 1 for s in self.stop), default=0)
+        return self._release(len(self.text) - hold), self.stopped
+
+    def flush(self) -> str:
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent:upto], upto
+        return piece

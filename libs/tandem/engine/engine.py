@@ -1,0 +1,267 @@
+"""The colocated engine: one process, continuous batching, paged MLA cache, MTP speculative decoding.
+
+Each step reads as three verbs: schedule (who runs, how many tokens) -> run (one main pass over every
+scheduled token, drafts included) -> postprocess (sample or verify, stop checks, roll back rejected drafts,
+catch the MTP modules up and draft for the next step).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.engine.detokenizer import Detokenizer
+from tandem.engine.kv_cache import PagedKVCache
+from tandem.engine.sampling import SamplingError, SamplingParams, sample, target_probs, verify_drafts
+from tandem.engine.scheduler import ScheduledSeq, Scheduler
+from tandem.engine.sequence import Sequence, SpecStats
+from tandem.engine.speculative import MTPDrafter, SpeculationPolicy
+from tandem.model.attention_metadata import Paged
+from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # prefill chunk budget per step
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: room for max_num_seqs full-length sequences within kv_cache_bytes
+    kv_cache_bytes: int = 2 << 30
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    num_speculative_tokens: int = 0  # drafts per step at most (per request it may be lower)
+    adaptive_speculation: bool = True  # pick 0..num_speculative_tokens drafts per step from measured gains
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one request gained in one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass(slots=True)
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    spec: SpecStats = field(default_factory=SpecStats)
+
+
+class Engine:
+    def __init__(self, model: DeepseekV3ForCausalLM, config: EngineConfig | None = None, tokenizer=None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        mc = model.config
+        self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        param = model.lm_head.weight
+        self.device, self.dtype = param.device, param.dtype
+        num_blocks = self.config.num_kv_blocks or min(
+            self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size),
+            self.config.kv_cache_bytes // PagedKVCache.bytes_per_block(mc, self.config.block_size, self.dtype))
+        self.cache = PagedKVCache(mc, num_blocks, self.config.block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(self.cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        max_drafts = self.config.num_speculative_tokens if mc.num_nextn_predict_layers else 0
+        self.policy = SpeculationPolicy(max_drafts, adaptive=self.config.adaptive_speculation)
+        self.drafter = MTPDrafter(model, self.cache, self.policy)
+        self.stop_ids = set(mc.eos_token_id)
+        self._requests: dict[str, tuple[Sequence, Detokenizer | None]] = {}
+        self._ids = itertools.count()
+        self.spec_totals = SpecStats()
+        log.info("engine ready: %d KV blocks of %d tokens, max_model_len %d, up to %d drafts/step from %d MTP "
+                 "module(s)", num_blocks, self.config.block_size, self.max_model_len, max_drafts,
+                 mc.num_nextn_predict_layers)
+
+    # --- requests -------------------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    num_speculative_tokens: int | None = None) -> str:
+        """Queue a request; raises SamplingError naming the bad field."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise SamplingError(f"request_id {request_id!r} is already running")
+        if not prompt_ids:
+            raise SamplingError("prompt must contain at least one token")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise SamplingError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise SamplingError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                                f"model's context of {self.max_model_len} tokens")
+        if -(-(len(prompt_ids) + params.max_tokens) // self.cache.block_size) > self.cache.allocator.num_blocks:
+            raise SamplingError("prompt + max_tokens does not fit in the KV cache pool")
+        if params.stop and self.tokenizer is None:
+            raise SamplingError("stop strings need a tokenizer; this model directory has no tokenizer.json")
+        if num_speculative_tokens is not None and num_speculative_tokens < 0:
+            raise SamplingError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
+        max_drafts = self.policy.max_drafts if num_speculative_tokens is None \
+            else min(num_speculative_tokens, self.policy.max_drafts)
+        seq = Sequence(request_id, prompt_ids, params, max_drafts, len(self.model.mtp_layers))
+        detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        self._requests[request_id] = (seq, detok)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks; False if it is unknown or already done."""
+        entry = self._requests.pop(request_id, None)
+        if entry is None:
+            return False
+        self.scheduler.finish(entry[0], "cancelled")
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.cache.allocator.num_free
+
+    # --- the step -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        hidden = self._run_main(batch)
+        return self._postprocess(batch, hidden)
+
+    def _run_main(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        ids = [t for s in batch for t in s.seq.token_ids[s.seq.num_cached:s.seq.num_cached + s.num_new] + s.draft_ids]
+        meta = Paged.build(query_lens=[s.num_fed for s in batch],
+                           context_lens=[s.seq.num_cached + s.num_fed for s in batch],
+                           block_tables=[s.seq.block_table for s in batch],
+                           block_size=self.cache.block_size, kv_cache=self.cache.tensor)
+        started = time.perf_counter()
+        hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=self.device), meta)
+        if any(s.draft_ids for s in batch) or all(s.num_new == 1 for s in batch):
+            self.policy.main_cost.record(len(ids), time.perf_counter() - started)
+        return hidden
+
+    def _postprocess(self, batch: list[ScheduledSeq], hidden: torch.Tensor) -> list[StepOutput]:
+        rows = torch.split(hidden, [s.num_fed for s in batch])
+        sampling = [(s, h) for s, h in zip(batch, rows) if s.samples]
+        logits = self.model.logits(torch.cat([h[-(len(s.draft_ids) + 1):] for s, h in sampling])) if sampling else None
+        outputs: list[StepOutput] = []
+        verified: list[tuple[Sequence, int, torch.Tensor]] = []  # seq, first new position, hidden rows verified
+        offset = 0
+        for s, h in zip(batch, rows):
+            seq, start = s.seq, s.seq.num_cached
+            if not s.samples:
+                seq.num_cached += s.num_new
+                verified.append((seq, start, h))
+                continue
+            k = len(s.draft_ids)
+            seq_logits, offset = logits[offset:offset + k + 1], offset + k + 1
+            new_tokens = self._accept(seq, s, seq_logits)
+            seq.num_cached += s.num_new + len(new_tokens) - 1  # the fed tokens whose successors are now known
+            verified.append((seq, start, h[: s.num_new + len(new_tokens) - 1]))
+            outputs.append(self._emit(seq, new_tokens))
+        self._speculate([v for v in verified if not v[0].is_finished])
+        return outputs
+
+    def _accept(self, seq: Sequence, s: ScheduledSeq, logits: torch.Tensor) -> list[int]:
+        """Sample the next token, or verify the drafts: accepted drafts plus one token from the main model."""
+        probs = target_probs(logits, [seq.params] * logits.shape[0])
+        if not s.draft_ids:
+            return [int(sample(probs, [seq.generator])[0])]
+        draft = torch.tensor([s.draft_ids], dtype=torch.int64, device=probs.device)
+        q = seq.draft_probs[None] if seq.draft_probs is not None else None
+        num_accepted, tokens = verify_drafts(probs[None], q, draft, [seq.generator])
+        accepted = int(num_accepted[0])
+        seq.spec.record(len(s.draft_ids), accepted)
+        self.spec_totals.record(len(s.draft_ids), accepted)
+        self.policy.observe(len(s.draft_ids), accepted)
+        return tokens[0, : accepted + 1].tolist()
+
+    def _emit(self, seq: Sequence, new_tokens: list[int]) -> StepOutput:
+        """Append tokens one by one until a stop condition; tokens after a stop are dropped."""
+        seq.draft_ids, seq.draft_probs = [], None
+        params, detok = seq.params, self._requests[seq.request_id][1]
+        emitted, text, reason = [], "", None
+        for token in new_tokens:
+            seq.token_ids.append(token)
+            emitted.append(token)
+            if detok is not None:
+                piece, hit_stop = detok.add(token)
+                text += piece
+                if hit_stop:
+                    reason = "stop"
+            if reason is None and not params.ignore_eos and token in self.stop_ids:
+                reason = "stop"
+            if reason is None and token in params.stop_token_ids:
+                reason = "stop"
+            if reason is None and seq.num_output_tokens >= params.max_tokens:
+                reason = "length"
+            if reason:
+                break
+        # the cache may not hold more than the tokens kept; roll back what the rejected drafts wrote
+        seq.num_cached = min(seq.num_cached, seq.num_tokens - 1)
+        if reason:
+            if detok is not None:
+                text += detok.flush()
+            self.scheduler.finish(seq, reason)
+            self._requests.pop(seq.request_id, None)
+        else:
+            self.cache.shrink(seq.block_table, seq.num_tokens)
+        return StepOutput(seq.request_id, emitted, text, reason is not None, reason)
+
+    def _speculate(self, verified: list[tuple[Sequence, int, torch.Tensor]]) -> None:
+        """Catch the MTP modules up on what the main model verified, then draft for the next step."""
+        verified = [v for v in verified if v[0].can_draft]
+        if not verified or self.policy.max_drafts == 0:
+            return
+        k = self.policy.choose(len(self.scheduler.running))
+        if k == 0:
+            for seq, _, _ in verified:
+                seq.mtp_stale = True  # skipping the MTP pass saves its cost; these sequences stop drafting
+            return
+        seqs = [v[0] for v in verified]
+        first = self.drafter.catch_up(seqs, [(start, h) for _, start, h in verified])
+        ready, hidden, counts = [], [], []
+        for seq, h in zip(seqs, first):
+            n = min(k, seq.max_drafts, seq.params.max_tokens - seq.num_output_tokens - 1,
+                    self.max_model_len - seq.num_tokens - 1)
+            if h is None or n <= 0 or not self.cache.ensure_capacity(seq.block_table, seq.num_tokens + n):
+                continue
+            ready.append(seq)
+            hidden.append(h)
+            counts.append(n)
+        if ready:
+            self.drafter.draft(ready, hidden, counts)
+
+    # --- convenience ----------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 num_speculative_tokens: int | None = None) -> list[Completion]:
+        """Run prompts to completion (offline use, tests, benchmarks)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp, num_speculative_tokens=num_speculative_tokens)
+               for p, sp in zip(prompts, params_list)]
+        seqs = {rid: self._requests[rid][0] for rid in ids}
+        texts = {rid: "" for rid in ids}
+        while self.has_unfinished:
+            for out in self.step():
+                if out.request_id in texts:
+                    texts[out.request_id] += out.new_text
+        return [Completion(rid, seqs[rid].token_ids[: seqs[rid].num_prompt_tokens], seqs[rid].output_ids,
+                           texts[rid], seqs[rid].finish_reason, seqs[rid].spec) for rid in ids]
