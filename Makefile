@@ -2,13 +2,14 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-MODEL  ?= models/tiny-code
+# The bundled trained model once it ships (see models/); until then a random-weight demo checkpoint.
+MODEL  ?= $(if $(wildcard models/tiny-code/config.json),models/tiny-code,build/demo-model)
+PROMPT ?= def fibonacci(n):
 
 .PHONY: up test install install-test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 
 # torch first, by exact version, so that no other package can pull a CUDA build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
@@ -24,8 +25,15 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-up: install
-	$(BIN)/tandem up --model $(MODEL)
+build/demo-model/config.json: | $(VENV)/.installed
+	$(BIN)/tandem init-model --preset tiny --out build/demo-model
+
+# Until the cluster lands, `make up` runs the colocated engine once and shows how to call it yourself.
+up: install $(if $(filter build/demo-model,$(MODEL)),build/demo-model/config.json)
+	@echo "== tandem generate --model $(MODEL) --prompt '$(PROMPT)'"
+	$(BIN)/tandem generate --model $(MODEL) --prompt '$(PROMPT)' --max-tokens 48
+	@echo
+	@echo "Try it yourself:  $(BIN)/tandem generate --model $(MODEL) --prompt 'import os' --max-tokens 64 --json"
 
 test: install-test
 	$(BIN)/python -m pytest -q tests

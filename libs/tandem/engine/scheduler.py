@@ -76,16 +76,17 @@ class Scheduler:
         return batch
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow seq's blocks, preempting the newest other running sequences while the pool is short."""
+        """Grow seq's blocks, preempting sequences newer than it (not yet scheduled this step) while the pool
+        is short; with none left, seq itself waits."""
         while not self.cache.ensure_capacity(seq.block_table, num_tokens):
-            victim = next((s for s in reversed(self.running) if s is not seq), None)
-            if victim is None:
-                if len(seq.block_table) == 0 and seq.num_cached == 0:
+            newer = self.running[self.running.index(seq) + 1:]
+            if not newer:
+                if len(self.running) == 1:
                     raise RuntimeError(f"request {seq.request_id} needs {num_tokens} tokens of KV cache, more than "
                                        "the whole pool holds")
                 self.preempt(seq)
                 return False
-            self.preempt(victim)
+            self.preempt(newer[-1])
         return True
 
     def preempt(self, seq: Sequence) -> None:

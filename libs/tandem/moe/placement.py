@@ -30,7 +30,7 @@ class Placement:
     @classmethod
     def identity(cls, num_layers: int, num_experts: int) -> "Placement":
         """Each logical expert once, in slot order (the colocated engine and a static cluster)."""
-        return cls(torch.arange(num_experts).repeat(num_layers, 1), num_experts)
+        return cls(torch.arange(num_experts, device="cpu").repeat(num_layers, 1), num_experts)
 
     @property
     def num_layers(self) -> int:
@@ -43,14 +43,15 @@ class Placement:
     @property
     def logcnt(self) -> torch.Tensor:
         """[L, E] number of copies of each logical expert."""
-        counts = torch.zeros(self.num_layers, self.num_logical, dtype=torch.int64)
+        counts = torch.zeros(self.num_layers, self.num_logical, dtype=torch.int64, device=self.phy2log.device)
         return counts.scatter_add_(1, self.phy2log, torch.ones_like(self.phy2log))
 
     @property
     def log2phy(self) -> torch.Tensor:
         """[L, E, R] physical slots of each logical expert, padded with -1 (R = most copies of any expert)."""
         counts = self.logcnt
-        out = torch.full((self.num_layers, self.num_logical, int(counts.max())), -1, dtype=torch.int64)
+        out = torch.full((self.num_layers, self.num_logical, int(counts.max())), -1, dtype=torch.int64,
+                         device=self.phy2log.device)
         for layer in range(self.num_layers):
             seen = [0] * self.num_logical
             for slot, expert in enumerate(self.phy2log[layer].tolist()):

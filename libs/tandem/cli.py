@@ -1,0 +1,166 @@
+"""The `tandem` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
+    p.add_argument("--stop-token-ids", default="", help="comma-separated token ids that end generation")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--speculative-tokens", type=int, default=None,
+                   help="MTP drafts per step at most (default: the model's MTP depth; 0 = no speculation)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tandem", description="Tandem: disaggregated inference for DeepSeek-V3-architecture MoE models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate text with the colocated engine",
+                         description="Generate from a prompt with the colocated engine (one process) and stream "
+                                     "the text, or print JSON with --json.")
+    gen.add_argument("--model", required=True, help="Hugging Face-layout checkpoint directory")
+    _add_generation_flags(gen)
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+    gen.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
+    gen.add_argument("--mtp-input", choices=["post_norm", "pre_norm"], default="post_norm",
+                     help="hidden state fed to the first MTP module (default post_norm, as vLLM/SGLang do)")
+    gen.add_argument("--no-adaptive-speculation", action="store_true",
+                     help="always draft --speculative-tokens tokens instead of choosing per step")
+    gen.set_defaults(func=_cmd_generate)
+
+    init = sub.add_parser("init-model", help="write a random-weight checkpoint of a named shape",
+                          description="Write a random-weight DeepSeek-V3-architecture checkpoint (and a byte-level "
+                                      "BPE tokenizer trained on a slice of Python's standard library) for demos "
+                                      "and benchmarks. Its text is noise: a trained model makes sense.")
+    init.add_argument("--out", required=True, help="directory to write")
+    init.add_argument("--preset", default="tiny", help="shape: tiny or moonlight (default tiny)")
+    init.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    init.set_defaults(func=_cmd_init_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tandem.engine.sampling import SamplingError
+    from tandem.model.checkpoint import CheckpointError
+    from tandem.model.config import ConfigError
+    try:
+        return args.func(args)
+    except (SamplingError, CheckpointError, ConfigError, ValueError) as e:
+        print(f"tandem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parse_ids(text: str, flag: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def _sampling_params(args: argparse.Namespace):
+    from tandem.engine.sampling import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+                          stop_token_ids=tuple(_parse_ids(args.stop_token_ids, "--stop-token-ids")),
+                          ignore_eos=args.ignore_eos)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tandem.engine.engine import Engine, EngineConfig
+    from tandem.model.config import ModelConfig
+    from tandem.model.loading import load_model
+    from tandem.model.tokenizer import load_tokenizer
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    params = _sampling_params(args)
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model}: no such directory")
+    tokenizer = load_tokenizer(args.model)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError(f"--prompt needs {args.model}/tokenizer.json; pass --prompt-ids instead")
+        prompt_ids = tokenizer.encode(args.prompt).ids
+    else:
+        prompt_ids = _parse_ids(args.prompt_ids, "--prompt-ids")
+    mtp_depth = ModelConfig.from_file(args.model).num_nextn_predict_layers
+    spec = mtp_depth if args.speculative_tokens is None else args.speculative_tokens
+    if spec < 0:
+        raise ValueError(f"--speculative-tokens must be >= 0, got {spec}")
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, mtp_input=args.mtp_input,
+                       show_progress=not args.json)
+    engine = Engine(model, EngineConfig(max_num_seqs=1, num_speculative_tokens=spec,
+                                        adaptive_speculation=not args.no_adaptive_speculation), tokenizer)
+    request_id = engine.add_request(prompt_ids, params)
+    token_ids, text, reason = [], "", None
+    while engine.has_unfinished:
+        for out in engine.step():
+            token_ids += out.new_token_ids
+            text += out.new_text
+            reason = out.finish_reason or reason
+            if not args.json:
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+    if args.json:
+        result = {"request_id": request_id, "prompt_token_ids": prompt_ids, "token_ids": token_ids, "text": text,
+                  "finish_reason": reason}
+        if spec:
+            result["spec"] = engine.spec_totals.to_dict()
+        print(json.dumps(result))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_init_model(args: argparse.Namespace) -> int:
+    import sysconfig
+
+    from tandem.model.checkpoint import save_checkpoint
+    from tandem.model.loading import export_state_dict
+    from tandem.model.presets import preset_config, random_model
+    from tandem.train.tokenizer import train_tokenizer
+
+    config = preset_config(args.preset)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sample_files = sorted(stdlib.glob("*.py"))[:40]
+    tokenizer = train_tokenizer(sample_files, vocab_size=config.vocab_size)
+    tokenizer.save(str(out / "tokenizer.json"))
+    special = tokenizer.token_to_id("<|eos|>")
+    from dataclasses import replace
+    config = replace(config, bos_token_id=tokenizer.token_to_id("<|bos|>"), eos_token_id=(special,))
+    model = random_model(config, seed=args.seed)
+    save_checkpoint(out, config, export_state_dict(model))
+    print(f"wrote a random-weight {args.preset} checkpoint to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
