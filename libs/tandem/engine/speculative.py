@@ -77,6 +77,7 @@ class SpeculationPolicy:
         self.decay = decay
         self.main_cost = StepCostModel()
         self.mtp_cost = StepCostModel()
+        self._explored = 0
 
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         for j in range(min(num_drafts, num_accepted + 1)):
@@ -93,7 +94,9 @@ class SpeculationPolicy:
         if not self.adaptive or self.max_drafts == 0:
             return self.max_drafts
         if not (self.main_cost.calibrated and self.mtp_cost.calibrated):
-            return self.max_drafts  # explore first: measure what speculation costs
+            # explore first: vary the drafts so the pass costs are measured at several sizes
+            self._explored += 1
+            return self.max_drafts - self._explored % self.max_drafts
         best_k, best_rate = 0, batch_size / self.main_cost.predict(batch_size)
         for k in range(1, self.max_drafts + 1):
             cost = self.main_cost.predict(batch_size * (k + 1)) + k * self.mtp_cost.predict(batch_size)

@@ -89,6 +89,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         else:
             value = ckpt.load(name, shape=tuple(param.shape), dtype=target_dtype, device=device)
         _set_param(model, name, value)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
     return model
 
