@@ -160,39 +160,49 @@ class Engine:
 
     def _postprocess(self, batch: list[ScheduledSeq], hidden: torch.Tensor) -> list[StepOutput]:
         rows = torch.split(hidden, [s.num_fed for s in batch])
-        sampling = [(s, h) for s, h in zip(batch, rows) if s.samples]
-        logits = self.model.logits(torch.cat([h[-(len(s.draft_ids) + 1):] for s, h in sampling])) if sampling else None
+        new_tokens = self._accept([(s, h) for s, h in zip(batch, rows) if s.samples])
         outputs: list[StepOutput] = []
         verified: list[tuple[Sequence, int, torch.Tensor]] = []  # seq, first new position, hidden rows verified
-        offset = 0
         for s, h in zip(batch, rows):
             seq, start = s.seq, s.seq.num_cached
             if not s.samples:
                 seq.num_cached += s.num_new
                 verified.append((seq, start, h))
                 continue
-            k = len(s.draft_ids)
-            seq_logits, offset = logits[offset:offset + k + 1], offset + k + 1
-            new_tokens = self._accept(seq, s, seq_logits)
-            seq.num_cached += s.num_new + len(new_tokens) - 1  # the fed tokens whose successors are now known
-            verified.append((seq, start, h[: s.num_new + len(new_tokens) - 1]))
-            outputs.append(self._emit(seq, new_tokens))
+            tokens = new_tokens[id(seq)]
+            seq.num_cached += s.num_new + len(tokens) - 1  # the fed tokens whose successors are now known
+            verified.append((seq, start, h[: s.num_new + len(tokens) - 1]))
+            outputs.append(self._emit(seq, tokens))
         self._speculate([v for v in verified if not v[0].is_finished])
         return outputs
 
-    def _accept(self, seq: Sequence, s: ScheduledSeq, logits: torch.Tensor) -> list[int]:
-        """Sample the next token, or verify the drafts: accepted drafts plus one token from the main model."""
-        probs = target_probs(logits, [seq.params] * logits.shape[0])
-        if not s.draft_ids:
-            return [int(sample(probs, [seq.generator])[0])]
-        draft = torch.tensor([s.draft_ids], dtype=torch.int64, device=probs.device)
-        q = seq.draft_probs[None] if seq.draft_probs is not None else None
-        num_accepted, tokens = verify_drafts(probs[None], q, draft, [seq.generator])
-        accepted = int(num_accepted[0])
-        seq.spec.record(len(s.draft_ids), accepted)
-        self.spec_totals.record(len(s.draft_ids), accepted)
-        self.policy.observe(len(s.draft_ids), accepted)
-        return tokens[0, : accepted + 1].tolist()
+    def _accept(self, sampling: list[tuple[ScheduledSeq, torch.Tensor]]) -> dict[int, list[int]]:
+        """New tokens per sequence: a sample from the last logits, or the accepted drafts plus one token from
+        the main model. Sampling is batched; verification runs per sequence."""
+        if not sampling:
+            return {}
+        counts = [len(s.draft_ids) + 1 for s, _ in sampling]
+        logits = self.model.logits(torch.cat([h[-n:] for (_, h), n in zip(sampling, counts)]))
+        probs = target_probs(logits, [s.seq.params for s, _ in sampling for _ in range(len(s.draft_ids) + 1)])
+        per_seq = probs.split(counts)
+        plain = [i for i, (s, _) in enumerate(sampling) if not s.draft_ids]
+        out: dict[int, list[int]] = {}
+        if plain:
+            tokens = sample(torch.cat([per_seq[i] for i in plain]), [sampling[i][0].seq.generator for i in plain])
+            out.update((id(sampling[i][0].seq), [t]) for i, t in zip(plain, tokens.tolist()))
+        for (s, _), p in zip(sampling, per_seq):
+            if not s.draft_ids:
+                continue
+            seq = s.seq
+            draft = torch.tensor([s.draft_ids], dtype=torch.int64, device=p.device)
+            q = seq.draft_probs[None] if seq.draft_probs is not None else None
+            num_accepted, tokens = verify_drafts(p[None], q, draft, [seq.generator])
+            accepted = int(num_accepted[0])
+            seq.spec.record(len(s.draft_ids), accepted)
+            self.spec_totals.record(len(s.draft_ids), accepted)
+            self.policy.observe(len(s.draft_ids), accepted)
+            out[id(seq)] = tokens[0, : accepted + 1].tolist()
+        return out
 
     def _emit(self, seq: Sequence, new_tokens: list[int]) -> StepOutput:
         """Append tokens one by one until a stop condition; tokens after a stop are dropped."""
@@ -229,19 +239,22 @@ class Engine:
     def _speculate(self, verified: list[tuple[Sequence, int, torch.Tensor]]) -> None:
         """Catch the MTP modules up on what the main model verified, then draft for the next step."""
         verified = [v for v in verified if v[0].can_draft]
-        if not verified or self.policy.max_drafts == 0:
+        if not verified:
             return
         k = self.policy.choose(len(self.scheduler.running))
-        if k == 0:
-            for seq, _, _ in verified:
+        keep_warm = k > 0 or self.policy.exploring
+        for seq, _, _ in verified:
+            if not (keep_warm or seq.pins_drafts):
                 seq.mtp_stale = True  # skipping the MTP pass saves its cost; these sequences stop drafting
+        verified = [v for v in verified if not v[0].mtp_stale]
+        if not verified:
             return
         seqs = [v[0] for v in verified]
         first = self.drafter.catch_up(seqs, [(start, h) for _, start, h in verified])
         ready, hidden, counts = [], [], []
         for seq, h in zip(seqs, first):
-            n = min(k, seq.max_drafts, seq.params.max_tokens - seq.num_output_tokens - 1,
-                    self.max_model_len - seq.num_tokens - 1)
+            wanted = seq.max_drafts if seq.pins_drafts else min(k, seq.max_drafts)
+            n = min(wanted, seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
             if h is None or n <= 0 or not self.cache.ensure_capacity(seq.block_table, seq.num_tokens + n):
                 continue
             ready.append(seq)

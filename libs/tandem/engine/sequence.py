@@ -118,6 +118,12 @@ class Sequence:
     def can_draft(self) -> bool:
         return bool(self.mtp) and self.max_drafts > 0 and not self.mtp_stale
 
+    @property
+    def pins_drafts(self) -> bool:
+        """Seeded sampling replays exactly only if every step drafts as many tokens as the last run did, since
+        drafting and verification draw from the request's generator: such requests ignore the adaptive policy."""
+        return self.params.seed is not None and not self.params.is_greedy
+
     def reset_cache_state(self) -> None:
         """After preemption: everything will be recomputed from the known tokens."""
         self.num_cached = 0

@@ -79,6 +79,11 @@ class SpeculationPolicy:
         self.mtp_cost = StepCostModel()
         self._explored = 0
 
+    @property
+    def exploring(self) -> bool:
+        """Still measuring pass costs: a step without drafts keeps the MTP caches warm instead of going stale."""
+        return self.adaptive and not (self.main_cost.calibrated and self.mtp_cost.calibrated)
+
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         for j in range(min(num_drafts, num_accepted + 1)):
             self.acceptance[j] += self.decay * (float(j < num_accepted) - self.acceptance[j])
@@ -93,10 +98,10 @@ class SpeculationPolicy:
     def choose(self, batch_size: int) -> int:
         if not self.adaptive or self.max_drafts == 0:
             return self.max_drafts
-        if not (self.main_cost.calibrated and self.mtp_cost.calibrated):
-            # explore first: vary the drafts so the pass costs are measured at several sizes
+        if self.exploring:
+            # vary the drafts, 0 included, so the pass costs are measured at several sizes
             self._explored += 1
-            return self.max_drafts - self._explored % self.max_drafts
+            return self.max_drafts - self._explored % (self.max_drafts + 1)
         best_k, best_rate = 0, batch_size / self.main_cost.predict(batch_size)
         for k in range(1, self.max_drafts + 1):
             cost = self.main_cost.predict(batch_size * (k + 1)) + k * self.mtp_cost.predict(batch_size)
@@ -114,7 +119,6 @@ class MTPDrafter:
         self.cache = cache
         self.policy = policy
         self.num_modules = len(model.mtp_layers)
-        self.num_main_layers = model.config.num_hidden_layers
 
     def _run(self, module: int, work: list[MTPWork]) -> list[torch.Tensor]:
         """One batched pass of MTP module `module`; returns each sequence's output hidden states."""
