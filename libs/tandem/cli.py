@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from tandem.train.cli import add_train_parser
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -57,6 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
     init.add_argument("--preset", default="tiny", help="shape: tiny or moonlight (default tiny)")
     init.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     init.set_defaults(func=_cmd_init_model)
+    add_train_parser(sub)
     return parser
 
 
