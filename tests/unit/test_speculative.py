@@ -169,3 +169,26 @@ def test_policy_drafts_when_passes_are_nearly_free_and_drafts_land():
     for _ in range(200):
         policy.observe(3, 3)
     assert policy.choose(batch_size=1) == 3
+
+
+@torch.no_grad()
+def test_meta_parallel_heads_draft_from_the_main_hidden_state():
+    from dataclasses import replace
+    config = replace(tiny_config(2), mtp_head_type="meta")
+    model = random_model(config, seed=5, std=0.3)
+    for layer in model.mtp_layers:
+        layer.eh_proj.weight[:, : config.hidden_size] = 0  # heads ignore the token input
+    engine = Engine(model, EngineConfig(num_speculative_tokens=4, adaptive_speculation=False, block_size=4))
+    seen = record_drafts(engine)
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=10))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == greedy_reference(model, prompt, 10)
+    assert seen and all(len(d) <= 2 for _, d in seen), "parallel heads give at most one draft per head"
+    for tokens, drafts in seen[:8]:
+        n = len(tokens)
+        main = model.mtp_hidden_from_main(model(torch.tensor(tokens[:-1]), DenseCausal.for_batch(1, n - 1)))
+        expected = []
+        for m in range(len(drafts)):
+            out = model.mtp_forward(m, torch.tensor(tokens[1:n]), main, DenseCausal.for_batch(1, n - 1))
+            expected.append(int(model.mtp_logits(m, out[-1:]).argmax()))
+        assert drafts == expected

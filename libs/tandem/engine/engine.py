@@ -254,6 +254,7 @@ class Engine:
         ready, hidden, counts = [], [], []
         for seq, h in zip(seqs, first):
             wanted = seq.max_drafts if seq.pins_drafts else min(k, seq.max_drafts)
+            wanted = min(wanted, self.drafter.max_drafts or wanted)
             n = min(wanted, seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
             if h is None or n <= 0 or not self.cache.ensure_capacity(seq.block_table, seq.num_tokens + n):
                 continue

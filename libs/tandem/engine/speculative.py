@@ -11,6 +11,9 @@ Positions, for a sequence with n known tokens x_0..x_{n-1} (after a step, the ma
   module's positions n-j..n-2, whose tokens are drafts 1..j-1. Draft j > D reuses the last module one
   position further on, fed its own previous output (as vLLM and SGLang do with one MTP layer).
 Entries written from drafts are overwritten by the next catch-up.
+
+Meta-style parallel heads (`mtp_head_type = "meta"`) all read the main model's hidden state, so every module
+catches up to n-2 from it, and draft j is module j-1's prediction there: at most D drafts, no extra passes.
 """
 
 from __future__ import annotations
@@ -119,6 +122,12 @@ class MTPDrafter:
         self.cache = cache
         self.policy = policy
         self.num_modules = len(model.mtp_layers)
+        self.parallel = model.config.mtp_head_type == "meta"
+
+    @property
+    def max_drafts(self) -> int | None:
+        """Parallel heads cannot be chained past the last one; None = no limit."""
+        return self.num_modules if self.parallel else None
 
     def _run(self, module: int, work: list[MTPWork]) -> list[torch.Tensor]:
         """One batched pass of MTP module `module`; returns each sequence's output hidden states."""
@@ -138,8 +147,10 @@ class MTPDrafter:
     def catch_up(self, seqs: list[Sequence], main_hidden: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor | None]:
         """Advance every module's verified entries; main_hidden[i] = (first position, hidden rows) the main pass
         verified for seqs[i]. Returns module 0's output at n-2 for sequences ready to draft, else None."""
-        sources = [(start, self.model.mtp_hidden_from_main(h)) for start, h in main_hidden]
+        main_sources = [(start, self.model.mtp_hidden_from_main(h)) for start, h in main_hidden]
+        sources = main_sources
         for m in range(self.num_modules):
+            lag = 0 if self.parallel else m
             work, owners = [], []
             # what module m+1 can read if module m gains nothing this time: module m's last verified output
             next_sources = [(s.mtp[m].valid_len - 1, s.mtp[m].tail) if s.mtp[m].tail is not None
@@ -147,13 +158,14 @@ class MTPDrafter:
             for i, seq in enumerate(seqs):
                 src_start, src = sources[i]
                 state = seq.mtp[m]
-                start, end = state.valid_len, min(src_start + len(src), seq.num_tokens - 1 - m)
+                start, end = state.valid_len, min(src_start + len(src), seq.num_tokens - 1 - lag)
                 if start < src_start:
                     seq.mtp_stale = True  # the hidden states this module needs are gone
                     continue
                 if end <= start:
                     continue
-                work.append(MTPWork(seq, start, seq.token_ids[start + m + 1:end + m + 1], src[start - src_start:end - src_start]))
+                tokens = seq.token_ids[start + lag + 1:end + lag + 1]
+                work.append(MTPWork(seq, start, tokens, src[start - src_start:end - src_start]))
                 owners.append(i)
             for i, w, out in zip(owners, work, self._run(m, work) if work else []):
                 state = seqs[i].mtp[m]
@@ -162,7 +174,7 @@ class MTPDrafter:
                 next_sources[i] = (w.start - 1, torch.cat([prev_tail, out])) if prev_tail is not None \
                     else (w.start, out)
                 state.valid_len, state.tail = w.start + len(w.token_ids), out[-1:]
-            sources = next_sources
+            sources = main_sources if self.parallel else next_sources
         return [seq.mtp[0].tail if seq.mtp and seq.mtp[0].valid_len == seq.num_tokens - 1 and not seq.mtp_stale
                 else None for seq in seqs]
 
@@ -176,6 +188,9 @@ class MTPDrafter:
         for j in range(2, max(num_drafts, default=0) + 1):
             active = [s for s, k in zip(seqs, num_drafts) if k >= j]
             m = min(j, self.num_modules) - 1
+            if self.parallel:  # every head already predicted from the main model's state at n-2
+                self._sample_drafts(active, [s.mtp[m].tail for s in active], m, probs_by_seq)
+                continue
             work = []
             for seq in active:
                 if j <= self.num_modules:  # module m re-fills positions n-1-m..n-2, whose tokens are drafts

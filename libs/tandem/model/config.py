@@ -85,6 +85,9 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     # mtp
     num_nextn_predict_layers: int = 0
+    # "deepseek": module k reads module k-1's output (the causal chain); "meta": every module reads the main
+    # model's hidden state (independent parallel heads, Gloeckle et al. 2024). Not a DeepSeek config key.
+    mtp_head_type: str = "deepseek"
     # fp8 block quantisation of the stored weights, e.g. (128, 128); None when weights are not quantised
     weight_block_size: tuple[int, int] | None = None
     model_type: str = "deepseek_v3"
@@ -152,6 +155,8 @@ class ModelConfig:
             raise ConfigError(f"rope type {self.rope.rope_type!r} is not supported (use 'default' or 'yarn')")
         if self.num_nextn_predict_layers < 0:
             raise ConfigError("num_nextn_predict_layers must be >= 0")
+        if self.mtp_head_type not in ("deepseek", "meta"):
+            raise ConfigError(f"mtp_head_type must be 'deepseek' or 'meta', got {self.mtp_head_type!r}")
 
     # (de)serialisation ----------------------------------------------------------------------
     @classmethod

@@ -36,7 +36,6 @@ from tandem.train.objectives import compute_terms, total_loss, zero_token_input_
 from tandem.train.tokenizer import train_tokenizer
 
 STATE_FILE = "trainer_state.pt"
-HEAD_TYPE_KEY = "mtp_head_type"  # extra config.json key; absent means "deepseek"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -48,11 +47,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # --- model setup ----------------------------------------------------------------------------------------------
-
-def head_type_of(checkpoint_dir: str | Path) -> str:
-    raw = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    return raw.get(HEAD_TYPE_KEY, "deepseek")
-
 
 def extend_mtp_modules(model: DeepseekV3ForCausalLM) -> DeepseekV3ForCausalLM:
     """Looped extension: the same model with 2m MTP modules, module m+j (1-based) a copy of module j."""
@@ -119,17 +113,15 @@ class Trainer:
         self.heldout_stream = encode_files(self.tokenizer, split.heldout)
 
         if resume_dir is not None:
-            self.head_type = head_type_of(resume_dir)
             self.model = load_model(resume_dir, device=self.device)
         elif cfg.stage == "main":
-            self.head_type = cfg.head_type
             self.model = self._new_model()
         else:
-            self.head_type = head_type_of(cfg.init_from)
             self.model = load_model(cfg.init_from, device=self.device)
             if cfg.stage == "extend":
                 self.model = extend_mtp_modules(self.model)
         self.model.train()
+        self.head_type = self.model.config.mtp_head_type
         self.first_trained = first_trained_module(cfg.stage, self.model)
         self.load = ExpertLoad(set_trainable(self.model, cfg.stage))
         self.optimizer = build_optimizer(self.model, cfg)
@@ -163,11 +155,11 @@ class Trainer:
         config = preset_config(cfg.preset, **{
             **cfg.model_overrides, "vocab_size": self.tokenizer.get_vocab_size(),
             "num_nextn_predict_layers": cfg.mtp_depth, "bos_token_id": self.tokenizer.token_to_id("<|bos|>"),
-            "eos_token_id": (self.tokenizer.token_to_id("<|eos|>"),)})
+            "eos_token_id": (self.tokenizer.token_to_id("<|eos|>"),), "mtp_head_type": cfg.head_type})
         if cfg.seq_len + 1 > config.max_position_embeddings:
             raise ValueError(f"seq_len={cfg.seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
         model = random_model(config, seed=cfg.seed, device=self.device)
-        if self.head_type == "meta":
+        if cfg.head_type == "meta":
             zero_token_input_(model)
         return model
 
@@ -226,10 +218,6 @@ class Trainer:
         final, tmp = self.out / name, self.out / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_checkpoint(tmp, self.model.config, export_state_dict(self.model), tokenizer_json=self.tokenizer_path)
-        if self.head_type != "deepseek":
-            config_file = tmp / "config.json"
-            config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {HEAD_TYPE_KEY: self.head_type},
-                                              indent=2))
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                  "train_config": dataclasses.asdict(self.cfg)}
         if torch.cuda.is_available():
