@@ -192,3 +192,20 @@ def test_meta_parallel_heads_draft_from_the_main_hidden_state():
             out = model.mtp_forward(m, torch.tensor(tokens[1:n]), main, DenseCausal.for_batch(1, n - 1))
             expected.append(int(model.mtp_logits(m, out[-1:]).argmax()))
         assert drafts == expected
+
+
+def test_sequences_skipped_by_the_policy_resync_and_draft_again(model):
+    """The policy turns drafting off for a while (sequences go stale), then on: output stays greedy and the
+    stale sequences draft again after recomputing their lag."""
+    engine = Engine(model, EngineConfig(num_speculative_tokens=2, adaptive_speculation=False, block_size=4))
+    script = iter([2, 2, 0, 0, 0, 0] + [2] * 100)
+    engine.policy.choose = lambda batch_size: next(script)
+    rid = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=24))
+    seq = engine._requests[rid][0]
+    became_stale = drafted_after = False
+    while engine.has_unfinished:
+        engine.step()
+        became_stale |= seq.mtp_stale
+        drafted_after |= became_stale and bool(seq.draft_ids)
+    assert became_stale and drafted_after
+    assert seq.output_ids == greedy_reference(model, PROMPTS[1], 24)

@@ -238,14 +238,18 @@ class Engine:
 
     def _speculate(self, verified: list[tuple[Sequence, int, torch.Tensor]]) -> None:
         """Catch the MTP modules up on what the main model verified, then draft for the next step."""
+        if self.policy.max_drafts == 0:
+            return
+        k = self.policy.choose(len(self.scheduler.running))
+        if k > 0:
+            self._resync_stale()
         verified = [v for v in verified if v[0].can_draft]
         if not verified:
             return
-        k = self.policy.choose(len(self.scheduler.running))
         keep_warm = k > 0 or self.policy.exploring
         for seq, _, _ in verified:
             if not (keep_warm or seq.pins_drafts):
-                seq.mtp_stale = True  # skipping the MTP pass saves its cost; these sequences stop drafting
+                seq.mtp_stale = True  # skipping the MTP pass saves its cost; see _resync_stale
         verified = [v for v in verified if not v[0].mtp_stale]
         if not verified:
             return
@@ -263,6 +267,15 @@ class Engine:
             counts.append(n)
         if ready:
             self.drafter.draft(ready, hidden, counts)
+
+    def _resync_stale(self) -> None:
+        """Speculation pays again: stale sequences draft again if recomputing their lag costs no more than the
+        tokens they still have to generate."""
+        for seq in self.scheduler.running:
+            if not seq.mtp_stale or seq.max_drafts == 0:
+                continue
+            if seq.mtp_lag <= seq.params.max_tokens - seq.num_output_tokens:
+                seq.resync_mtp()
 
     # --- convenience ----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

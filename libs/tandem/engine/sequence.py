@@ -124,6 +124,20 @@ class Sequence:
         drafting and verification draw from the request's generator: such requests ignore the adaptive policy."""
         return self.params.seed is not None and not self.params.is_greedy
 
+    @property
+    def mtp_lag(self) -> int:
+        """Positions the main model must recompute before a stale sequence can draft again."""
+        return self.num_cached - min((m.valid_len for m in self.mtp), default=self.num_cached)
+
+    def resync_mtp(self) -> None:
+        """Let a stale sequence draft again: roll the main cache back to where every MTP module is still valid, so
+        the next step re-feeds those tokens (their KV entries are rewritten unchanged) and its hidden states
+        catch the modules up."""
+        valid = min(m.valid_len for m in self.mtp)
+        self.mtp = [MTPState(valid_len=valid) for _ in self.mtp]
+        self.num_cached = min(self.num_cached, valid)
+        self.mtp_stale = False
+
     def reset_cache_state(self) -> None:
         """After preemption: everything will be recomputed from the known tokens."""
         self.num_cached = 0
