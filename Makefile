@@ -30,7 +30,7 @@ build/demo-model/config.json: | $(VENV)/.installed
 
 # Until the cluster lands, `make up` runs the colocated engine once and shows how to call it yourself.
 up: install $(if $(filter build/demo-model,$(MODEL)),build/demo-model/config.json)
-	@$(if $(filter build/demo-model,$(MODEL)),echo "note: $(MODEL) has random weights, so its text is noise; models/tiny-code (trained) replaces it")
+	@$(if $(filter build/demo-model,$(MODEL)),echo "note: $(MODEL) has random weights so its text is noise (the trained models/tiny-code replaces it)")
 	@echo "== tandem generate --model $(MODEL) --prompt '$(PROMPT)'"
 	$(BIN)/tandem generate --model $(MODEL) --prompt '$(PROMPT)' --max-tokens 48
 	@echo
