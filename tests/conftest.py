@@ -2,15 +2,23 @@
 
 transformers is the reference implementation the model tests compare against; it writes no MTP weights,
 so `make_hf_checkpoint` adds random ones in DeepSeek's layout (layer `num_hidden_layers + k`).
+
+Also a real `redis-server` for the integration tests: `redis_server` (one per session, its URL) and
+`redis_process` (one per test, which the test may stop and restart).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
 from tandem.model.checkpoint import SINGLE_FILE, Checkpoint, save_checkpoint
@@ -124,3 +132,75 @@ def hf_checkpoint(tmp_path_factory):
         return built[key]
 
     return get
+
+
+# --- a real redis-server for the integration tests -------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A `redis-server` process on 127.0.0.1:port, without persistence, that tests can stop and restart."""
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.fail("redis-server is not on PATH: the integration tests need a real one. Run `make test` "
+                        "(it installs it), or `apt-get install redis-server` yourself.", pytrace=False)
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode} on port {self.port}")
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not answer PING on port {self.port} "
+                                       f"within {timeout_s}s") from None
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL: no shutdown save, as in a crash) and wait for it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """URL of a redis-server shared by the whole session; tests keep apart by using their own key names."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_process(tmp_path):
+    """A redis-server of this test alone, as a RedisServer (`.url`, `.stop()`, `.start()` on the same port)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
