@@ -1,0 +1,137 @@
+"""The expert server's side of the expert exchange (protocol in tandem.transport.expert_dispatch)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import torch
+
+from tandem.moe.experts import ExpertBank
+from tandem.transport.group import DataPlane
+from tandem.transport.wire import (IDLE_WAIT, Deadline, Kind, Tag, TransportError, code_dtype, empty_header,
+                                   make_header, post_recv, post_send, wait)
+
+log = logging.getLogger(__name__)
+
+TokenCounter = Callable[[int, torch.Tensor], None]  # (layer, tokens per logical expert [E] int64 on CPU)
+
+
+class ExpertWorker:
+    """Serves expert requests from the attention workers with the banks this server holds.
+
+    banks: {layer: ExpertBank of this server's local slots}; phy2log: {layer: [num_slots] logical expert of
+    each local slot}. After each request, on_tokens(layer, counts [num_logical]) gets the tokens each
+    logical expert received, for the load statistics.
+
+    `serve_forever` listens to each attention rank on its own thread with a receive from that rank only, not
+    a receive from any rank: with gloo, a peer whose connection resets (a killed process) also fails any-source
+    receives posted elsewhere in the group, even from ranks that never talk to it, and re-posting one could
+    swallow a live peer's message. Per-source receives keep a dead peer's failure on its own connection.
+    Computing (and on_tokens) is serialised; the exchanges overlap.
+    """
+
+    def __init__(self, plane: DataPlane, banks: dict[int, ExpertBank], phy2log: dict[int, torch.Tensor],
+                 num_logical: int, on_tokens: TokenCounter | None = None, timeout_s: float | None = None):
+        if plane.roles is None:
+            raise ValueError("ExpertWorker needs a DataPlane joined with roles (to know the attention ranks)")
+        for layer, bank in banks.items():
+            if layer not in phy2log or phy2log[layer].shape != (bank.num_slots,):
+                raise ValueError(f"MoE layer {layer}: need phy2log of shape ({bank.num_slots},) for its bank")
+        self.plane = plane
+        self.banks = banks
+        self.phy2log = {layer: table.to(torch.int64).cpu() for layer, table in phy2log.items()}
+        self.num_logical = num_logical
+        self.on_tokens = on_tokens
+        self.timeout_s = plane.timeout_s if timeout_s is None else timeout_s
+        self.num_served = 0
+        self.failed_peers: dict[int, str] = {}  # attention rank -> why its connection was given up
+        self._compute_lock = threading.Lock()
+
+    def serve_one(self, src: int) -> bool:
+        """Wait (indefinitely) for the next message from attention rank src and answer it.
+
+        Returns False on a shutdown message, True after answering a request. Raises TransportError when the
+        exchange with src fails; gloo errors stick to a connection, so nothing more can come from src.
+        """
+        group, device = self.plane.expert_group, self.plane.device
+        header = empty_header(device)
+        what = f"expert server waiting for a request from rank {src}"
+        wait(post_recv(header, src, group, Tag.REQUEST_HEADER, what), IDLE_WAIT, what)
+        kind, layer, num_rows, num_pairs, seq, hidden, x_code, w_code = header.tolist()
+        if kind == Kind.SHUTDOWN:
+            return False
+        if kind != Kind.EXPERT_REQUEST:
+            # the sizes of whatever follows are unknown, so this connection cannot be resynchronised
+            raise TransportError(f"expert server: unexpected message kind {kind} from rank {src}")
+        self._answer(src, layer, num_rows, num_pairs, seq, hidden, code_dtype(x_code), code_dtype(w_code))
+        return True
+
+    def serve_forever(self, stop_event: threading.Event) -> None:
+        """Serve every attention rank until each has sent a shutdown message (see `stop_expert_server`) or
+        failed, or until stop_event is set (returns then; threads blocked in a receive are daemons and end
+        with the process)."""
+        threads = [threading.Thread(target=self._serve_peer, args=(src, stop_event), daemon=True,
+                                    name=f"expert-server-from-rank-{src}")
+                   for src in map(self.plane.roles.attention_rank, range(self.plane.roles.num_attention))]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads) and not stop_event.wait(0.05):
+            pass
+
+    def _serve_peer(self, src: int, stop_event: threading.Event) -> None:
+        try:
+            while not stop_event.is_set() and self.serve_one(src):
+                pass
+        except TransportError as e:
+            log.warning("expert server stops serving rank %d: %s", src, e)
+            self.failed_peers[src] = str(e)
+
+    def _answer(self, src: int, layer: int, num_rows: int, num_pairs: int, seq: int, hidden: int,
+                x_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
+        # R rows, P (row, expert) pairs, D hidden
+        group, device = self.plane.expert_group, self.plane.device
+        deadline = Deadline(self.timeout_s)
+        what = f"expert server receiving request {seq} (MoE layer {layer}) from rank {src}"
+        x = torch.empty(num_rows, hidden, dtype=x_dtype, device=device)
+        pairs = torch.empty(2, num_pairs, dtype=torch.int64, device=device)
+        weights = torch.empty(num_pairs, dtype=w_dtype, device=device)
+        recvs = [post_recv(t, src, group, tag, what) for t, tag in
+                 ((x, Tag.REQUEST_ROWS), (pairs, Tag.REQUEST_PAIRS), (weights, Tag.REQUEST_WEIGHTS))]
+        for work in recvs:
+            wait(work, deadline.remaining(), what)
+        with self._compute_lock:
+            try:
+                out, kind = self._run(layer, x, pairs, weights), Kind.EXPERT_RESULT
+            except Exception:  # reported to the sender as EXPERT_ERROR, which fails its request
+                log.exception("request %d (MoE layer %d) from rank %d failed", seq, layer, src)
+                out, kind = torch.zeros_like(x), Kind.EXPERT_ERROR
+            self.num_served += 1
+        reply = make_header(kind, layer, num_rows, num_pairs, seq, device=device)
+        what = f"expert server replying to request {seq} (MoE layer {layer}) of rank {src}"
+        sends = [post_send(reply, src, group, Tag.RESULT_HEADER, what),
+                 post_send(out, src, group, Tag.RESULT_ROWS, what)]
+        for work in sends:
+            wait(work, deadline.remaining(), what)
+
+    def _run(self, layer: int, x: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [R, D], pairs [2, P] (row, local slot), weights [P] -> [R, D] weighted sums per row."""
+        bank = self.banks[layer]
+        row_of_pair, slot = pairs
+        per_pair = bank(x[row_of_pair], slot[:, None], weights[:, None])  # [P, D]
+        out = torch.zeros_like(x).index_add_(0, row_of_pair, per_pair)
+        if self.on_tokens is not None:
+            per_slot = torch.bincount(slot, minlength=bank.num_slots).cpu()
+            counts = torch.zeros(self.num_logical, dtype=torch.int64).index_add_(0, self.phy2log[layer], per_slot)
+            self.on_tokens(layer, counts)
+        return out
+
+
+def stop_expert_server(plane: DataPlane, server_rank: int, timeout_s: float | None = None) -> None:
+    """Tell an expert server this rank is done: it stops listening to this rank after the requests sent before."""
+    header = make_header(Kind.SHUTDOWN, device=plane.device)
+    what = f"stopping expert server rank {server_rank}"
+    with plane.expert_lock:
+        work = post_send(header, server_rank, plane.expert_group, Tag.REQUEST_HEADER, what)
+    wait(work, Deadline(plane.timeout_s if timeout_s is None else timeout_s).remaining(), what)
