@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from tandem.engine.kv_cache import BlockAllocator
+from tandem.engine.kv_cache import BlockAllocator, gather_kv, scatter_kv
 from tandem.moe.experts import ExpertBank, LocalExperts
 from tandem.moe.placement import Placement
-from tandem.transport import (DataPlane, ExpertWorker, RemoteExperts, Roles, TransportError, gather_kv, recv_kv,
-                              scatter_kv, send_kv, stop_expert_server)
+from tandem.transport import (DataPlane, ExpertWorker, RemoteExperts, Roles, TransportError, recv_kv, send_kv,
+                              stop_expert_server)
 
 E, D, I, K = 8, 32, 16, 3  # logical experts, hidden, expert intermediate, active experts per token
 NUM_SERVERS = 2

@@ -18,7 +18,9 @@ from tandem.engine.detokenizer import Detokenizer
 from tandem.engine.kv_cache import PagedKVCache
 from tandem.engine.sampling import SamplingError, SamplingParams, sample, target_probs, verify_drafts
 from tandem.engine.scheduler import ScheduledSeq, Scheduler
-from tandem.engine.sequence import Sequence, SpecStats
+from tandem.engine.handoff import PrefilledSequence
+from tandem.engine.kv_cache import OutOfBlocks
+from tandem.engine.sequence import MTPState, Sequence, SpecStats, Status
 from tandem.engine.speculative import MTPDrafter, SpeculationPolicy
 from tandem.model.attention_metadata import Paged
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -54,6 +56,7 @@ class StepOutput:
     new_text: str
     finished: bool
     finish_reason: str | None
+    is_prefilled: bool = False  # a prefill-only request is ready for `take_prefilled`
 
 
 @dataclass(slots=True)
@@ -93,8 +96,13 @@ class Engine:
 
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    num_speculative_tokens: int | None = None) -> str:
-        """Queue a request; raises SamplingError naming the bad field."""
+                    num_speculative_tokens: int | None = None, prefill_only: bool = False,
+                    prefilled: bool = False) -> str:
+        """Queue a request; raises SamplingError naming the bad field.
+
+        A `prefill_only` request stops after its first token and keeps its KV cache for `take_prefilled`
+        (a prefill worker handing the sequence to a decode worker); `prefilled` registers a request that
+        `add_prefilled` queues itself."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise SamplingError(f"request_id {request_id!r} is already running")
@@ -116,9 +124,63 @@ class Engine:
         max_drafts = self.policy.max_drafts if num_speculative_tokens is None \
             else min(num_speculative_tokens, self.policy.max_drafts)
         seq = Sequence(request_id, prompt_ids, params, max_drafts, len(self.model.mtp_layers))
+        seq.prefill_only = prefill_only
         detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
         self._requests[request_id] = (seq, detok)
-        self.scheduler.add(seq)
+        if not prefilled:
+            self.scheduler.add(seq)
+        return request_id
+
+    def take_prefilled(self, request_id: str) -> PrefilledSequence:
+        """Hand over a prefilled request: its prompt's KV rows, first token, MTP state and sampling RNG state.
+        Its blocks are freed here."""
+        entry = self._requests.get(request_id)
+        if entry is None or entry[0].status is not Status.PREFILLED:
+            raise KeyError(f"request {request_id!r} is not a prefilled request waiting for handoff")
+        seq = entry[0]
+        # a module with no verified position yet has no tail: zeros stand in (valid_len 0 says so)
+        tails = [m.tail if m.tail is not None else torch.zeros(1, self.model.config.hidden_size, device=self.device,
+                                                               dtype=self.dtype) for m in seq.mtp]
+        handoff = PrefilledSequence(
+            request_id=request_id, prompt_ids=seq.token_ids[: seq.num_prompt_tokens],
+            first_token=seq.token_ids[seq.num_prompt_tokens], kv=self.cache.read(seq.block_table, seq.num_cached),
+            mtp_valid_lens=[m.valid_len for m in seq.mtp],
+            mtp_tails=torch.cat(tails) if tails else None,
+            rng_state=seq.generator.get_state() if seq.generator is not None else None)
+        self.scheduler.finish(seq, "handed_off")
+        del self._requests[request_id]
+        return handoff
+
+    def add_prefilled(self, handoff: PrefilledSequence, params: SamplingParams,
+                      num_speculative_tokens: int | None = None) -> str:
+        """Continue a request another engine prefilled: its KV is written into this engine's cache and it joins
+        the running batch at its next step. Raises OutOfBlocks when the pool cannot hold it now."""
+        mc = self.model.config
+        num_prompt = len(handoff.prompt_ids)
+        expected = (mc.num_kv_layers, num_prompt, mc.kv_cache_dim)
+        if tuple(handoff.kv.shape) != expected:
+            raise SamplingError(f"prefilled KV has shape {tuple(handoff.kv.shape)}, expected {expected}")
+        if params.max_tokens <= 1:
+            raise SamplingError("a prefilled request has its first token already; max_tokens must be > 1")
+        request_id = self.add_request(handoff.prompt_ids, params, handoff.request_id, num_speculative_tokens,
+                                      prefilled=True)
+        seq = self._requests[request_id][0]
+        seq.token_ids.append(handoff.first_token)
+        if not self.cache.ensure_capacity(seq.block_table, seq.num_tokens):
+            del self._requests[request_id]
+            raise OutOfBlocks(f"no room for the {seq.num_tokens} tokens of prefilled request {request_id}")
+        self.cache.write(seq.block_table, handoff.kv)
+        seq.num_cached = num_prompt
+        if handoff.mtp_tails is not None and len(handoff.mtp_valid_lens) >= len(seq.mtp):
+            tails = handoff.mtp_tails.to(self.device, self.dtype).split(1)
+            seq.mtp = [MTPState(v, t if v else None) for v, t in zip(handoff.mtp_valid_lens, tails)][: len(seq.mtp)]
+        if seq.generator is not None and handoff.rng_state is not None:
+            seq.generator.set_state(handoff.rng_state)
+        if seq.can_draft and seq.mtp[0].valid_len == seq.num_tokens - 1:
+            # draft now, as the colocated engine does right after the first token: the first decode step
+            # verifies drafts too, and a seeded request draws the same random numbers as it would colocated
+            self._draft([seq], [seq.mtp[0].tail], self.policy.choose(len(self.scheduler.running) + 1))
+        self.scheduler.add(seq, front=True)  # it already holds its blocks
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -232,9 +294,12 @@ class Engine:
                 text += detok.flush()
             self.scheduler.finish(seq, reason)
             self._requests.pop(seq.request_id, None)
-        else:
-            self.cache.shrink(seq.block_table, seq.num_tokens)
-        return StepOutput(seq.request_id, emitted, text, reason is not None, reason)
+            return StepOutput(seq.request_id, emitted, text, True, reason)
+        self.cache.shrink(seq.block_table, seq.num_tokens)
+        if seq.prefill_only:
+            seq.status = Status.PREFILLED
+            self.scheduler.running.remove(seq)
+        return StepOutput(seq.request_id, emitted, text, False, None, is_prefilled=seq.prefill_only)
 
     def _speculate(self, verified: list[tuple[Sequence, int, torch.Tensor]]) -> None:
         """Catch the MTP modules up on what the main model verified, then draft for the next step."""
@@ -248,19 +313,24 @@ class Engine:
             return
         keep_warm = k > 0 or self.policy.exploring
         for seq, _, _ in verified:
-            if not (keep_warm or seq.pins_drafts):
+            if not (keep_warm or seq.pins_drafts or seq.prefill_only):
                 seq.mtp_stale = True  # skipping the MTP pass saves its cost; see _resync_stale
         verified = [v for v in verified if not v[0].mtp_stale]
         if not verified:
             return
         seqs = [v[0] for v in verified]
         first = self.drafter.catch_up(seqs, [(start, h) for _, start, h in verified])
+        self._draft(seqs, first, k)
+
+    def _draft(self, seqs: list[Sequence], first: list[torch.Tensor | None], k: int) -> None:
+        """Draft up to k tokens per sequence (a pinned one: its own count) from module 0's state at n-2."""
         ready, hidden, counts = [], [], []
         for seq, h in zip(seqs, first):
             wanted = seq.max_drafts if seq.pins_drafts else min(k, seq.max_drafts)
             wanted = min(wanted, self.drafter.max_drafts or wanted)
             n = min(wanted, seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
-            if h is None or n <= 0 or not self.cache.ensure_capacity(seq.block_table, seq.num_tokens + n):
+            if h is None or n <= 0 or seq.prefill_only \
+                    or not self.cache.ensure_capacity(seq.block_table, seq.num_tokens + n):
                 continue
             ready.append(seq)
             hidden.append(h)

@@ -46,8 +46,11 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
         batch: list[ScheduledSeq] = []
@@ -66,12 +69,13 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             chunk = min(seq.num_uncached, budget)
-            if not self.cache.ensure_capacity(seq.block_table, seq.num_cached + chunk):
+            drafts = seq.draft_ids if seq.num_cached + chunk == seq.num_tokens else []  # a handed-over sequence
+            if not self.cache.ensure_capacity(seq.block_table, seq.num_cached + chunk + len(drafts)):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            batch.append(ScheduledSeq(seq, chunk, []))
+            batch.append(ScheduledSeq(seq, chunk, list(drafts)))
             budget -= chunk
         return batch
 

@@ -13,6 +13,7 @@ from tandem.engine.sampling import SamplingParams, make_generator
 class Status(enum.Enum):
     WAITING = "waiting"  # needs (re)prefill before it can decode
     RUNNING = "running"
+    PREFILLED = "prefilled"  # a prefill-only request holding its KV until a decode worker takes it
     FINISHED = "finished"
 
 
@@ -92,7 +93,7 @@ class Sequence:
         self.draft_ids: list[int] = []
         self.draft_probs: torch.Tensor | None = None  # [k, V] drafter's probs when sampling, None when greedy
         self.spec = SpecStats()
-        self.num_emitted = 0  # output tokens handed to the caller so far
+        self.prefill_only = False
 
     @property
     def num_tokens(self) -> int:

@@ -49,25 +49,3 @@ def recv_kv(plane: DataPlane, src_rank: int | None, timeout_s: float) -> tuple[i
     what = f"receiving KV transfer {transfer_id} from rank {src_rank}"
     wait(post_recv(kv, src_rank, plane.kv_group, Tag.KV_DATA, what), deadline.remaining(), what)
     return transfer_id, kv
-
-
-def _cache_rows(block_table: list[int] | torch.Tensor, num_tokens: int, block_size: int,
-                device: torch.device) -> torch.Tensor:
-    """[num_tokens] row of each position in a cache tensor cut into blocks of block_size rows."""
-    table = torch.as_tensor(block_table, dtype=torch.int64, device=device)
-    if table.numel() * block_size < num_tokens:
-        raise ValueError(f"a block table of {table.numel()} blocks of {block_size} cannot hold {num_tokens} tokens")
-    pos = torch.arange(num_tokens, device=device)
-    return table[pos // block_size] * block_size + pos % block_size
-
-
-def gather_kv(cache: torch.Tensor, block_table: list[int] | torch.Tensor, num_tokens: int,
-              block_size: int) -> torch.Tensor:
-    """A sequence's rows out of a paged cache tensor [L, num_blocks * block_size, C] -> [L, num_tokens, C]."""
-    return cache[:, _cache_rows(block_table, num_tokens, block_size, cache.device)]
-
-
-def scatter_kv(cache: torch.Tensor, block_table: list[int] | torch.Tensor, kv: torch.Tensor,
-               block_size: int) -> None:
-    """Write kv [L, N, C] into the first N positions of a sequence's blocks in cache [L, rows, C], in place."""
-    cache[:, _cache_rows(block_table, kv.shape[1], block_size, cache.device)] = kv.to(cache.dtype)

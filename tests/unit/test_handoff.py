@@ -1,0 +1,82 @@
+"""Prefill on one engine, decode on another: the disaggregated path equals the colocated engine."""
+
+import pytest
+import torch
+
+from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.kv_cache import OutOfBlocks
+from tandem.engine.sampling import SamplingError, SamplingParams
+from tandem.model.presets import random_model
+from test_speculative import PROMPTS, tiny_config
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["mtp1", "mtp2"])
+def model(request):
+    return random_model(tiny_config(request.param), seed=10 + request.param, std=0.3)
+
+
+def disaggregated(model, prompts, params, k):
+    prefill = Engine(model, EngineConfig(num_speculative_tokens=k, adaptive_speculation=False, block_size=4,
+                                         max_num_batched_tokens=10))
+    decode = Engine(model, EngineConfig(num_speculative_tokens=k, adaptive_speculation=False, block_size=4))
+    decode.add_request([1, 2, 3], SamplingParams(max_tokens=30), "other")  # occupies blocks: layouts differ
+    ids = [prefill.add_request(p, sp, prefill_only=True) for p, sp in zip(prompts, params)]
+    first = {}
+    while prefill.has_unfinished:
+        for out in prefill.step():
+            assert not out.finished and out.is_prefilled and len(out.new_token_ids) == 1
+            first[out.request_id] = out.new_token_ids[0]
+            decode.add_prefilled(prefill.take_prefilled(out.request_id), params[ids.index(out.request_id)])
+    assert prefill.num_free_blocks == prefill.cache.allocator.num_blocks
+    rest = {rid: [] for rid in ids}
+    while decode.has_unfinished:
+        for out in decode.step():
+            if out.request_id in rest:
+                rest[out.request_id] += out.new_token_ids
+    assert decode.num_free_blocks == decode.cache.allocator.num_blocks
+    return [[first[rid]] + rest[rid] for rid in ids], decode
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_greedy_disaggregated_equals_colocated(model, k):
+    params = [SamplingParams(max_tokens=14)] * len(PROMPTS)
+    colocated = Engine(model, EngineConfig(num_speculative_tokens=k, adaptive_speculation=False))
+    expected = [c.token_ids for c in colocated.generate(PROMPTS, params)]
+    got, decode = disaggregated(model, PROMPTS, params, k)
+    assert got == expected
+    if k:
+        assert decode.spec_totals.draft_tokens > 0, "the decode engine drafts from the handed-over MTP state"
+
+
+def test_seeded_sampling_continues_the_same_stream(model):
+    params = [SamplingParams(max_tokens=12, temperature=0.8, seed=s) for s in (3, 4, 5, 6)]
+    colocated = Engine(model, EngineConfig(num_speculative_tokens=2, adaptive_speculation=False))
+    expected = [c.token_ids for c in colocated.generate(PROMPTS, params)]
+    got, _ = disaggregated(model, PROMPTS, params, 2)
+    assert got == expected
+
+
+def test_handoff_errors(model):
+    prefill = Engine(model, EngineConfig(num_speculative_tokens=1, block_size=4))
+    rid = prefill.add_request(PROMPTS[1], SamplingParams(max_tokens=8), prefill_only=True)
+    with pytest.raises(KeyError, match=rid):
+        prefill.take_prefilled(rid)  # not prefilled yet
+    while not prefill.step():
+        pass
+    handoff = prefill.take_prefilled(rid)
+    decode = Engine(model, EngineConfig(num_speculative_tokens=1, block_size=4, num_kv_blocks=8))
+    with pytest.raises(SamplingError, match="max_tokens"):
+        decode.add_prefilled(handoff, SamplingParams(max_tokens=1))
+    with pytest.raises(SamplingError, match="shape"):
+        bad = type(handoff)(**{**{f: getattr(handoff, f) for f in handoff.__slots__}, "kv": handoff.kv[:, :-1]})
+        decode.add_prefilled(bad, SamplingParams(max_tokens=8))
+    decode.add_request(list(range(1, 21)), SamplingParams(max_tokens=4), "busy")
+    decode.step()  # "busy" holds 5 of the 8 blocks
+    free = decode.num_free_blocks
+    with pytest.raises(OutOfBlocks):
+        decode.add_prefilled(handoff, SamplingParams(max_tokens=8))  # its 18 tokens need 5 blocks of 4
+    assert decode.num_free_blocks == free
+    while decode.has_unfinished:
+        decode.step()
+    request_id = decode.add_prefilled(handoff, SamplingParams(max_tokens=8))  # fits once "busy" is done
+    assert request_id == rid
