@@ -20,6 +20,15 @@ class ExpertBank(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_slots, intermediate_size, hidden_size, **kw))
         self.down_proj = nn.Parameter(torch.empty(num_slots, hidden_size, intermediate_size, **kw))
 
+    @classmethod
+    def from_weights(cls, weights: dict[str, torch.Tensor]) -> "ExpertBank":
+        """A bank holding the given stacked weights ({"gate_proj", "up_proj", "down_proj"})."""
+        _, inter, hidden = weights["gate_proj"].shape
+        bank = cls(0, hidden, inter)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(bank, name, nn.Parameter(weights[name], requires_grad=False))
+        return bank
+
     @property
     def num_slots(self) -> int:
         return self.gate_proj.shape[0]
