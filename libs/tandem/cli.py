@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from services import add_serve_parser
 from tandem.train.cli import add_train_parser
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -60,6 +61,7 @@ def _build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     init.set_defaults(func=_cmd_init_model)
     add_train_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,350 @@
+"""The controller over real gRPC on loopback: membership and ranks, heartbeats, the rendezvous store, the
+versioned placement (get, watch, ack), status codes for bad input, health, reflection, config and CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import torch.distributed as dist
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.controller.server import ControllerServer, main
+from tandem.cluster.config import ConfigError, ControllerConfig, build_config
+from tandem.cluster.placement_store import PlacementStore, static_phy2log
+from tandem.model.presets import preset_config
+from tandem.v1 import controller_pb2 as pb
+from tandem.v1 import controller_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+E = 16  # the tiny preset's routed experts
+L = 5  # its MoE layers: 3 main (one of 4 is dense) + 2 MTP modules
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-config")
+    (out / "config.json").write_text(json.dumps(preset_config("tiny").to_dict()))
+    return out
+
+
+def start(model_dir: Path, **overrides) -> ControllerServer:
+    settings = dict(model_dir=str(model_dir), host="127.0.0.1", port=0, store_port=0, num_prefill=2,
+                    num_decode=1, num_expert_servers=2, grace_s=0.5) | overrides
+    return ControllerServer(ControllerConfig(**settings)).start()
+
+
+@pytest.fixture(scope="module")
+def controller(model_dir):
+    server = start(model_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(controller):
+    with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return pb_grpc.ControllerStub(channel)
+
+
+def register(stub, role, address: str) -> pb.RegisterResponse:
+    return stub.Register(pb.RegisterRequest(role=role, address=address), timeout=5)
+
+
+def status_of(call, *args) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        result = call(*args, timeout=5)
+        if hasattr(result, "__next__"):  # a stream fails on its first message
+            next(result)
+    return err.value.code(), err.value.details()
+
+
+# attention workers first (prefill, then decode), expert servers after them; gateways are off the plane
+EXPECTED = [(pb.ROLE_PREFILL, 0, 0), (pb.ROLE_PREFILL, 1, 1), (pb.ROLE_DECODE, 0, 2), (pb.ROLE_EXPERT, 0, 3),
+            (pb.ROLE_EXPERT, 1, 4)]
+
+
+@pytest.fixture(scope="module")
+def registered(stub) -> list[pb.RegisterResponse]:
+    """The module's controller with every data-plane slot registered, in EXPECTED's order."""
+    return [register(stub, role, f"10.0.0.{n}:7000") for n, (role, _, _) in enumerate(EXPECTED)]
+
+
+def test_roles_get_the_documented_ranks_and_the_data_plane(controller, stub, registered):
+    for reply, (role, index, rank) in zip(registered, EXPECTED, strict=True):
+        assert (reply.member.role, reply.member.index, reply.member.rank) == (role, index, rank)
+        assert reply.member.member_id and not reply.member.is_ready
+        assert reply.data_plane == pb.DataPlane(store_host="127.0.0.1", store_port=controller.store.port,
+                                                world_size=5, backend="gloo")
+        assert reply.heartbeat_interval_ms == 1000
+    gateway = register(stub, pb.ROLE_GATEWAY, "10.0.0.9:8000")
+    assert gateway.member.rank == -1 and not gateway.HasField("data_plane")
+
+    # the announced store is the real rendezvous: a rank can connect and share keys through it
+    client = dist.TCPStore("127.0.0.1", controller.store.port, None, is_master=False, wait_for_workers=False)
+    client.set("tandem-test", "hello")
+    assert controller.store.get("tandem-test") == b"hello"
+
+    listed = stub.ListMembers(pb.ListMembersRequest(role=pb.ROLE_EXPERT), timeout=5).members
+    assert [(m.index, m.rank, m.address) for m in listed] == [(0, 3, "10.0.0.3:7000"), (1, 4, "10.0.0.4:7000")]
+    assert len(stub.ListMembers(pb.ListMembersRequest(), timeout=5).members) == 6
+
+
+def test_reregister_and_full_role(model_dir):
+    server = start(model_dir, num_prefill=1, num_decode=1, num_expert_servers=1)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.ControllerStub(ch)
+            first = register(stub, pb.ROLE_DECODE, "10.0.1.1:7000")
+            again = register(stub, pb.ROLE_DECODE, "10.0.1.1:7000")
+            assert again.member.member_id == first.member.member_id and again.member.rank == first.member.rank == 1
+            code, message = status_of(stub.Register, pb.RegisterRequest(role=pb.ROLE_DECODE, address="10.0.1.2:7000"))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "all 1 decode slots" in message and "10.0.1.1:7000" in message
+    finally:
+        server.stop()
+
+
+def test_missing_heartbeats_mark_a_member_down_and_a_replacement_takes_its_rank(model_dir):
+    server = start(model_dir, num_prefill=2, heartbeat_interval_s=0.1, heartbeat_timeout_s=0.4)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.ControllerStub(ch)
+            alive = register(stub, pb.ROLE_PREFILL, "10.0.2.1:7000").member
+            silent = register(stub, pb.ROLE_PREFILL, "10.0.2.2:7000").member
+            assert stub.Heartbeat(pb.HeartbeatRequest(member_id=silent.member_id, is_ready=True),
+                                  timeout=5).placement_version == 1
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                stub.Heartbeat(pb.HeartbeatRequest(member_id=alive.member_id, is_ready=True), timeout=5)
+                time.sleep(0.05)
+            listed = {m.member_id: m for m in stub.ListMembers(pb.ListMembersRequest(), timeout=5).members}
+            assert listed[alive.member_id].is_ready and not listed[silent.member_id].is_ready
+            assert not server.membership.get(silent.member_id).is_alive
+            assert server.membership.alive_ids() == {alive.member_id}
+
+            # the down member keeps its slot until a replacement of its role registers, then is forgotten
+            replacement = register(stub, pb.ROLE_PREFILL, "10.0.2.3:7000").member
+            assert (replacement.index, replacement.rank) == (silent.index, silent.rank) == (1, 1)
+            code, message = status_of(stub.Heartbeat, pb.HeartbeatRequest(member_id=silent.member_id))
+            assert code == grpc.StatusCode.NOT_FOUND and "register again" in message
+    finally:
+        server.stop()
+
+
+def test_get_placement_is_the_static_one_each_expert_once_spread_evenly(stub):
+    placement = stub.GetPlacement(pb.GetPlacementRequest(), timeout=5)
+    assert (placement.version, placement.num_logical_experts, placement.num_slots_per_server) == (1, E, 8)
+    assert len(placement.layers) == L
+    for layer in placement.layers:
+        assert sorted(layer.phy2log) == list(range(E))  # each expert exactly once
+        servers = [layer.phy2log[i * 8:(i + 1) * 8] for i in range(2)]
+        assert [len(s) for s in servers] == [8, 8]
+        assert list(layer.phy2log) == list(range(E))  # contiguous blocks: Placement.identity
+    assert stub.GetPlacement(pb.GetPlacementRequest(version=1), timeout=5) == placement
+
+
+def test_static_placement_with_uneven_servers_and_replicas():
+    # 16 experts on 3 servers of 6 slots: blocks of 6, 5, 5, then replicas of experts 0 and 1 on servers 1 and 2
+    phy2log = static_phy2log(2, 16, 3, 6)
+    assert phy2log.shape == (2, 18) and torch.equal(phy2log[0], phy2log[1])
+    servers = phy2log[0].view(3, 6).tolist()
+    assert servers == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 0], [11, 12, 13, 14, 15, 1]]
+    counts = torch.bincount(phy2log[0], minlength=16)
+    assert counts.min() == 1 and counts.sum() == 18
+    with pytest.raises(ValueError, match="cannot hold 16 experts"):
+        static_phy2log(1, 16, 2, 7)
+
+
+def test_watch_receives_a_new_version_promptly_and_acks_are_tracked(controller, stub, registered):
+    stream = stub.WatchPlacement(pb.WatchPlacementRequest(known_version=0), timeout=10)
+    first = next(stream)
+    assert first.version == controller.placements.version
+    shuffled = torch.tensor(first.layers[0].phy2log).flip(0).repeat(L, 1)
+    received = []
+    reader = threading.Thread(target=lambda: received.append((next(stream), time.monotonic())))
+    reader.start()
+    time.sleep(0.2)
+    published_at = time.monotonic()
+    version = controller.placements.publish(shuffled)
+    reader.join(timeout=5)
+    stream.cancel()
+    newer, arrived_at = received[0]
+    assert newer.version == version == first.version + 1
+    assert list(newer.layers[2].phy2log) == shuffled[2].tolist()
+    assert arrived_at - published_at < 0.5
+    assert stub.Heartbeat(pb.HeartbeatRequest(member_id=_member_id(stub, pb.ROLE_DECODE)),
+                          timeout=5).placement_version == version
+
+    # a watcher that already has the current version waits for the next one
+    quiet = stub.WatchPlacement(pb.WatchPlacementRequest(known_version=version), timeout=0.8)
+    code, _ = status_of(lambda *_, **__: quiet)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    plane = {m.member_id for m in stub.ListMembers(pb.ListMembersRequest(), timeout=5).members if m.rank >= 0}
+    assert not controller.placements.all_acked(version, plane)
+    for member_id in sorted(plane):
+        stub.AckPlacement(pb.AckPlacementRequest(member_id=member_id, version=version), timeout=5)
+        assert controller.placements.acked_version(member_id) == version
+    assert controller.placements.all_acked(version, plane)
+    assert controller.placements.all_acked(version - 1, plane)
+
+
+def _member_id(stub, role) -> str:
+    return stub.ListMembers(pb.ListMembersRequest(role=role), timeout=5).members[0].member_id
+
+
+def test_bad_inputs_get_the_right_status_codes(controller, stub, registered):
+    invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    current = controller.placements.version
+    cases = [
+        (stub.Register, pb.RegisterRequest(role=pb.ROLE_UNSPECIFIED, address="h:1"), invalid, "role 0"),
+        (stub.Register, pb.RegisterRequest(role=42, address="h:1"), invalid, "role 42"),
+        (stub.Register, pb.RegisterRequest(role=pb.ROLE_EXPERT, address="no-port"), invalid, "not host:port"),
+        (stub.Heartbeat, pb.HeartbeatRequest(member_id="nobody"), not_found, "'nobody' is not registered"),
+        (stub.Heartbeat, pb.HeartbeatRequest(), invalid, "member_id is empty"),
+        (stub.ListMembers, pb.ListMembersRequest(role=9), invalid, "role 9"),
+        (stub.GetPlacement, pb.GetPlacementRequest(version=-1), invalid, "negative"),
+        (stub.GetPlacement, pb.GetPlacementRequest(version=current + 5), not_found, "never published"),
+        (stub.WatchPlacement, pb.WatchPlacementRequest(known_version=-3), invalid, "known_version -3"),
+        (stub.AckPlacement, pb.AckPlacementRequest(member_id="nobody", version=1), not_found, "not registered"),
+        (stub.AckPlacement, pb.AckPlacementRequest(member_id=_member_id(stub, pb.ROLE_PREFILL), version=0), invalid,
+         "at least 1"),
+        (stub.AckPlacement, pb.AckPlacementRequest(member_id=_member_id(stub, pb.ROLE_PREFILL), version=current + 1),
+         invalid, "never published"),
+    ]
+    for call, request, code, text in cases:
+        got, message = status_of(call, request)
+        assert (got, text in message) == (code, True), (request, got, message)
+
+
+def test_old_versions_beyond_the_history_are_not_found(model_dir):
+    store = PlacementStore(static_phy2log(1, 4, 2, 2), 4, 2, history=2)
+    for _ in range(3):
+        store.publish(torch.tensor([[3, 2, 1, 0]]))
+    assert store.version == 4 and store.get(3).version == 3
+    with pytest.raises(KeyError, match="version 2 is not kept"):
+        store.get(2)
+    with pytest.raises(ValueError, match="no physical slot"):
+        store.publish(torch.tensor([[0, 0, 1, 2]]))
+    with pytest.raises(ValueError, match="shape"):
+        store.publish(torch.tensor([[0, 1, 2, 3, 0, 1]]))
+
+
+def test_health_is_serving_and_reflection_lists_the_services(controller, channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "tandem.v1.Controller"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                           timeout=5)
+    names = {s.name for s in next(replies).list_services_response.service}
+    assert {"tandem.v1.Controller", "grpc.health.v1.Health"} <= names
+
+
+def test_shutdown_turns_health_not_serving_and_metrics_are_exported(model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    server = start(model_dir, metrics_port=metrics_port)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        register(pb_grpc.ControllerStub(ch), pb.ROLE_EXPERT, "10.0.3.1:7000")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'tandem_controller_members{role="expert",state="alive"} 1.0' in text
+    assert "tandem_controller_placement_version 1.0" in text
+    server.stop()
+    reply = server.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_sigterm_shuts_the_process_down_gracefully(model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "libs"), str(ROOT)]))
+    proc = subprocess.Popen([sys.executable, "-m", "services.controller.server", "--model-dir", str(model_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--store-port", "0", "--grace-s", "1"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=15)
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "controller shutting down" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_help_documents_every_flag(capsys):
+    from tandem.cli import main as tandem_main
+
+    for run in (lambda: main(["--help"]), lambda: tandem_main(["serve", "controller", "--help"])):
+        with pytest.raises(SystemExit) as exit_:
+            run()
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        for name in ControllerConfig.__dataclass_fields__:
+            assert "--" + name.replace("_", "-") in out and "TANDEM_CONTROLLER_" + name.upper() in out
+        assert "--config" in out
+
+
+def test_config_precedence_yaml_env_flags(tmp_path, model_dir):
+    import argparse
+
+    from tandem.cluster.config import add_config_flags
+
+    yaml_file = tmp_path / "controller.yaml"
+    yaml_file.write_text(f"model_dir: {model_dir}\nport: 6000\nnum_decode: 3\nbackend: nccl\n")
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, ControllerConfig, "controller")
+
+    def build(argv, env=None):
+        return build_config(ControllerConfig, "controller", parser.parse_args(argv), env or {})
+
+    config = build(["--config", str(yaml_file)])
+    assert (config.port, config.num_decode, config.backend, config.num_prefill) == (6000, 3, "nccl", 1)
+    env = {"TANDEM_CONTROLLER_PORT": "7000", "TANDEM_CONTROLLER_HEARTBEAT_TIMEOUT_S": "9.5", "OTHER": "x"}
+    config = build(["--config", str(yaml_file)], env)
+    assert (config.port, config.num_decode, config.heartbeat_timeout_s) == (7000, 3, 9.5)
+    config = build(["--config", str(yaml_file), "--port", "8000", "--backend", "gloo"], env)
+    assert (config.port, config.backend, config.num_decode) == (8000, "gloo", 3)
+
+    bad = [
+        (["--config", str(yaml_file), "--port", "eighty"], {}, "port: 'eighty' from --port is not a valid int"),
+        (["--config", str(yaml_file)], {"TANDEM_CONTROLLER_NUM_DECODE": "1.5"},
+         "num_decode: '1.5' from TANDEM_CONTROLLER_NUM_DECODE is not a valid int"),
+        (["--config", str(yaml_file)], {"TANDEM_CONTROLLER_PROT": "1"}, "unknown setting 'prot'"),
+        (["--config", str(yaml_file), "--backend", "mpi"], {}, "backend: 'mpi' is not one of gloo, nccl"),
+        (["--config", str(yaml_file), "--port", "70000"], {}, "port: 70000 is not a port number"),
+        (["--config", str(yaml_file), "--heartbeat-timeout-s", "0.5"], {}, "heartbeat_timeout_s: 0.5 is shorter"),
+        ([], {}, "model_dir is required (--model-dir, TANDEM_CONTROLLER_MODEL_DIR"),
+    ]
+    for argv, env, message in bad:
+        with pytest.raises(ConfigError) as err:
+            build(argv, env)
+        assert message in str(err.value)
+    yaml_file.write_text("model_dir: x\nprot: 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+        build(["--config", str(yaml_file)])
