@@ -73,3 +73,15 @@ def test_bad_prompt_ids_and_missing_model(tmp_path, demo_model, capsys):
     assert "999999" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_earliest_stop_string_wins():
+    """Two stop strings arrive in one token: the text ends before the one that comes first."""
+    from tokenizers import Tokenizer, models
+
+    from tandem.engine.detokenizer import Detokenizer
+    tok = Tokenizer(models.WordLevel({"a": 0, "xbyc": 1}, unk_token="a"))
+    detok = Detokenizer(tok, stop=("b", "c"))
+    assert detok.add(0) == ("", False) or detok.text == "a"
+    piece, stopped = detok.add(1)
+    assert stopped and detok.text.endswith("x") and "b" not in detok.text and "c" not in detok.text

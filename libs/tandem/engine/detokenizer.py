@@ -23,11 +23,10 @@ class Detokenizer:
         if text.endswith("\ufffd"):
             return "", False  # in the middle of a multi-byte character
         self.text = text
-        for s in self.stop:
-            at = text.find(s)
-            if at != -1:
-                self.text = text[:at]
-                self.stopped = True
+        hits = [at for at in (text.find(s) for s in self.stop) if at != -1]
+        if hits:  # the stop string that appears first wins
+            self.text = text[:min(hits)]
+            self.stopped = True
         hold = 0 if self.stopped else max((len(s) - 1 for s in self.stop), default=0)
         return self._release(len(self.text) - hold), self.stopped
 
