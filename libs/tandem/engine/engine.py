@@ -191,6 +191,13 @@ class Engine:
         self.scheduler.finish(entry[0], "cancelled")
         return True
 
+    def spec_stats(self, request_id: str) -> SpecStats:
+        """The live speculative-decoding counters of a running request."""
+        entry = self._requests.get(request_id)
+        if entry is None:
+            raise KeyError(f"request {request_id!r} is not running")
+        return entry[0].spec
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0

@@ -1,0 +1,259 @@
+"""The engine on a thread of its own, for servers whose requests arrive on many threads.
+
+`Engine` is not thread-safe, so `EngineRunner` gives it one background thread that takes commands (add,
+abort) from a queue and steps while there is work, sleeping on a condition otherwise. Callers get a
+`RequestStream` per request. Bad sampling parameters raise in the caller's thread (the engine thread runs
+`add_request` and hands its exception back), a full admission queue raises `QueueFull`, and an exception in
+the engine thread fails every open stream with `EngineFailed` instead of leaving its reader waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from tandem.engine.engine import Engine, StepOutput
+from tandem.engine.sampling import SamplingError, SamplingParams
+from tandem.engine.sequence import SpecStats
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The runner already holds its maximum of waiting and running requests."""
+
+
+class RunnerClosed(RuntimeError):
+    """The runner is shutting down or has stopped; it admits no new requests."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine thread raised; every open request fails with this (its cause is the original error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerStats:
+    num_waiting: int  # admitted, not yet scheduled (including those not yet handed to the engine)
+    num_running: int
+    num_free_blocks: int
+    num_blocks: int
+
+
+class RequestStream:
+    """The StepOutputs of one request, in order; the last has `finished` set.
+
+    Iterating blocks for at most `timeout_s` per output (TimeoutError after that); `get` takes its own timeout
+    and returns None when nothing arrived. A cancelled request ends with finish_reason "cancelled"; a failed
+    engine raises EngineFailed. The draft counters are updated before each output is delivered.
+    """
+
+    def __init__(self, request_id: str, num_prompt_tokens: int, timeout_s: float | None):
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.timeout_s = timeout_s
+        self.num_completion_tokens = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_draft_tokens = 0
+        self.is_finished = False
+        self._spec: SpecStats | None = None  # the engine's counters for this request, read on the engine thread
+        self._items: queue.SimpleQueue[StepOutput | BaseException] = queue.SimpleQueue()
+
+    def get(self, timeout: float | None) -> StepOutput | None:
+        """The next output, or None if none arrived within `timeout` seconds (None: wait forever). Not to be
+        called after the finished output."""
+        if self.is_finished:
+            raise RuntimeError(f"request {self.request_id}: its stream has already ended")
+        try:
+            item = self._items.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            self.is_finished = True
+            raise item
+        self.is_finished = item.finished
+        return item
+
+    def __iter__(self) -> "RequestStream":
+        return self
+
+    def __next__(self) -> StepOutput:
+        if self.is_finished:
+            raise StopIteration
+        out = self.get(self.timeout_s)
+        if out is None:
+            raise TimeoutError(f"request {self.request_id}: no output within {self.timeout_s}s")
+        return out
+
+    # --- the engine thread's side -----------------------------------------------------------------------------
+    def _deliver(self, out: StepOutput) -> None:
+        self.num_completion_tokens += len(out.new_token_ids)
+        if self._spec is not None:
+            self.num_draft_tokens, self.num_accepted_draft_tokens = self._spec.draft_tokens, self._spec.accepted_tokens
+        self._items.put(out)
+
+    def _fail(self, error: BaseException) -> None:
+        self._items.put(error)
+
+
+class EngineRunner:
+    """Owns an Engine and steps it on one background thread; every other method is thread-safe.
+
+    At most `max_queued` requests are admitted (waiting or running) at a time; `submit` raises QueueFull
+    beyond that. `stream_timeout_s` is the default per-output timeout of the streams it returns.
+    """
+
+    def __init__(self, engine: Engine, max_queued: int, stream_timeout_s: float | None = 300.0):
+        if max_queued <= 0:
+            raise ValueError(f"max_queued must be positive, got {max_queued}")
+        self.engine = engine
+        self.max_queued = max_queued
+        self.stream_timeout_s = stream_timeout_s
+        self._cond = threading.Condition()
+        self._commands: deque[tuple[str, tuple, Future | None]] = deque()
+        self._streams: dict[str, RequestStream] = {}  # admitted and not finished; engine thread removes
+        self._admitting = True
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._stats = self._snapshot()
+        self._thread = threading.Thread(target=self._loop, name="engine-runner", daemon=True)
+        self._thread.start()
+
+    # --- callers' side ----------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+               num_speculative_tokens: int | None = None) -> RequestStream:
+        """Admit a request; raises QueueFull, RunnerClosed, EngineFailed, or SamplingError naming the field."""
+        stream = RequestStream(request_id, len(prompt_ids), self.stream_timeout_s)
+        done: Future = Future()
+        with self._cond:
+            self._check_open()
+            if request_id in self._streams:
+                raise SamplingError(f"request_id {request_id!r} is already running")
+            if len(self._streams) >= self.max_queued:
+                raise QueueFull(f"the admission queue is full ({self.max_queued} requests waiting or running)")
+            self._streams[request_id] = stream
+            self._commands.append(("add", (stream, list(prompt_ids), params, num_speculative_tokens), done))
+            self._cond.notify()
+        done.result()  # re-raises add_request's error here, in the caller's thread
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a request on the engine thread (its KV blocks are freed there at once); its stream ends with
+        finish_reason "cancelled". Unknown or finished requests are ignored."""
+        with self._cond:
+            if request_id in self._streams and not self._stopping:
+                self._commands.append(("abort", (request_id,), None))
+                self._cond.notify()
+
+    def stats(self) -> RunnerStats:
+        """As of the engine thread's last iteration."""
+        with self._cond:
+            return self._stats
+
+    @property
+    def num_open(self) -> int:
+        with self._cond:
+            return len(self._streams)
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """Stop admitting, give open requests up to `grace_s` seconds to finish, cancel the rest (their streams
+        end with "cancelled"), then stop the thread."""
+        deadline = time.monotonic() + grace_s
+        with self._cond:
+            self._admitting = False
+            while self._streams and self._error is None and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            for request_id in list(self._streams):
+                self._commands.append(("abort", (request_id,), None))
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise EngineFailed(f"the engine failed: {self._error!r}") from self._error
+        if not self._admitting or self._stopping:
+            raise RunnerClosed("the engine runner is shutting down")
+
+    # --- the engine thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._commands and not self._stopping and not self.engine.has_unfinished:
+                        self._cond.wait()
+                    commands, self._commands = self._commands, deque()
+                    stopping = self._stopping
+                for command in commands:
+                    self._run_command(*command)
+                if stopping:
+                    break
+                if self.engine.has_unfinished:
+                    self._dispatch(self.engine.step())
+                with self._cond:
+                    self._stats = self._snapshot()
+                    self._cond.notify_all()  # close() waits for streams to end
+        except BaseException as e:  # noqa: BLE001 - handed to every waiter, never swallowed
+            log.exception("engine thread failed")
+            self._fail_all(e)
+        finally:
+            with self._cond:
+                self._stats = self._snapshot()
+                self._cond.notify_all()
+
+    def _run_command(self, kind: str, args: tuple, done: Future | None) -> None:
+        if kind == "add":
+            stream, prompt_ids, params, num_speculative_tokens = args
+            try:
+                self.engine.add_request(prompt_ids, params, stream.request_id, num_speculative_tokens)
+            except Exception as e:  # noqa: BLE001 - re-raised in the submitter's thread
+                with self._cond:
+                    self._streams.pop(stream.request_id, None)
+                done.set_exception(e)
+                return
+            # the engine drops a request's Sequence once it finishes; keep its draft counters for the stream
+            stream._spec = self.engine.spec_stats(stream.request_id)
+            done.set_result(None)
+        elif kind == "abort":
+            (request_id,) = args
+            with self._cond:
+                stream = self._streams.pop(request_id, None)
+            if stream is not None and self.engine.abort(request_id):
+                stream._deliver(StepOutput(request_id, [], "", True, "cancelled"))
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            with self._cond:
+                stream = self._streams.get(out.request_id)
+                if stream is not None and out.finished:
+                    del self._streams[out.request_id]
+            if stream is None:
+                continue  # cancelled while this step ran
+            stream._deliver(out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        failure = EngineFailed(f"the engine failed: {error!r}")
+        failure.__cause__ = error
+        with self._cond:
+            self._error = error
+            streams, self._streams = list(self._streams.values()), {}
+            commands, self._commands = self._commands, deque()
+        for stream in streams:
+            stream._fail(failure)
+        for _, _, done in commands:
+            if done is not None and not done.done():
+                done.set_exception(failure)
+
+    def _snapshot(self) -> RunnerStats:
+        scheduler = self.engine.scheduler
+        pending = sum(1 for kind, _, _ in self._commands if kind == "add")
+        return RunnerStats(num_waiting=len(scheduler.waiting) + pending, num_running=len(scheduler.running),
+                           num_free_blocks=self.engine.num_free_blocks,
+                           num_blocks=self.engine.cache.allocator.num_blocks)

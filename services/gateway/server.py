@@ -1,0 +1,175 @@
+"""The gateway process: `tandem serve gateway`.
+
+config -> model, tokenizer, engine, runner -> servicer -> health -> serve. In this first version the gateway
+runs the colocated engine in-process on an `EngineRunner`; later issues put prefill and decode workers behind
+the same servicer. Standard gRPC health (NOT_SERVING until the model is loaded and the server started, and
+while shutting down) and server reflection; SIGTERM/SIGINT shut it down gracefully: health NOT_SERVING, no
+new requests, in-flight ones get `grace_s` to finish and are then cancelled (FINISH_REASON_CANCELLED).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tandem.cluster.config import ConfigError, add_config_flags, build_config, setting
+from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.runner import EngineRunner
+from tandem.v1 import gateway_pb2 as pb
+from tandem.v1 import gateway_pb2_grpc as pb_grpc
+
+from services.gateway.servicer import GatewayServicer
+
+log = logging.getLogger(__name__)
+SERVICE = "gateway"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SPARE_RPCS = 8  # health checks, GetModelInfo and reflection beyond the streams a full queue holds
+
+
+@dataclass(slots=True, frozen=True)
+class GatewayConfig:
+    """The gateway: the public API in front of (for now) a colocated engine."""
+
+    model: str = setting(help="Hugging Face-layout checkpoint directory (with tokenizer.json for text prompts)")
+    host: str = setting("0.0.0.0", help="address the gRPC server binds")
+    port: int = setting(50051, help="gRPC port (0 = any free port)")
+    max_queued: int = setting(256, help="requests admitted at once (waiting or running); beyond it "
+                                        "RESOURCE_EXHAUSTED")
+    num_speculative_tokens: int | None = setting(None, help="MTP drafts per step at most, the default for "
+                                                            "requests with speculative_tokens = 0 (unset: the "
+                                                            "model's MTP depth; 0 = off)")
+    dtype: str = setting("float32", help="compute dtype", choices=tuple(sorted(DTYPES)))
+    device: str = setting("cpu", help="where the engine runs", choices=("cpu", "cuda"))
+    max_num_seqs: int = setting(64, help="sequences the engine batches per step at most")
+    model_name: str = setting("", help="name reported by GetModelInfo (empty: the model directory's name)")
+    grace_s: float = setting(10.0, help="seconds in-flight requests get to finish at shutdown")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model: empty")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: {self.port} is not a port number (0 .. 65535)")
+        for name in ("max_queued", "max_num_seqs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
+            raise ConfigError(f"num_speculative_tokens: {self.num_speculative_tokens} is negative")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device: {self.device!r} is not one of cpu, cuda")
+        if self.grace_s < 0:
+            raise ConfigError(f"grace_s: {self.grace_s} is negative")
+
+
+def model_info(engine: Engine, name: str) -> pb.ModelInfo:
+    """ModelInfo of a colocated engine: no workers or expert servers, so the cluster shape is all zeros."""
+    c = engine.model.config
+    return pb.ModelInfo(model_name=name, max_context_tokens=engine.max_model_len, vocab_size=c.vocab_size,
+                        num_mtp_layers=len(engine.model.mtp_layers), num_routed_experts=c.n_routed_experts,
+                        num_moe_layers=c.num_moe_layers, cluster=pb.ClusterShape())
+
+
+def build_server(servicer: GatewayServicer, health_servicer: health.HealthServicer, address: str,
+                 max_workers: int) -> tuple[grpc.Server, int]:
+    """A gRPC server (not started) with the Gateway, health (NOT_SERVING) and reflection; (server, bound port).
+
+    Each Generate stream holds a worker thread, so `max_workers` should cover the admission queue plus a few
+    for health checks; calls beyond it get RESOURCE_EXHAUSTED from gRPC itself."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gateway"),
+                         maximum_concurrent_rpcs=max_workers)
+    pb_grpc.add_GatewayServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the gRPC port {address}")
+    return server, port
+
+
+class GatewayServer:
+    """The runner, servicer, gRPC server and health of one gateway; `from_config` loads the model too."""
+
+    def __init__(self, runner: EngineRunner, tokenizer, info: pb.ModelInfo, host: str = "0.0.0.0", port: int = 0,
+                 grace_s: float = 10.0):
+        self.runner = runner
+        self.grace_s = grace_s
+        self.health = health.HealthServicer()
+        self.servicer = GatewayServicer(runner, tokenizer, info)
+        self.server, self.port = build_server(self.servicer, self.health, f"{host}:{port}",
+                                              runner.max_queued + SPARE_RPCS)
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> "GatewayServer":
+        from tandem.model.config import ModelConfig
+        from tandem.model.loading import load_model
+        from tandem.model.tokenizer import load_tokenizer
+
+        if not Path(config.model).is_dir():
+            raise ConfigError(f"model: {config.model} is not a directory")
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: cuda, but no CUDA device is available")
+        spec = config.num_speculative_tokens
+        if spec is None:
+            spec = ModelConfig.from_file(config.model).num_nextn_predict_layers
+        model = load_model(config.model, dtype=DTYPES[config.dtype], device=config.device)
+        # no tokenizer for the engine: the gateway detokenizes and matches stop strings itself
+        engine = Engine(model, EngineConfig(max_num_seqs=config.max_num_seqs, num_speculative_tokens=spec))
+        name = config.model_name or Path(config.model).resolve().name
+        return cls(EngineRunner(engine, config.max_queued), load_tokenizer(config.model), model_info(engine, name),
+                   config.host, config.port, config.grace_s)
+
+    def start(self) -> "GatewayServer":
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("gateway serving on port %d", self.port)
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new requests, let in-flight ones finish within the grace period, cancel
+        the rest (their streams end with FINISH_REASON_CANCELLED), then stop the server."""
+        self.health.enter_graceful_shutdown()
+        self.runner.close(self.grace_s if grace_s is None else grace_s)
+        self.server.stop(1.0).wait()  # time for the handlers to send their last message
+
+
+def serve(config: GatewayConfig) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = GatewayServer.from_config(config).start()
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop.wait()
+        log.info("gateway shutting down")
+        server.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def add_gateway_parser(serve_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`serve gateway`: every GatewayConfig field as a flag; TANDEM_GATEWAY_<FIELD> variables override YAML."""
+    p = serve_sub.add_parser(SERVICE, help="the public gRPC API (tandem.v1.Gateway) over a colocated engine",
+                             description="Run the gateway: tokenizes, validates and admits requests and streams "
+                                         "tokens back. This version runs the colocated engine in-process. Settings "
+                                         "come from --config YAML < environment (TANDEM_GATEWAY_<FIELD>) < flags.")
+    add_config_flags(p, GatewayConfig, SERVICE)
+    p.set_defaults(func=lambda args: serve(build_config(GatewayConfig, SERVICE, args, os.environ)))
+    return p
