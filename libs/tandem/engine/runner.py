@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from tandem.engine.engine import Engine, StepOutput
+from tandem.engine.handoff import PrefilledSequence
 from tandem.engine.sampling import SamplingError, SamplingParams
 from tandem.engine.sequence import SpecStats
 
@@ -125,21 +126,46 @@ class EngineRunner:
 
     # --- callers' side ----------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-               num_speculative_tokens: int | None = None) -> RequestStream:
-        """Admit a request; raises QueueFull, RunnerClosed, EngineFailed, or SamplingError naming the field."""
+               num_speculative_tokens: int | None = None, prefill_only: bool = False) -> RequestStream:
+        """Admit a request; raises QueueFull, RunnerClosed, EngineFailed, or SamplingError naming the field.
+
+        A `prefill_only` request's stream yields one output (is_prefilled, or finished if the first token ended
+        it); the request then waits for `take_prefilled`."""
         stream = RequestStream(request_id, len(prompt_ids), self.stream_timeout_s)
+        self._admit(stream, "add", (stream, list(prompt_ids), params, num_speculative_tokens, prefill_only))
+        return stream
+
+    def submit_prefilled(self, handoff: PrefilledSequence, params: SamplingParams,
+                         num_speculative_tokens: int | None = None) -> RequestStream:
+        """Admit a request another engine prefilled (`Engine.add_prefilled`); its stream yields the tokens after
+        the first. Raises as `submit` does, and OutOfBlocks when the KV pool cannot hold it now."""
+        stream = RequestStream(handoff.request_id, len(handoff.prompt_ids), self.stream_timeout_s)
+        self._admit(stream, "add_prefilled", (stream, handoff, params, num_speculative_tokens))
+        return stream
+
+    def take_prefilled(self, request_id: str) -> PrefilledSequence:
+        """`Engine.take_prefilled` on the engine thread: the handoff of a prefilled request, whose blocks are freed
+        and whose stream is closed. KeyError if it is not waiting for handoff (e.g. cancelled)."""
+        done: Future = Future()
+        with self._cond:
+            if self._error is not None:
+                raise EngineFailed(f"the engine failed: {self._error!r}") from self._error
+            self._commands.append(("take", (request_id,), done))
+            self._cond.notify()
+        return done.result()
+
+    def _admit(self, stream: RequestStream, kind: str, args: tuple) -> None:
         done: Future = Future()
         with self._cond:
             self._check_open()
-            if request_id in self._streams:
-                raise SamplingError(f"request_id {request_id!r} is already running")
+            if stream.request_id in self._streams:
+                raise SamplingError(f"request_id {stream.request_id!r} is already running")
             if len(self._streams) >= self.max_queued:
                 raise QueueFull(f"the admission queue is full ({self.max_queued} requests waiting or running)")
-            self._streams[request_id] = stream
-            self._commands.append(("add", (stream, list(prompt_ids), params, num_speculative_tokens), done))
+            self._streams[stream.request_id] = stream
+            self._commands.append((kind, args, done))
             self._cond.notify()
-        done.result()  # re-raises add_request's error here, in the caller's thread
-        return stream
+        done.result()  # re-raises the engine's error here, in the caller's thread
 
     def cancel(self, request_id: str) -> None:
         """Abort a request on the engine thread (its KV blocks are freed there at once); its stream ends with
@@ -209,10 +235,15 @@ class EngineRunner:
                 self._cond.notify_all()
 
     def _run_command(self, kind: str, args: tuple, done: Future | None) -> None:
-        if kind == "add":
-            stream, prompt_ids, params, num_speculative_tokens = args
+        if kind in ("add", "add_prefilled"):
+            stream = args[0]
             try:
-                self.engine.add_request(prompt_ids, params, stream.request_id, num_speculative_tokens)
+                if kind == "add":
+                    _, prompt_ids, params, num_speculative_tokens, prefill_only = args
+                    self.engine.add_request(prompt_ids, params, stream.request_id, num_speculative_tokens,
+                                            prefill_only=prefill_only)
+                else:
+                    self.engine.add_prefilled(*args[1:])
             except Exception as e:  # noqa: BLE001 - re-raised in the submitter's thread
                 with self._cond:
                     self._streams.pop(stream.request_id, None)
@@ -227,6 +258,16 @@ class EngineRunner:
                 stream = self._streams.pop(request_id, None)
             if stream is not None and self.engine.abort(request_id):
                 stream._deliver(StepOutput(request_id, [], "", True, "cancelled"))
+        elif kind == "take":
+            (request_id,) = args
+            try:
+                handoff = self.engine.take_prefilled(request_id)
+            except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
+                done.set_exception(e)
+                return
+            with self._cond:
+                self._streams.pop(request_id, None)
+            done.set_result(handoff)
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
@@ -253,7 +294,7 @@ class EngineRunner:
 
     def _snapshot(self) -> RunnerStats:
         scheduler = self.engine.scheduler
-        pending = sum(1 for kind, _, _ in self._commands if kind == "add")
+        pending = sum(1 for kind, _, _ in self._commands if kind in ("add", "add_prefilled"))
         return RunnerStats(num_waiting=len(scheduler.waiting) + pending, num_running=len(scheduler.running),
                            num_free_blocks=self.engine.num_free_blocks,
                            num_blocks=self.engine.cache.allocator.num_blocks)

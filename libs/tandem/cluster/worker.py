@@ -1,0 +1,464 @@
+"""What the prefill and decode workers share: joining the cluster, the model with remote experts, and the handoff.
+
+Start-up (`AttentionWorker`): register with the controller (role, gRPC address) -> data-plane rank, rendezvous
+store, world size and the current expert placement -> on a background thread: load the model without its
+routed experts, join the data plane (blocks until every rank of the deployment's fixed shape has joined),
+route every MoE layer to the expert servers with the controller's placement (`use_remote_experts`), build the
+engine and its `EngineRunner` -> ready. A heartbeat thread reports readiness to the controller meanwhile.
+
+Handoff wire protocol (prefill -> decode, on the plane's KV group, `tandem.transport.kv_transfer` framing):
+every Prefill that succeeds sends exactly one handoff to the decode rank it was given, under its
+kv_transfer_id, as one or two `send_kv` transfers back to back (a per-process lock keeps one handoff's
+transfers adjacent):
+
+  1. EXTRAS  uint8 [1, 1, B]: the small state of `PrefilledSequence`, packed by `pack_extras`:
+       int64 fields  first_token, status, has_kv, num_mtp, tails dtype code, hidden, rng_len
+       int64 [num_mtp]            MTP valid lengths
+       bytes num_mtp * hidden     MTP tails (dtype as coded), or none
+       bytes rng_len              the sampling generator's state, or none
+     status: CONTINUE (decode goes on), or STOP / LENGTH when the first token already finished the request
+     (has_kv is 0 then: nothing follows, the decode stream just ends with that reason).
+  2. KV      [L, N, C] model dtype: the prompt's cache rows (only when has_kv).
+
+The extras travel on the data plane rather than through the gateway so that the internal protos stay
+token ids only and the gateway needs no knowledge of MTP or RNG state.
+
+Ordering: the gateway opens DecodeWorker.Decode first; the decode worker registers the announced
+(prefill rank, transfer id) with its `HandoffInbox`, which posts a receive from that prefill rank; then the
+gateway calls PrefillWorker.Prefill, whose `send_kv` completes against that posted receive. The inbox has one
+thread per prefill rank that receives handoffs in the order that rank sent them and hands each to the call
+waiting for its transfer id (a handoff nobody waits for any more, e.g. after a cancelled Decode, is received
+and dropped). It posts receives only while some transfer from that rank is announced or left over, so an
+idle plane never carries a pending receive for a transfer nobody announced.
+
+Timeouts: the Decode call waits for its handoff at most `kv_timeout_s` and then fails with UNAVAILABLE; the
+inbox's own receive waits without a gloo timeout, because a gloo wait that times out closes every KV-group
+connection of the process (see DataPlane) and would break the other transfers. A receive still posted after
+its caller gave up is harmless: it takes the next handoff from that rank, whatever its id. A prefill worker
+that dies fails the receive at once (connection closed), which fails every call waiting on that rank; that
+rank's connection then stays unusable (gloo errors stick) until the world is rebuilt. Because gloo cannot
+withdraw a posted receive, a worker leaves with `os._exit` after its graceful shutdown (`serve_worker`).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import sys
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from tandem.cluster.config import ConfigError, setting
+from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.handoff import PrefilledSequence
+from tandem.engine.runner import EngineRunner
+from tandem.engine.sampling import SamplingParams
+from tandem.moe.placement import Placement
+from tandem.transport import DataPlane, Roles, TransportError, recv_kv, send_kv, stop_expert_server
+from tandem.transport.expert_parallel import use_remote_experts
+from tandem.transport.wire import IDLE_WAIT, code_dtype, dtype_code
+from tandem.v1 import controller_pb2 as cpb
+from tandem.v1 import controller_pb2_grpc as cpb_grpc
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerConfig:
+    """An attention worker (prefill or decode): where the controller is, the model, the engine's sizes."""
+
+    model: str = setting(help="Hugging Face-layout checkpoint directory (routed experts are not loaded)")
+    controller: str = setting("127.0.0.1:50050", help="host:port of the controller")
+    host: str = setting("0.0.0.0", help="address the gRPC server binds")
+    port: int = setting(0, help="gRPC port (0 = any free port)")
+    advertise_host: str = setting("127.0.0.1", help="host the other services reach this worker at (registered "
+                                                   "with the controller together with the bound port)")
+    dtype: str = setting("float32", help="compute dtype", choices=tuple(sorted(DTYPES)))
+    device: str = setting("cpu", help="where the engine runs", choices=("cpu", "cuda"))
+    max_num_seqs: int = setting(64, help="sequences the engine batches per step at most")
+    max_num_batched_tokens: int = setting(2048, help="prompt tokens per step at most (chunked prefill)")
+    block_size: int = setting(16, help="tokens per KV-cache block")
+    num_kv_blocks: int | None = setting(None, help="KV-cache blocks (unset: room for max_num_seqs full-length "
+                                                   "sequences)")
+    num_speculative_tokens: int | None = setting(None, help="MTP drafts per step at most (unset: the model's MTP "
+                                                            "depth); requests ask for fewer")
+    max_queued: int = setting(256, help="requests held at once (waiting, running or waiting for their KV)")
+    kv_timeout_s: float = setting(30.0, help="how long a KV handoff may take before the request fails with "
+                                             "UNAVAILABLE")
+    expert_timeout_s: float = setting(30.0, help="how long one MoE layer's expert exchange may take")
+    join_timeout_s: float = setting(300.0, help="how long to wait for every rank to join the data plane")
+    grace_s: float = setting(5.0, help="seconds in-flight requests get to finish at shutdown")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model: empty")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: {self.port} is not a port number (0 .. 65535)")
+        if ":" not in self.controller:
+            raise ConfigError(f"controller: {self.controller!r} is not host:port")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ConfigError(f"num_kv_blocks: {self.num_kv_blocks} must be positive")
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
+            raise ConfigError(f"num_speculative_tokens: {self.num_speculative_tokens} is negative")
+        for name in ("kv_timeout_s", "expert_timeout_s", "join_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
+        if self.grace_s < 0:
+            raise ConfigError(f"grace_s: {self.grace_s} is negative")
+
+
+def sampling_params(sampling) -> SamplingParams:
+    """tandem.v1.SamplingParams -> the engine's; raises SamplingError naming a bad field."""
+    return SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k, seed=sampling.seed if sampling.HasField("seed") else None,
+                          stop_token_ids=tuple(sampling.stop_token_ids))
+
+
+def placement_from_proto(p: cpb.Placement) -> Placement:
+    return Placement(torch.tensor([list(row.phy2log) for row in p.layers], dtype=torch.int64), p.num_logical_experts,
+                     p.version)
+
+
+class AttentionWorker:
+    """A prefill or decode worker's membership and engine: `register`, then `start` loads and joins in the
+    background; `runner` and `plane` are set once `ready` is. Both roles run the same engine; the prefill
+    worker's requests are prefill-only."""
+
+    def __init__(self, config: WorkerConfig, role: int):
+        self.config = config
+        self.role = role
+        self.ready = threading.Event()
+        self.failure: BaseException | None = None
+        self.runner: EngineRunner | None = None
+        self.plane: DataPlane | None = None
+        self.member: cpb.Member | None = None
+        self._stopping = threading.Event()
+        self._channel = grpc.insecure_channel(config.controller)
+        self._controller = cpb_grpc.ControllerStub(self._channel)
+
+    def register(self, address: str, timeout_s: float = 60.0) -> cpb.RegisterResponse:
+        """Join the cluster (waiting up to timeout_s for the controller) and fetch the current placement."""
+        reply = self._controller.Register(cpb.RegisterRequest(role=self.role, address=address), timeout=timeout_s,
+                                          wait_for_ready=True)
+        self.member, self._registration = reply.member, reply
+        self.placement_proto = self._controller.GetPlacement(cpb.GetPlacementRequest(version=0), timeout=timeout_s)
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        log.info("registered as %s (index %d, data-plane rank %d of %d); placement version %d", reply.member.member_id,
+                 reply.member.index, reply.member.rank, reply.data_plane.world_size, self.placement_proto.version)
+        return reply
+
+    def start(self, on_ready) -> None:
+        """Load, join and build the engine on a background thread; `on_ready()` runs once it serves."""
+        threading.Thread(target=self._start, args=(on_ready,), name="worker-start", daemon=True).start()
+
+    def _start(self, on_ready) -> None:
+        from tandem.model.config import ModelConfig
+        from tandem.model.loading import load_model
+
+        config, dp = self.config, self._registration.data_plane
+        try:
+            model = load_model(config.model, dtype=DTYPES[config.dtype], device=config.device,
+                               load_routed_experts=False)
+            placement = placement_from_proto(self.placement_proto)
+            slots = self.placement_proto.num_slots_per_server
+            num_servers = placement.num_physical // slots
+            roles = Roles(dp.world_size - num_servers, num_servers)
+            self.plane = DataPlane.join(dp.store_host, dp.store_port, self.member.rank, dp.world_size, dp.backend,
+                                        timeout_s=config.join_timeout_s, roles=roles,
+                                        device=config.device if dp.backend == "gloo" else None)
+            use_remote_experts(model, self.plane, placement, slots, config.expert_timeout_s)
+            spec = config.num_speculative_tokens
+            if spec is None:
+                spec = ModelConfig.from_file(config.model).num_nextn_predict_layers
+            engine = Engine(model, EngineConfig(max_num_seqs=config.max_num_seqs,
+                                                max_num_batched_tokens=config.max_num_batched_tokens,
+                                                block_size=config.block_size, num_kv_blocks=config.num_kv_blocks,
+                                                num_speculative_tokens=spec))
+            self.runner = EngineRunner(engine, config.max_queued, stream_timeout_s=None)
+        except BaseException as e:  # noqa: BLE001 - reported by health (never SERVING) and the log
+            log.exception("worker start-up failed")
+            self.failure = e
+            return
+        self.ready.set()
+        log.info("data-plane rank %d joined (%d ranks, %s); serving", self.member.rank, dp.world_size, dp.backend)
+        on_ready()
+
+    def _heartbeat(self) -> None:
+        interval = max(self._registration.heartbeat_interval_ms, 50) / 1000
+        while not self._stopping.wait(interval):
+            try:
+                self._controller.Heartbeat(cpb.HeartbeatRequest(member_id=self.member.member_id,
+                                                                is_ready=self.ready.is_set()), timeout=interval * 3)
+            except grpc.RpcError as e:
+                log.warning("heartbeat failed: %s %s", e.code().name, e.details())
+
+    def stop(self, grace_s: float) -> None:
+        """Stop heartbeating ready, let open requests finish within grace_s, release the expert servers."""
+        self.ready.clear()
+        try:
+            self._controller.Heartbeat(cpb.HeartbeatRequest(member_id=self.member.member_id, is_ready=False),
+                                       timeout=1.0)
+        except grpc.RpcError:
+            pass  # the controller may be gone first; it then learns from the missing heartbeats
+        self._stopping.set()
+        if self.runner is not None:
+            self.runner.close(grace_s)
+        if self.plane is not None:
+            for i in range(self.plane.roles.num_expert_servers):
+                try:
+                    stop_expert_server(self.plane, self.plane.roles.expert_rank(i), timeout_s=2.0)
+                except TransportError as e:
+                    log.warning("could not release expert server %d: %s", i, e)
+        self._channel.close()
+
+
+# --- the handoff --------------------------------------------------------------------------------------------
+class HandoffStatus(enum.IntEnum):
+    CONTINUE = 0  # the decode worker goes on from the KV that follows
+    STOP = 1  # the first token ended the request (a stop token): no KV follows
+    LENGTH = 2  # max_tokens was 1: no KV follows
+
+
+@dataclass(slots=True)
+class Handoff:
+    """What the decode worker receives for one transfer id; `kv` is None unless status is CONTINUE."""
+
+    transfer_id: int
+    status: HandoffStatus
+    first_token: int
+    kv: torch.Tensor | None
+    mtp_valid_lens: list[int]
+    mtp_tails: torch.Tensor | None
+    rng_state: torch.Tensor | None
+
+    def to_prefilled(self, request_id: str, prompt_ids: list[int]) -> PrefilledSequence:
+        return PrefilledSequence(request_id, list(prompt_ids), self.first_token, self.kv, self.mtp_valid_lens,
+                                 self.mtp_tails, self.rng_state)
+
+
+_NUM_FIELDS = 7
+
+
+def pack_extras(status: HandoffStatus, first_token: int, handoff: PrefilledSequence | None) -> torch.Tensor:
+    """The handoff's small state as bytes, uint8 [1, 1, B] (layout in the module docstring)."""
+    lens = handoff.mtp_valid_lens if handoff is not None else []
+    tails = handoff.mtp_tails if handoff is not None and lens else None
+    rng = handoff.rng_state if handoff is not None else None
+    tail_bytes = tails.detach().cpu().contiguous().view(torch.uint8).flatten() if tails is not None else None
+    rng_bytes = rng.detach().cpu().contiguous().view(torch.uint8).flatten() if rng is not None else None
+    fields = [first_token, int(status), int(handoff is not None), len(lens),
+              dtype_code(tails.dtype) if tails is not None else 0, tails.shape[1] if tails is not None else 0,
+              rng_bytes.numel() if rng_bytes is not None else 0, *lens]
+    parts = [torch.tensor(fields, dtype=torch.int64).view(torch.uint8)]
+    parts += [p for p in (tail_bytes, rng_bytes) if p is not None]
+    return torch.cat(parts)[None, None]
+
+
+def unpack_extras(data: torch.Tensor, transfer_id: int) -> tuple[Handoff, bool]:
+    """uint8 [1, 1, B] -> (Handoff without its kv, whether a KV transfer follows)."""
+    raw = data.flatten().cpu()
+    head = raw[: 8 * _NUM_FIELDS].clone().view(torch.int64).tolist()
+    first_token, status, has_kv, num_mtp, tail_code, hidden, rng_len = head
+    at = 8 * _NUM_FIELDS
+    lens = raw[at: at + 8 * num_mtp].clone().view(torch.int64).tolist()
+    at += 8 * num_mtp
+    tails = None
+    if num_mtp and hidden:
+        dtype = code_dtype(tail_code)
+        size = num_mtp * hidden * dtype.itemsize
+        tails = raw[at: at + size].clone().view(dtype).view(num_mtp, hidden)
+        at += size
+    rng = raw[at: at + rng_len].clone() if rng_len else None
+    if at + rng_len != raw.numel():
+        raise TransportError(f"handoff {transfer_id}: extras of {raw.numel()} bytes, expected {at + rng_len}")
+    return Handoff(transfer_id, HandoffStatus(status), first_token, None, lens, tails, rng), bool(has_kv)
+
+
+class HandoffSender:
+    """The prefill worker's side: one handoff at a time, so a handoff's two transfers stay adjacent."""
+
+    def __init__(self, plane: DataPlane, timeout_s: float):
+        self.plane = plane
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+
+    def send(self, dst_rank: int, transfer_id: int, status: HandoffStatus, first_token: int,
+             handoff: PrefilledSequence | None) -> None:
+        """Raises TransportError when the decode rank does not take it within the timeout (or is gone)."""
+        extras = pack_extras(status, first_token, handoff).to(self.plane.device)
+        with self._lock:
+            send_kv(self.plane, dst_rank, transfer_id, extras, self.timeout_s)
+            if handoff is not None:
+                send_kv(self.plane, dst_rank, transfer_id, handoff.kv.to(self.plane.device), self.timeout_s)
+
+
+class HandoffInbox:
+    """The decode worker's side: `expect` a transfer from a prefill rank -> a Future of its Handoff (see the
+    module docstring for the receive threads, and why their waits carry no gloo timeout)."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+        self._cond = threading.Condition()
+        self._waiting: dict[int, dict[int, Future]] = {}  # prefill rank -> transfer id -> its caller's Future
+        self._left: dict[int, set[int]] = {}  # prefill rank -> ids announced, then given up, still to come
+        self._broken: dict[int, BaseException] = {}  # prefill rank -> why its connection is unusable
+        self._threads: dict[int, threading.Thread] = {}
+        self._closed = threading.Event()
+
+    def expect(self, src_rank: int, transfer_id: int) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if src_rank in self._broken:
+                raise TransportError(f"the KV connection to prefill rank {src_rank} failed: "
+                                     f"{self._broken[src_rank]}")
+            waiting = self._waiting.setdefault(src_rank, {})
+            if transfer_id in waiting:
+                raise ValueError(f"kv_transfer_id {transfer_id} from rank {src_rank} is already awaited")
+            self._left.get(src_rank, set()).discard(transfer_id)
+            waiting[transfer_id] = future
+            if src_rank not in self._threads:
+                self._threads[src_rank] = threading.Thread(target=self._receive_from, args=(src_rank,), daemon=True,
+                                                           name=f"kv-inbox-from-rank-{src_rank}")
+                self._threads[src_rank].start()
+            self._cond.notify_all()
+        return future
+
+    def forget(self, src_rank: int, transfer_id: int) -> None:
+        """The caller stopped waiting; if the handoff still comes it is received and dropped."""
+        with self._cond:
+            future = self._waiting.get(src_rank, {}).pop(transfer_id, None)
+            if future is not None and not future.done():
+                self._left.setdefault(src_rank, set()).add(transfer_id)
+
+    def _receive_from(self, src: int) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting.get(src) and not self._left.get(src) and not self._closed.is_set():
+                    self._cond.wait()
+            if self._closed.is_set():
+                return
+            try:
+                handoff = self._receive_one(src)
+            except Exception as e:  # noqa: BLE001 - fails every caller waiting on this rank, who report it
+                if self._closed.is_set():
+                    return  # shutting down
+                log.error("KV handoffs from prefill rank %d failed: %s", src, e)
+                with self._cond:
+                    self._broken[src] = e
+                    waiting = self._waiting.pop(src, {})
+                    self._left.pop(src, None)
+                for future in waiting.values():
+                    future.set_exception(e)
+                return
+            with self._cond:
+                future = self._waiting.get(src, {}).pop(handoff.transfer_id, None)
+                left = self._left.get(src, set())
+                if future is None:
+                    if handoff.transfer_id in left:
+                        left.discard(handoff.transfer_id)
+                    else:
+                        log.warning("dropped KV transfer %d from rank %d: nobody waits for it", handoff.transfer_id,
+                                    src)
+            if future is not None:
+                future.set_result(handoff)
+
+    def _receive_one(self, src: int) -> Handoff:
+        transfer_id, extras = recv_kv(self.plane, src, IDLE_WAIT.total_seconds())
+        handoff, has_kv = unpack_extras(extras, transfer_id)
+        if has_kv:
+            # sent right behind the extras; a timeout here means the sender broke mid-handoff
+            kv_id, handoff.kv = recv_kv(self.plane, src, self.plane.timeout_s)
+            if kv_id != transfer_id:
+                raise TransportError(f"KV transfer {kv_id} from rank {src} followed the extras of {transfer_id}")
+        return handoff
+
+    def close(self) -> None:
+        """End the idle receive threads (one blocked in a receive stays there: gloo cannot cancel it)."""
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()
+
+
+class WorkerServer:
+    """One attention worker's gRPC server: its servicer, standard health (NOT_SERVING until the engine serves and
+    while shutting down) and reflection, registered with the controller under the bound port."""
+
+    SPARE_RPCS = 8  # health checks, GetLoad, Cancel and reflection beyond the requests in flight
+
+    def __init__(self, config: WorkerConfig, role: int, service_name: str, add_servicer):
+        from concurrent import futures
+
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        self.config = config
+        self.worker = AttentionWorker(config, role)
+        self.health = health.HealthServicer()
+        self._names = ("", service_name)
+        self._serving = health_pb2.HealthCheckResponse.SERVING
+        workers = config.max_queued + self.SPARE_RPCS
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=role_name(role)),
+                                  maximum_concurrent_rpcs=workers)
+        self.servicer = add_servicer(self.server, self.worker)  # has close(), called at shutdown
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        for name in self._names:
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind the gRPC port {config.host}:{config.port}")
+
+    def start(self) -> "WorkerServer":
+        """Serve (NOT_SERVING), register, then load and join in the background; SERVING once the engine runs."""
+        self.server.start()
+        self.worker.register(f"{self.config.advertise_host}:{self.port}")
+        self.worker.start(on_ready=lambda: [self.health.set(n, self._serving) for n in self._names])
+        log.info("%s listening on port %d", role_name(self.worker.role), self.port)
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, let open requests finish within the grace period, release the peers, stop."""
+        self.health.enter_graceful_shutdown()
+        self.worker.stop(self.config.grace_s if grace_s is None else grace_s)
+        self.servicer.close()
+        self.server.stop(1.0).wait()  # time for the handlers to send their last message
+
+
+def role_name(role: int) -> str:
+    return cpb.Role.Name(role).removeprefix("ROLE_").lower()
+
+
+def serve_worker(config: WorkerConfig, role: int, service_name: str, add_servicer) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully and exit the process with status 0."""
+    import signal
+
+    server = WorkerServer(config, role, service_name, add_servicer).start()
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop.wait()
+        log.info("%s shutting down", role_name(role))
+        server.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    # gloo cannot withdraw a posted receive (a decode worker's, for a handoff that never came), and one still
+    # posted aborts the interpreter's exit and destroy_process_group alike; everything this process owns is
+    # shut down by now, so it leaves without running those destructors
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,1 @@
+"""`tandem serve prefill`: prompt processing and the KV handoff to a decode worker."""
