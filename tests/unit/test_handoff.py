@@ -1,7 +1,6 @@
 """Prefill on one engine, decode on another: the disaggregated path equals the colocated engine."""
 
 import pytest
-import torch
 
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.kv_cache import OutOfBlocks

@@ -46,7 +46,7 @@ class Paged:
               block_size: int, kv_cache: torch.Tensor) -> "Paged":
         """query_lens[b] new tokens of sequence b occupy its last positions; context_lens[b] counts them too."""
         device = kv_cache.device
-        B, Q, S = len(query_lens), max(query_lens), max(context_lens)
+        Q, S = max(query_lens), max(context_lens)
         ql = torch.tensor(query_lens, dtype=torch.int64)
         cl = torch.tensor(context_lens, dtype=torch.int64)
         starts = torch.cumsum(ql, 0) - ql
