@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import threading
 from concurrent import futures
 from datetime import timedelta
@@ -30,6 +29,7 @@ from tandem.cluster.config import ControllerConfig, add_config_flags, build_conf
 from tandem.cluster.membership import Member, Membership, MembershipError, Role, RoleFullError, Shape, UnknownMember
 from tandem.cluster.placement_store import (PlacementError, PlacementStore, VersionNotFound, num_placement_layers,
                                             static_phy2log)
+from tandem.cluster.signals import stop_on_signals
 from tandem.model.config import ModelConfig
 from tandem.moe.placement import Placement
 from tandem.v1 import controller_pb2 as pb
@@ -219,15 +219,10 @@ class ControllerServer:
 def serve(config: ControllerConfig) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = ControllerServer(config).start()
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_on_signals(threading.Event()) as stop:
         stop.wait()
         log.info("controller shutting down")
         server.stop()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 0
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tandem.cluster.config import ConfigError, add_config_flags, build_config, setting
+from tandem.cluster.signals import stop_on_signals
 from tandem.eplb.stats import ExpertLoadRecorder, connect
 from tandem.model.checkpoint import Checkpoint
 from tandem.model.loading import expert_key
@@ -382,8 +382,7 @@ class ExpertServer:
 def serve(config: ExpertServerConfig) -> int:
     """Run until SIGTERM or SIGINT (exit code 0) or a fatal error (1), shutting down gracefully."""
     server = ExpertServer(config)
-    previous = {sig: signal.signal(sig, lambda *_: server.done.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_on_signals(server.done):
         try:
             server.start()
         except grpc.RpcError as e:  # refused by the controller (role full, bad request) or it never answered
@@ -394,9 +393,6 @@ def serve(config: ExpertServerConfig) -> int:
         server.done.wait()
         log.info("expert server shutting down")
         server.stop()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 1 if server.error else 0
 
 

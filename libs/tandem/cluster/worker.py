@@ -54,6 +54,7 @@ import grpc
 import torch
 
 from tandem.cluster.config import ConfigError, setting
+from tandem.cluster.signals import stop_on_signals
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.handoff import PrefilledSequence
 from tandem.engine.runner import EngineRunner
@@ -443,18 +444,11 @@ def role_name(role: int) -> str:
 
 def serve_worker(config: WorkerConfig, role: int, service_name: str, add_servicer) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully and exit the process with status 0."""
-    import signal
-
     server = WorkerServer(config, role, service_name, add_servicer).start()
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_on_signals(threading.Event()) as stop:
         stop.wait()
         log.info("%s shutting down", role_name(role))
         server.stop()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     # gloo cannot withdraw a posted receive (a decode worker's, for a handoff that never came), and one still
     # posted aborts the interpreter's exit and destroy_process_group alike; everything this process owns is
     # shut down by now, so it leaves without running those destructors
