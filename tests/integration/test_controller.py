@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from conftest import free_port
 from services.controller.server import ControllerServer, main
 from tandem.cluster.config import ConfigError, ControllerConfig, build_config
 from tandem.cluster.placement_store import PlacementStore, static_phy2log
@@ -261,9 +261,7 @@ def test_health_is_serving_and_reflection_lists_the_services(controller, channel
 
 
 def test_shutdown_turns_health_not_serving_and_metrics_are_exported(model_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        metrics_port = s.getsockname()[1]
+    metrics_port = free_port()
     server = start(model_dir, metrics_port=metrics_port)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         register(pb_grpc.ControllerStub(ch), pb.ROLE_EXPERT, "10.0.3.1:7000")
@@ -276,9 +274,7 @@ def test_shutdown_turns_health_not_serving_and_metrics_are_exported(model_dir):
 
 
 def test_sigterm_shuts_the_process_down_gracefully(model_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "libs"), str(ROOT)]))
     proc = subprocess.Popen([sys.executable, "-m", "services.controller.server", "--model-dir", str(model_dir),
                              "--host", "127.0.0.1", "--port", str(port), "--store-port", "0", "--grace-s", "1"],

@@ -14,7 +14,7 @@ from tandem.model.checkpoint import save_checkpoint
 from tandem.model.config import ModelConfig
 from tandem.model.loading import export_state_dict
 from tandem.model.presets import random_model
-from test_transport import free_port
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("remote_engine_ranks.py")
