@@ -1,10 +1,11 @@
 """The gateway process: `tandem serve gateway`.
 
-config -> model, tokenizer, engine, runner -> servicer -> health -> serve. In this first version the gateway
-runs the colocated engine in-process on an `EngineRunner`; later issues put prefill and decode workers behind
-the same servicer. Standard gRPC health (NOT_SERVING until the model is loaded and the server started, and
-while shutting down) and server reflection; SIGTERM/SIGINT shut it down gracefully: health NOT_SERVING, no
-new requests, in-flight ones get `grace_s` to finish and are then cancelled (FINISH_REASON_CANCELLED).
+config -> tokenizer and backend -> servicer -> health -> serve. The backend is the colocated engine in-process
+on an `EngineRunner`, or with --controller the prefill and decode workers that controller lists
+(`WorkerBackend`: the gateway then loads only the model's config and tokenizer). Standard gRPC health
+(NOT_SERVING until the model is loaded and the server started, and while shutting down) and server
+reflection; SIGTERM/SIGINT shut it down gracefully: health NOT_SERVING, no new requests, in-flight ones get
+`grace_s` to finish and are then cancelled (FINISH_REASON_CANCELLED).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from grpc_reflection.v1alpha import reflection
 from tandem.cluster.config import ConfigError, add_config_flags, build_config, setting
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.runner import EngineRunner
+from tandem.gateway.workers import WorkerBackend
 from tandem.v1 import gateway_pb2 as pb
 from tandem.v1 import gateway_pb2_grpc as pb_grpc
 
-from services.gateway.servicer import GatewayServicer
+from services.gateway.servicer import Backend, GatewayServicer
 
 log = logging.getLogger(__name__)
 SERVICE = "gateway"
@@ -40,9 +42,11 @@ SPARE_RPCS = 8  # health checks, GetModelInfo and reflection beyond the streams 
 
 @dataclass(slots=True, frozen=True)
 class GatewayConfig:
-    """The gateway: the public API in front of (for now) a colocated engine."""
+    """The gateway: the public API in front of a colocated engine, or of the workers of a controller."""
 
     model: str = setting(help="Hugging Face-layout checkpoint directory (with tokenizer.json for text prompts)")
+    controller: str = setting("", help="host:port of a controller: serve through its prefill and decode workers "
+                                       "(empty: run the colocated engine in-process)")
     host: str = setting("0.0.0.0", help="address the gRPC server binds")
     port: int = setting(50051, help="gRPC port (0 = any free port)")
     max_queued: int = setting(256, help="requests admitted at once (waiting or running); beyond it "
@@ -61,6 +65,8 @@ class GatewayConfig:
             raise ConfigError("model: empty")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: {self.port} is not a port number (0 .. 65535)")
+        if self.controller and ":" not in self.controller:
+            raise ConfigError(f"controller: {self.controller!r} is not host:port")
         for name in ("max_queued", "max_num_seqs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
@@ -80,6 +86,14 @@ def model_info(engine: Engine, name: str) -> pb.ModelInfo:
     return pb.ModelInfo(model_name=name, max_context_tokens=engine.max_model_len, vocab_size=c.vocab_size,
                         num_mtp_layers=len(engine.model.mtp_layers), num_routed_experts=c.n_routed_experts,
                         num_moe_layers=c.num_moe_layers, cluster=pb.ClusterShape())
+
+
+def config_model_info(config, name: str) -> pb.ModelInfo:
+    """ModelInfo from the model's ModelConfig alone, for a gateway in front of workers (cluster shape unset)."""
+    return pb.ModelInfo(model_name=name, max_context_tokens=config.max_position_embeddings,
+                        vocab_size=config.vocab_size, num_mtp_layers=config.num_nextn_predict_layers,
+                        num_routed_experts=config.n_routed_experts, num_moe_layers=config.num_moe_layers,
+                        cluster=pb.ClusterShape())
 
 
 def build_server(servicer: GatewayServicer, health_servicer: health.HealthServicer, address: str,
@@ -103,9 +117,9 @@ def build_server(servicer: GatewayServicer, health_servicer: health.HealthServic
 
 
 class GatewayServer:
-    """The runner, servicer, gRPC server and health of one gateway; `from_config` loads the model too."""
+    """The backend, servicer, gRPC server and health of one gateway; `from_config` builds the backend too."""
 
-    def __init__(self, runner: EngineRunner, tokenizer, info: pb.ModelInfo, host: str = "0.0.0.0", port: int = 0,
+    def __init__(self, runner: Backend, tokenizer, info: pb.ModelInfo, host: str = "0.0.0.0", port: int = 0,
                  grace_s: float = 10.0):
         self.runner = runner
         self.grace_s = grace_s
@@ -122,15 +136,19 @@ class GatewayServer:
 
         if not Path(config.model).is_dir():
             raise ConfigError(f"model: {config.model} is not a directory")
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device: cuda, but no CUDA device is available")
+        model_config = ModelConfig.from_file(config.model)
         spec = config.num_speculative_tokens
         if spec is None:
-            spec = ModelConfig.from_file(config.model).num_nextn_predict_layers
+            spec = model_config.num_nextn_predict_layers
+        name = config.model_name or Path(config.model).resolve().name
+        if config.controller:
+            return cls(WorkerBackend(config.controller, config.max_queued, spec), load_tokenizer(config.model),
+                       config_model_info(model_config, name), config.host, config.port, config.grace_s)
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: cuda, but no CUDA device is available")
         model = load_model(config.model, dtype=DTYPES[config.dtype], device=config.device)
         # no tokenizer for the engine: the gateway detokenizes and matches stop strings itself
         engine = Engine(model, EngineConfig(max_num_seqs=config.max_num_seqs, num_speculative_tokens=spec))
-        name = config.model_name or Path(config.model).resolve().name
         return cls(EngineRunner(engine, config.max_queued), load_tokenizer(config.model), model_info(engine, name),
                    config.host, config.port, config.grace_s)
 
@@ -166,9 +184,10 @@ def serve(config: GatewayConfig) -> int:
 
 def add_gateway_parser(serve_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """`serve gateway`: every GatewayConfig field as a flag; TANDEM_GATEWAY_<FIELD> variables override YAML."""
-    p = serve_sub.add_parser(SERVICE, help="the public gRPC API (tandem.v1.Gateway) over a colocated engine",
+    p = serve_sub.add_parser(SERVICE, help="the public gRPC API (tandem.v1.Gateway)",
                              description="Run the gateway: tokenizes, validates and admits requests and streams "
-                                         "tokens back. This version runs the colocated engine in-process. Settings "
+                                         "tokens back, from the colocated engine in-process or, with "
+                                         "--controller, from that controller's prefill and decode workers. Settings "
                                          "come from --config YAML < environment (TANDEM_GATEWAY_<FIELD>) < flags.")
     add_config_flags(p, GatewayConfig, SERVICE)
     p.set_defaults(func=lambda args: serve(build_config(GatewayConfig, SERVICE, args, os.environ)))

@@ -1,22 +1,26 @@
-"""tandem.v1.Gateway over an EngineRunner: proto messages in, engine requests out, and back.
+"""tandem.v1.Gateway over a `Backend`: proto messages in, engine requests out, and back.
 
-This first version serves the colocated engine in-process (one `EngineRunner`); later the same servicer
-fronts prefill and decode workers. Errors end the stream with a status: INVALID_ARGUMENT (the message names
-the field), RESOURCE_EXHAUSTED (admission queue full), DEADLINE_EXCEEDED, UNAVAILABLE (the engine failed or
-is shutting down). A client that cancels its call, or whose deadline passes, has its request aborted on the
-engine at once, which frees its KV blocks.
+The backend is either the colocated engine in-process (an `EngineRunner`) or the prefill and decode workers
+(`tandem.gateway.workers.WorkerBackend`); both take the same validated request and stream StepOutputs back.
+Errors end the stream with a status: INVALID_ARGUMENT (the message names the field), RESOURCE_EXHAUSTED
+(admission queue full), DEADLINE_EXCEEDED, UNAVAILABLE (the engine failed or is shutting down), or a worker's
+own status and message. A client that cancels its call, or whose deadline passes, has its request aborted on
+the engine or decode worker at once, which frees its KV blocks.
 """
 
 from __future__ import annotations
 
 import uuid
+from typing import Protocol
 
 import grpc
 
-from tandem.engine.runner import EngineFailed, EngineRunner, QueueFull, RequestStream, RunnerClosed
-from tandem.engine.sampling import SamplingError
+from tandem.engine.engine import StepOutput
+from tandem.engine.runner import EngineFailed, QueueFull, RunnerClosed
+from tandem.engine.sampling import SamplingError, SamplingParams
 from tandem.gateway.requests import RequestError, parse_generate_request
 from tandem.gateway.stream import TextStream
+from tandem.gateway.workers import WorkerError
 from tandem.v1 import gateway_pb2 as pb
 from tandem.v1 import gateway_pb2_grpc as pb_grpc
 
@@ -25,9 +29,33 @@ FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENG
                   "cancelled": pb.FINISH_REASON_CANCELLED}
 
 
+class Stream(Protocol):
+    """One request's StepOutputs (`RequestStream`, `WorkerStream`)."""
+
+    num_prompt_tokens: int
+    num_draft_tokens: int
+    num_accepted_draft_tokens: int
+    is_finished: bool
+
+    def get(self, timeout: float | None) -> StepOutput | None: ...
+
+
+class Backend(Protocol):
+    """Where requests run: `EngineRunner` (colocated) or `WorkerBackend` (prefill and decode workers)."""
+
+    max_queued: int
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+               num_speculative_tokens: int | None = None) -> Stream: ...
+
+    def cancel(self, request_id: str) -> None: ...
+
+    def close(self, grace_s: float = 0.0) -> None: ...
+
+
 class GatewayServicer(pb_grpc.GatewayServicer):
-    def __init__(self, runner: EngineRunner, tokenizer, model_info: pb.ModelInfo):
-        self.runner = runner
+    def __init__(self, backend: Backend, tokenizer, model_info: pb.ModelInfo):
+        self.backend = backend
         self.tokenizer = tokenizer
         self.model_info = model_info
 
@@ -42,23 +70,25 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         client_id = request.request_id or uuid.uuid4().hex
         engine_id = uuid.uuid4().hex  # clients' ids may collide; the engine's may not
         try:
-            stream = self.runner.submit(req.prompt_ids, req.params, engine_id, req.num_speculative_tokens)
+            stream = self.backend.submit(req.prompt_ids, req.params, engine_id, req.num_speculative_tokens)
         except QueueFull as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except SamplingError as e:  # the engine's own limits (for example its KV pool)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except (RunnerClosed, EngineFailed) as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        if not context.add_callback(lambda: self.runner.cancel(engine_id)):
-            self.runner.cancel(engine_id)  # the call ended before the callback could be registered
+        except WorkerError as e:
+            context.abort(e.code, str(e))
+        if not context.add_callback(lambda: self.backend.cancel(engine_id)):
+            self.backend.cancel(engine_id)  # the call ended before the callback could be registered
             return
         try:
             yield from self._responses(stream, TextStream(self.tokenizer, req.stop), client_id, context)
         finally:
             if not stream.is_finished:
-                self.runner.cancel(engine_id)
+                self.backend.cancel(engine_id)
 
-    def _responses(self, stream: RequestStream, text: TextStream, request_id: str, context):
+    def _responses(self, stream: Stream, text: TextStream, request_id: str, context):
         num_sent = 0
         while True:
             remaining = context.time_remaining()
@@ -70,6 +100,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 out = stream.get(POLL_S if remaining is None else min(POLL_S, remaining))
             except EngineFailed as e:
                 context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            except WorkerError as e:
+                context.abort(e.code, str(e))
             if out is None:
                 continue
             token_ids, piece = text.add(out.new_token_ids)

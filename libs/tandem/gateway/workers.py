@@ -1,0 +1,260 @@
+"""The gateway's backend over prefill and decode workers: the same submit / cancel / close as `EngineRunner`.
+
+Per request: list the ready workers from the controller, pick the prefill worker with the fewest queued prompt
+tokens and the decode worker with the most free KV blocks (their GetLoad), then, on a thread of the request's
+own, open DecodeWorker.Decode first (it posts the KV receive) and call PrefillWorker.Prefill (it sends the KV
+cache and answers with the first token); the stream yields that token, then the decode worker's. A worker's
+error ends the stream with `WorkerError` carrying the worker's status code and message. `cancel` calls the
+decode worker's Cancel (its KV blocks are freed at once; the stream ends "cancelled") and cancels the calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+
+import grpc
+
+from tandem.engine.engine import StepOutput
+from tandem.engine.runner import QueueFull, RunnerClosed
+from tandem.engine.sampling import SamplingParams
+from tandem.v1 import controller_pb2 as cpb
+from tandem.v1 import controller_pb2_grpc as cpb_grpc
+from tandem.v1 import gateway_pb2 as gpb
+from tandem.v1 import worker_pb2 as pb
+from tandem.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+FINISH_REASONS = {gpb.FINISH_REASON_STOP: "stop", gpb.FINISH_REASON_LENGTH: "length",
+                  gpb.FINISH_REASON_CANCELLED: "cancelled"}
+
+
+class WorkerError(RuntimeError):
+    """A worker (or the controller) answered a request with an error status; `code` is that status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Cancelled(Exception):
+    """The request was cancelled while a worker call was open."""
+
+
+class WorkerStream:
+    """One request's outputs, with `RequestStream`'s reading side: `get(timeout)` -> StepOutput or None, the
+    last output `finished`; a worker's failure raises WorkerError. Draft counters are updated before each
+    output is delivered."""
+
+    def __init__(self, request_id: str, num_prompt_tokens: int):
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_draft_tokens = 0
+        self.num_accepted_draft_tokens = 0
+        self.is_finished = False
+        self._items: queue.SimpleQueue[StepOutput | BaseException] = queue.SimpleQueue()
+
+    def get(self, timeout: float | None) -> StepOutput | None:
+        if self.is_finished:
+            raise RuntimeError(f"request {self.request_id}: its stream has already ended")
+        try:
+            item = self._items.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            self.is_finished = True
+            raise item
+        self.is_finished = item.finished
+        return item
+
+    def _put(self, item: StepOutput | WorkerError) -> None:
+        self._items.put(item)
+
+
+class _Call:
+    """One request in flight on a chosen prefill and decode worker."""
+
+    def __init__(self, stream: WorkerStream, prefill: pb_grpc.PrefillWorkerStub, prefill_rank: int,
+                 decode: pb_grpc.DecodeWorkerStub, decode_rank: int):
+        self.stream = stream
+        self.prefill, self.prefill_rank = prefill, prefill_rank
+        self.decode, self.decode_rank = decode, decode_rank
+        self.cancelled = threading.Event()
+        self.lock = threading.Lock()
+        self.rpcs: list[grpc.Future] = []  # the open Decode and Prefill calls, cancelled with the request
+
+
+class WorkerBackend:
+    """Serves requests on the prefill and decode workers the controller at `controller_address` lists.
+
+    At most `max_queued` requests are in flight at a time (QueueFull beyond). Requests that ask for the server's
+    default speculation get `num_speculative_tokens`. `rpc_timeout_s` bounds the control calls (ListMembers,
+    GetLoad, Cancel)."""
+
+    def __init__(self, controller_address: str, max_queued: int, num_speculative_tokens: int,
+                 rpc_timeout_s: float = 5.0):
+        if max_queued <= 0:
+            raise ValueError(f"max_queued must be positive, got {max_queued}")
+        self.max_queued = max_queued
+        self.num_speculative_tokens = num_speculative_tokens
+        self.rpc_timeout_s = rpc_timeout_s
+        self._controller_channel = grpc.insecure_channel(controller_address)
+        self._controller = cpb_grpc.ControllerStub(self._controller_channel)
+        self._channels: dict[str, grpc.Channel] = {}
+        self._cond = threading.Condition()
+        self._calls: dict[str, _Call | None] = {}  # None: its workers are being picked
+        self._admitting = True
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+               num_speculative_tokens: int | None = None) -> WorkerStream:
+        """Pick the workers and start the request; raises QueueFull, RunnerClosed, or WorkerError when no
+        worker of a role serves."""
+        with self._cond:
+            if not self._admitting:
+                raise RunnerClosed("the gateway is shutting down")
+            if len(self._calls) >= self.max_queued:
+                raise QueueFull(f"the admission queue is full ({self.max_queued} requests in flight)")
+            if request_id in self._calls:
+                raise ValueError(f"request_id {request_id!r} is already running")
+            stream = WorkerStream(request_id, len(prompt_ids))
+            self._calls[request_id] = None  # holds the place while the workers are picked
+        try:
+            prefill, prefill_member = self._pick(cpb.ROLE_PREFILL, lambda load: -load.num_queued_prompt_tokens)
+            decode, decode_member = self._pick(cpb.ROLE_DECODE, lambda load: load.num_free_kv_blocks)
+        except BaseException:
+            with self._cond:
+                del self._calls[request_id]
+                self._cond.notify_all()
+            raise
+        call = _Call(stream, pb_grpc.PrefillWorkerStub(prefill), prefill_member.rank,
+                     pb_grpc.DecodeWorkerStub(decode), decode_member.rank)
+        with self._cond:
+            self._calls[request_id] = call
+        spec = self.num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
+        sampling = pb.SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                                     top_k=params.top_k, seed=params.seed, stop_token_ids=params.stop_token_ids,
+                                     num_speculative_tokens=spec)
+        threading.Thread(target=self._run, args=(call, list(prompt_ids), sampling), daemon=True,
+                         name=f"request-{request_id[:8]}").start()
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request: the decode worker frees its KV blocks at once and its stream ends "cancelled".
+        Unknown or finished requests are ignored."""
+        with self._cond:
+            call = self._calls.get(request_id)
+        if call is None or call.cancelled.is_set():
+            return
+        call.cancelled.set()
+        try:
+            found = call.decode.Cancel(pb.CancelRequest(request_id=request_id), timeout=self.rpc_timeout_s).is_found
+        except grpc.RpcError:
+            found = False
+        with call.lock:
+            rpcs = list(call.rpcs)
+        for rpc in rpcs[1:] if found else rpcs:  # a found Decode ends itself with FINISH_REASON_CANCELLED
+            rpc.cancel()  # cancelling the Decode call frees the blocks too, if Cancel came before it arrived
+
+    @property
+    def num_open(self) -> int:
+        with self._cond:
+            return len(self._calls)
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """Stop admitting, give open requests up to `grace_s` seconds, cancel the rest and wait for them."""
+        deadline = time.monotonic() + grace_s
+        with self._cond:
+            self._admitting = False
+            while self._calls and self._cond.wait(max(deadline - time.monotonic(), 0)):
+                pass
+            open_ids = list(self._calls)
+        for request_id in open_ids:
+            self.cancel(request_id)
+        with self._cond:
+            self._cond.wait_for(lambda: not self._calls, timeout=self.rpc_timeout_s)
+        for channel in [self._controller_channel, *self._channels.values()]:
+            channel.close()
+
+    # --- one request ------------------------------------------------------------------------------------------
+    def _run(self, call: _Call, prompt_ids: list[int], sampling: pb.SamplingParams) -> None:
+        stream, rid = call.stream, call.stream.request_id
+        transfer_id = uuid.uuid4().int >> 65  # fits int64: unique across gateways without coordination
+        try:
+            decode = call.decode.Decode(pb.DecodeRequest(request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling,
+                                                         kv_transfer_id=transfer_id, prefill_rank=call.prefill_rank))
+            prefill = call.prefill.Prefill.future(pb.PrefillRequest(
+                request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling, kv_transfer_id=transfer_id,
+                decode_rank=call.decode_rank))
+            with call.lock:
+                call.rpcs += [decode, prefill]
+            if call.cancelled.is_set():  # cancel() ran before these calls existed
+                decode.cancel()
+                prefill.cancel()
+            try:
+                first = prefill.result()
+            except grpc.RpcError as e:
+                decode.cancel()  # the decode worker would wait for a KV cache that never comes
+                raise self._error("prefill", e, call) from None
+            stream._put(StepOutput(rid, [first.first_token_id], "", False, None))
+            try:
+                for message in decode:
+                    stream.num_draft_tokens += message.num_draft_tokens
+                    stream.num_accepted_draft_tokens += message.num_accepted_draft_tokens
+                    reason = FINISH_REASONS.get(message.finish_reason)
+                    stream._put(StepOutput(rid, list(message.token_ids), "", reason is not None, reason))
+                    if reason is not None:
+                        return
+            except grpc.RpcError as e:
+                raise self._error("decode", e, call) from None
+            raise WorkerError(grpc.StatusCode.UNAVAILABLE, "the decode worker ended the stream without a finish reason")
+        except _Cancelled:
+            stream._put(StepOutput(rid, [], "", True, "cancelled"))
+        except WorkerError as e:
+            stream._put(e)
+        except Exception as e:  # noqa: BLE001 - handed to the stream's reader, never left hanging
+            log.exception("request %s failed in the gateway", rid)
+            stream._put(WorkerError(grpc.StatusCode.INTERNAL, f"gateway: {e!r}"))
+        finally:
+            with self._cond:
+                del self._calls[rid]
+                self._cond.notify_all()
+
+    @staticmethod
+    def _error(role: str, e: grpc.RpcError, call: _Call) -> Exception:
+        if call.cancelled.is_set() and e.code() == grpc.StatusCode.CANCELLED:
+            return _Cancelled()
+        return WorkerError(e.code(), f"{role} worker: {e.details()}")
+
+    # --- picking workers --------------------------------------------------------------------------------------
+    def _pick(self, role: int, score) -> tuple[grpc.Channel, cpb.Member]:
+        """The ready member of `role` whose WorkerLoad scores highest (members that fail GetLoad are skipped)."""
+        name = cpb.Role.Name(role).removeprefix("ROLE_").lower()
+        try:
+            members = self._controller.ListMembers(cpb.ListMembersRequest(role=role),
+                                                   timeout=self.rpc_timeout_s).members
+        except grpc.RpcError as e:
+            raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"controller: {e.details()}") from None
+        best = None
+        for member in members:
+            if not member.is_ready:
+                continue
+            channel = self._channel(member.address)
+            stub = pb_grpc.DecodeWorkerStub(channel) if role == cpb.ROLE_DECODE else pb_grpc.PrefillWorkerStub(channel)
+            try:
+                load = stub.GetLoad(pb.GetLoadRequest(), timeout=self.rpc_timeout_s)
+            except grpc.RpcError:
+                continue
+            if best is None or score(load) > best[0]:
+                best = (score(load), channel, member)
+        if best is None:
+            raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"no {name} worker is serving")
+        return best[1], best[2]
+
+    def _channel(self, address: str) -> grpc.Channel:
+        with self._cond:
+            if address not in self._channels:
+                self._channels[address] = grpc.insecure_channel(address)
+            return self._channels[address]
