@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tandem.cluster.config import ConfigError, add_config_flags, build_config, setting
+from tandem.cluster.signals import stop_on_signals
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.runner import EngineRunner
 from tandem.gateway.workers import WorkerBackend
@@ -170,15 +170,10 @@ class GatewayServer:
 def serve(config: GatewayConfig) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = GatewayServer.from_config(config).start()
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_on_signals(threading.Event()) as stop:
         stop.wait()
         log.info("gateway shutting down")
         server.stop()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 0
 
 

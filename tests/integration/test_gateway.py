@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from tandem.cluster.config import build_config
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.runner import EngineRunner
 from tandem.engine.sampling import SamplingParams
+from conftest import free_port
 from services.gateway.server import GatewayConfig, GatewayServer, add_gateway_parser, model_info
 from tandem.model.loading import load_model
 from tandem.model.tokenizer import load_tokenizer
@@ -288,9 +288,7 @@ sys.exit(args.func(args))
 
 
 def test_serve_until_sigterm(model_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TANDEM_GATEWAY_GRACE_S="0.5")
     proc = subprocess.Popen([sys.executable, "-c", SERVE, "gateway", "--model", str(model_dir), "--host",
                              "127.0.0.1", "--port", str(port), "--max-queued", "2"], env=env)
