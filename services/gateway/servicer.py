@@ -30,7 +30,7 @@ FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENG
 
 
 class Stream(Protocol):
-    """One request's StepOutputs (`RequestStream`, `WorkerStream`)."""
+    """One request's StepOutputs (a `RequestStream`, from the engine runner or the worker backend)."""
 
     num_prompt_tokens: int
     num_draft_tokens: int

@@ -11,7 +11,6 @@ decode worker's Cancel (its KV blocks are freed at once; the stream ends "cancel
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -19,7 +18,7 @@ import uuid
 import grpc
 
 from tandem.engine.engine import StepOutput
-from tandem.engine.runner import QueueFull, RunnerClosed
+from tandem.engine.runner import QueueFull, RequestStream, RunnerClosed
 from tandem.engine.sampling import SamplingParams
 from tandem.v1 import controller_pb2 as cpb
 from tandem.v1 import controller_pb2_grpc as cpb_grpc
@@ -44,40 +43,10 @@ class _Cancelled(Exception):
     """The request was cancelled while a worker call was open."""
 
 
-class WorkerStream:
-    """One request's outputs, with `RequestStream`'s reading side: `get(timeout)` -> StepOutput or None, the
-    last output `finished`; a worker's failure raises WorkerError. Draft counters are updated before each
-    output is delivered."""
-
-    def __init__(self, request_id: str, num_prompt_tokens: int):
-        self.request_id = request_id
-        self.num_prompt_tokens = num_prompt_tokens
-        self.num_draft_tokens = 0
-        self.num_accepted_draft_tokens = 0
-        self.is_finished = False
-        self._items: queue.SimpleQueue[StepOutput | BaseException] = queue.SimpleQueue()
-
-    def get(self, timeout: float | None) -> StepOutput | None:
-        if self.is_finished:
-            raise RuntimeError(f"request {self.request_id}: its stream has already ended")
-        try:
-            item = self._items.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if isinstance(item, BaseException):
-            self.is_finished = True
-            raise item
-        self.is_finished = item.finished
-        return item
-
-    def _put(self, item: StepOutput | WorkerError) -> None:
-        self._items.put(item)
-
-
 class _Call:
     """One request in flight on a chosen prefill and decode worker."""
 
-    def __init__(self, stream: WorkerStream, prefill: pb_grpc.PrefillWorkerStub, prefill_rank: int,
+    def __init__(self, stream: RequestStream, prefill: pb_grpc.PrefillWorkerStub, prefill_rank: int,
                  decode: pb_grpc.DecodeWorkerStub, decode_rank: int):
         self.stream = stream
         self.prefill, self.prefill_rank = prefill, prefill_rank
@@ -109,7 +78,7 @@ class WorkerBackend:
         self._admitting = True
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-               num_speculative_tokens: int | None = None) -> WorkerStream:
+               num_speculative_tokens: int | None = None) -> RequestStream:
         """Pick the workers and start the request; raises QueueFull, RunnerClosed, or WorkerError when no
         worker of a role serves."""
         with self._cond:
@@ -119,7 +88,7 @@ class WorkerBackend:
                 raise QueueFull(f"the admission queue is full ({self.max_queued} requests in flight)")
             if request_id in self._calls:
                 raise ValueError(f"request_id {request_id!r} is already running")
-            stream = WorkerStream(request_id, len(prompt_ids))
+            stream = RequestStream(request_id, len(prompt_ids), timeout_s=None)
             self._calls[request_id] = None  # holds the place while the workers are picked
         try:
             prefill, prefill_member = self._pick(cpb.ROLE_PREFILL, lambda load: -load.num_queued_prompt_tokens)
@@ -198,25 +167,25 @@ class WorkerBackend:
             except grpc.RpcError as e:
                 decode.cancel()  # the decode worker would wait for a KV cache that never comes
                 raise self._error("prefill", e, call) from None
-            stream._put(StepOutput(rid, [first.first_token_id], "", False, None))
+            stream._deliver(StepOutput(rid, [first.first_token_id], "", False, None))
             try:
                 for message in decode:
                     stream.num_draft_tokens += message.num_draft_tokens
                     stream.num_accepted_draft_tokens += message.num_accepted_draft_tokens
                     reason = FINISH_REASONS.get(message.finish_reason)
-                    stream._put(StepOutput(rid, list(message.token_ids), "", reason is not None, reason))
+                    stream._deliver(StepOutput(rid, list(message.token_ids), "", reason is not None, reason))
                     if reason is not None:
                         return
             except grpc.RpcError as e:
                 raise self._error("decode", e, call) from None
             raise WorkerError(grpc.StatusCode.UNAVAILABLE, "the decode worker ended the stream without a finish reason")
         except _Cancelled:
-            stream._put(StepOutput(rid, [], "", True, "cancelled"))
+            stream._deliver(StepOutput(rid, [], "", True, "cancelled"))
         except WorkerError as e:
-            stream._put(e)
+            stream._fail(e)
         except Exception as e:  # noqa: BLE001 - handed to the stream's reader, never left hanging
             log.exception("request %s failed in the gateway", rid)
-            stream._put(WorkerError(grpc.StatusCode.INTERNAL, f"gateway: {e!r}"))
+            stream._fail(WorkerError(grpc.StatusCode.INTERNAL, f"gateway: {e!r}"))
         finally:
             with self._cond:
                 del self._calls[rid]
