@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from tandem.cluster.config import add_config_flags, build_config
+from tandem.cluster.metrics import ServiceMetrics
 from tandem.cluster.worker import HandoffInbox, HandoffStatus, WorkerConfig, sampling_params, serve_worker
 from tandem.engine.kv_cache import OutOfBlocks
 from tandem.engine.runner import EngineFailed, QueueFull, RunnerClosed
@@ -50,13 +51,18 @@ class _Call:
 
 
 class DecodeServicer(pb_grpc.DecodeWorkerServicer):
-    def __init__(self, worker):
+    def __init__(self, worker, metrics: ServiceMetrics):
         self.worker = worker
+        self.metrics = metrics
         self._inbox: HandoffInbox | None = None
         self._lock = threading.Lock()
         self._calls: dict[str, _Call] = {}
 
     def Decode(self, request, context):
+        # per sequence: its first token here is the request's second (the prefill worker made the first)
+        return self.metrics.start_call().stream(context, self._decode_call(request, context))
+
+    def _decode_call(self, request, context):
         runner, plane = self._ready(context)
         if not request.request_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
@@ -179,8 +185,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                 self._inbox.close()
 
 
-def add_servicer(server: grpc.Server, worker) -> DecodeServicer:
-    servicer = DecodeServicer(worker)
+def add_servicer(server: grpc.Server, worker, metrics: ServiceMetrics) -> DecodeServicer:
+    servicer = DecodeServicer(worker, metrics)
     pb_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
     return servicer
 

@@ -5,7 +5,9 @@ on an `EngineRunner`, or with --controller the prefill and decode workers that c
 (`WorkerBackend`: the gateway then loads only the model's config and tokenizer). Standard gRPC health
 (NOT_SERVING until the model is loaded and the server started, and while shutting down) and server
 reflection; SIGTERM/SIGINT shut it down gracefully: health NOT_SERVING, no new requests, in-flight ones get
-`grace_s` to finish and are then cancelled (FINISH_REASON_CANCELLED).
+`grace_s` to finish and are then cancelled (FINISH_REASON_CANCELLED). With a metrics port, Prometheus metrics
+(tandem.cluster.metrics) are served over HTTP: the calls as clients see them, and the queue, KV blocks and
+speculative counters of the colocated engine, or the queue and draft counts of the requests on the workers.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tandem.cluster.config import ConfigError, add_config_flags, build_config, setting
+from tandem.cluster.metrics import EngineCollector, ServiceMetrics, WorkerBackendCollector
 from tandem.cluster.signals import stop_on_signals
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.runner import EngineRunner
@@ -59,12 +62,14 @@ class GatewayConfig:
     max_num_seqs: int = setting(64, help="sequences the engine batches per step at most")
     model_name: str = setting("", help="name reported by GetModelInfo (empty: the model directory's name)")
     grace_s: float = setting(10.0, help="seconds in-flight requests get to finish at shutdown")
+    metrics_port: int = setting(0, help="Prometheus metrics HTTP port (0 = off)")
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("model: empty")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port: {self.port} is not a port number (0 .. 65535)")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name}: {getattr(self, name)} is not a port number (0 .. 65535)")
         if self.controller and ":" not in self.controller:
             raise ConfigError(f"controller: {self.controller!r} is not host:port")
         for name in ("max_queued", "max_num_seqs"):
@@ -120,11 +125,15 @@ class GatewayServer:
     """The backend, servicer, gRPC server and health of one gateway; `from_config` builds the backend too."""
 
     def __init__(self, runner: Backend, tokenizer, info: pb.ModelInfo, host: str = "0.0.0.0", port: int = 0,
-                 grace_s: float = 10.0):
+                 grace_s: float = 10.0, metrics_port: int = 0):
         self.runner = runner
         self.grace_s = grace_s
+        self.host, self.metrics_port = host, metrics_port
+        self.metrics = ServiceMetrics()
+        self.metrics.registry.register(EngineCollector(lambda: runner) if isinstance(runner, EngineRunner)
+                                       else WorkerBackendCollector(runner))
         self.health = health.HealthServicer()
-        self.servicer = GatewayServicer(runner, tokenizer, info)
+        self.servicer = GatewayServicer(runner, tokenizer, info, self.metrics)
         self.server, self.port = build_server(self.servicer, self.health, f"{host}:{port}",
                                               runner.max_queued + SPARE_RPCS)
 
@@ -143,16 +152,19 @@ class GatewayServer:
         name = config.model_name or Path(config.model).resolve().name
         if config.controller:
             return cls(WorkerBackend(config.controller, config.max_queued, spec), load_tokenizer(config.model),
-                       config_model_info(model_config, name), config.host, config.port, config.grace_s)
+                       config_model_info(model_config, name), config.host, config.port, config.grace_s,
+                       config.metrics_port)
         if config.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: cuda, but no CUDA device is available")
         model = load_model(config.model, dtype=DTYPES[config.dtype], device=config.device)
         # no tokenizer for the engine: the gateway detokenizes and matches stop strings itself
         engine = Engine(model, EngineConfig(max_num_seqs=config.max_num_seqs, num_speculative_tokens=spec))
         return cls(EngineRunner(engine, config.max_queued), load_tokenizer(config.model), model_info(engine, name),
-                   config.host, config.port, config.grace_s)
+                   config.host, config.port, config.grace_s, config.metrics_port)
 
     def start(self) -> "GatewayServer":
+        if self.metrics_port:
+            self.metrics.serve(self.host, self.metrics_port)
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -165,6 +177,7 @@ class GatewayServer:
         self.health.enter_graceful_shutdown()
         self.runner.close(self.grace_s if grace_s is None else grace_s)
         self.server.stop(1.0).wait()  # time for the handlers to send their last message
+        self.metrics.stop()
 
 
 def serve(config: GatewayConfig) -> int:

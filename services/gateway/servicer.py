@@ -15,6 +15,7 @@ from typing import Protocol
 
 import grpc
 
+from tandem.cluster.metrics import ServiceMetrics
 from tandem.engine.engine import StepOutput
 from tandem.engine.runner import EngineFailed, QueueFull, RunnerClosed
 from tandem.engine.sampling import SamplingError, SamplingParams
@@ -54,15 +55,20 @@ class Backend(Protocol):
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
-    def __init__(self, backend: Backend, tokenizer, model_info: pb.ModelInfo):
+    def __init__(self, backend: Backend, tokenizer, model_info: pb.ModelInfo, metrics: ServiceMetrics):
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_info = model_info
+        self.metrics = metrics
 
     def GetModelInfo(self, request, context):
         return self.model_info
 
     def Generate(self, request, context):
+        # timed from here: time to first token, inter-token latency and end-to-end latency as the client sees them
+        return self.metrics.start_call().stream(context, self._generate(request, context))
+
+    def _generate(self, request, context):
         try:
             req = parse_generate_request(request, self.tokenizer, self.model_info)
         except RequestError as e:
@@ -79,6 +85,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except WorkerError as e:
             context.abort(e.code, str(e))
+        self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         if not context.add_callback(lambda: self.backend.cancel(engine_id)):
             self.backend.cancel(engine_id)  # the call ended before the callback could be registered
             return

@@ -23,6 +23,7 @@ import uuid
 import grpc
 
 from tandem.cluster.config import add_config_flags, build_config
+from tandem.cluster.metrics import ServiceMetrics
 from tandem.cluster.worker import HandoffSender, HandoffStatus, WorkerConfig, sampling_params, serve_worker
 from tandem.engine.runner import EngineFailed, QueueFull, RunnerClosed
 from tandem.engine.sampling import SamplingError
@@ -38,13 +39,21 @@ FINISHED = {"stop": HandoffStatus.STOP, "length": HandoffStatus.LENGTH}
 
 
 class PrefillServicer(pb_grpc.PrefillWorkerServicer):
-    def __init__(self, worker):
+    def __init__(self, worker, metrics: ServiceMetrics):
         self.worker = worker
+        self.metrics = metrics
         self._sender: HandoffSender | None = None
         self._lock = threading.Lock()
         self._queued_tokens = 0
 
     def Prefill(self, request, context):
+        with self.metrics.start_call().track(context) as call:
+            response = self._prefill(request, context)
+            if context.is_active():  # else the gateway gave up and gets no first token
+                call.tokens(1)
+            return response
+
+    def _prefill(self, request, context):
         runner, plane = self._ready(context)
         roles = plane.roles
         if not 0 <= request.decode_rank < roles.num_attention or request.decode_rank == plane.rank:
@@ -57,6 +66,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}")
         engine_id = uuid.uuid4().hex  # the gateway's ids are unique per gateway, not across gateways
         prompt = list(request.prompt_token_ids)
+        self.metrics.prompt_tokens.inc(len(prompt))
         self._count(len(prompt))
         try:
             try:
@@ -119,8 +129,8 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         """Nothing to release: every handoff is sent within its Prefill call."""
 
 
-def add_servicer(server: grpc.Server, worker) -> PrefillServicer:
-    servicer = PrefillServicer(worker)
+def add_servicer(server: grpc.Server, worker, metrics: ServiceMetrics) -> PrefillServicer:
+    servicer = PrefillServicer(worker, metrics)
     pb_grpc.add_PrefillWorkerServicer_to_server(servicer, server)
     return servicer
 

@@ -1,7 +1,7 @@
 """The gateway over real gRPC on loopback, in front of a real colocated engine on a tiny random model: greedy
 streams equal the engine's own tokens, seeded sampling replays, stop strings, every bad input's status and
 message, the admission queue, cancellation and deadlines freeing KV blocks, engine failure, health, model
-info, reflection and the config flags."""
+info, reflection, the Prometheus metrics and the config flags."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from tandem.model.loading import load_model
 from tandem.model.tokenizer import load_tokenizer
 from tandem.v1 import gateway_pb2 as pb
 from tandem.v1 import gateway_pb2_grpc as pb_grpc
+from worker_world import scrape
 
 MAX_DRAFTS = 2  # the tiny preset's MTP depth
 LONG = 1500  # max_tokens of a request that is still running when the test acts on it
@@ -47,11 +48,11 @@ def tokenizer(model_dir):
     return load_tokenizer(model_dir)
 
 
-def start_gateway(model_dir, max_queued: int) -> GatewayServer:
+def start_gateway(model_dir, max_queued: int, metrics_port: int = 0) -> GatewayServer:
     """A gateway on a free loopback port with its own engine (engines are not thread-safe, so none is shared)."""
     engine = Engine(load_model(model_dir), EngineConfig(max_num_seqs=8, num_speculative_tokens=MAX_DRAFTS))
     return GatewayServer(EngineRunner(engine, max_queued), load_tokenizer(model_dir), model_info(engine, "tiny"),
-                         host="127.0.0.1", port=0, grace_s=0.0).start()
+                         host="127.0.0.1", port=0, grace_s=0.0, metrics_port=metrics_port).start()
 
 
 @pytest.fixture(scope="module")
@@ -258,15 +259,56 @@ def test_shutdown_turns_health_not_serving_and_cancels_in_flight(model_dir):
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def test_metrics_of_the_colocated_gateway(model_dir):
+    port = free_port()
+    server = start_gateway(model_dir, max_queued=4, metrics_port=port)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.GatewayStub(ch)
+            idle = scrape(port)
+            assert (idle["tandem_kv_blocks_used"], idle["tandem_kv_blocks_total"]) == \
+                (0, server.runner.stats().num_blocks)
+            done = [collect(stub, pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_tokens=20, speculative_tokens=2))
+                    for _ in range(2)]
+            status_of(stub, pb.GenerateRequest(prompt_token_ids=[1], max_tokens=0))
+            call = stub.Generate(pb.GenerateRequest(prompt_token_ids=[9, 8], max_tokens=LONG), timeout=30)
+            next(call)
+            assert scrape(port)["tandem_kv_blocks_used"] > 0
+            call.cancel()
+            wait_all_blocks_free(server)
+            deadline = time.monotonic() + 5
+            while (m := scrape(port)).get('tandem_requests_total{code="CANCELLED"}') != 1:
+                assert time.monotonic() < deadline, "the cancelled call was not counted"
+                time.sleep(0.05)
+    finally:
+        server.stop(0.0)
+    assert (m['tandem_requests_total{code="OK"}'], m['tandem_requests_total{code="INVALID_ARGUMENT"}']) == (2, 1)
+    assert m["tandem_request_latency_seconds_count"] == 4 and m["tandem_time_to_first_token_seconds_count"] == 3
+    assert m["tandem_prompt_tokens_total"] == 3 + 3 + 2
+    assert m["tandem_generation_tokens_total"] >= 40 + 1
+    assert m["tandem_kv_blocks_used"] == 0
+    assert m['tandem_queue_requests{state="waiting"}'] == m['tandem_queue_requests{state="running"}'] == 0
+    spec = server.runner.engine.spec_totals
+    assert sum(last.usage.num_draft_tokens for _, _, last in done) <= spec.draft_tokens  # + the cancelled one's
+    assert (m["tandem_spec_draft_tokens_total"], m["tandem_spec_accepted_tokens_total"]) == \
+        (spec.draft_tokens, spec.accepted_tokens)
+    positions = range(len(spec.proposed_by_position))  # adaptive speculation may never have drafted two
+    assert len(positions) >= 1
+    assert [m[f'tandem_spec_draft_tokens_by_position_total{{position="{j}"}}'] for j in positions] == \
+        spec.proposed_by_position
+    assert [m[f'tandem_spec_accepted_tokens_by_position_total{{position="{j}"}}'] for j in positions] == \
+        spec.accepted_by_position
+
+
 def test_gateway_flags(model_dir):
     parser = argparse.ArgumentParser()
     add_gateway_parser(parser.add_subparsers(dest="service"))
     args = parser.parse_args(["gateway", "--model", str(model_dir), "--port", "0", "--host", "127.0.0.1",
                               "--max-queued", "3", "--num-speculative-tokens", "1", "--dtype", "float32",
-                              "--device", "cpu", "--max-num-seqs", "4"])
+                              "--device", "cpu", "--max-num-seqs", "4", "--metrics-port", "0"])
     config = build_config(GatewayConfig, "gateway", args, {"TANDEM_GATEWAY_GRACE_S": "2.5"})
-    assert (config.port, config.max_queued, config.num_speculative_tokens, config.max_num_seqs, config.grace_s) == \
-        (0, 3, 1, 4, 2.5)
+    assert (config.port, config.max_queued, config.num_speculative_tokens, config.max_num_seqs, config.grace_s,
+            config.metrics_port) == (0, 3, 1, 4, 2.5, 0)
     assert callable(args.func)
     server = GatewayServer.from_config(config).start()
     try:

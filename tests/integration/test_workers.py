@@ -54,7 +54,7 @@ def generate(prefill, decode, members, request_id, prompt, params):
 
 
 def test_prefill_and_decode_workers(cluster):
-    ckpt, controller, procs, logs = cluster
+    ckpt, controller, procs, logs, _ = cluster
     colocated = Engine(load_model(ckpt), EngineConfig(num_speculative_tokens=1, adaptive_speculation=False))
     expected = [c.token_ids for c in colocated.generate([r[0] for r in REQUESTS],
                                                         [SamplingParams(max_tokens=r[1]) for r in REQUESTS])]

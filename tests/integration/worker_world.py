@@ -1,6 +1,6 @@
 """A real cluster world for the worker tests: a controller in the test process, and prefill and decode workers
-(`tandem serve prefill|decode`) and two expert servers (worker_expert_server.py) as processes, on a tiny random
-checkpoint with one MTP layer."""
+(`tandem serve prefill|decode`, each with a Prometheus metrics port) and two expert servers
+(worker_expert_server.py) as processes, on a tiny random checkpoint with one MTP layer."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import free_port
 from services.controller.server import ControllerServer
 from tandem.cluster.config import ControllerConfig
 from tandem.model.checkpoint import save_checkpoint
@@ -37,9 +41,17 @@ def config() -> ModelConfig:
                        max_position_embeddings=256, num_nextn_predict_layers=1)
 
 
+class World(NamedTuple):
+    ckpt: Path
+    controller: ControllerServer
+    procs: dict[str, subprocess.Popen]  # prefill, decode, expert0, expert1
+    logs: dict[str, Path]  # each process's stderr
+    metrics_ports: dict[str, int]  # prefill, decode
+
+
 @contextmanager
-def start_world(tmp: Path) -> Iterator[tuple[Path, ControllerServer, dict, dict]]:
-    """(checkpoint dir, controller, {name: process}, {name: log path}); every process is killed on exit."""
+def start_world(tmp: Path, worker_flags: tuple[str, ...] = ()) -> Iterator[World]:
+    """A world whose workers also get `worker_flags`; every process is killed on exit."""
     ckpt = tmp / "ckpt"
     save_checkpoint(ckpt, config(), export_state_dict(random_model(config(), seed=3, std=0.3)), max_shard_bytes=20_000)
     controller = ControllerServer(ControllerConfig(model_dir=str(ckpt), host="127.0.0.1", port=0, store_port=0,
@@ -54,15 +66,18 @@ def start_world(tmp: Path) -> Iterator[tuple[Path, ControllerServer, dict, dict]
         logs[name] = tmp / f"{name}.log"
         return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(logs[name], "w"))
 
-    worker_flags = ["--model", str(ckpt), "--controller", address, "--host", "127.0.0.1", "--port", "0",
-                    "--block-size", "4", "--num-kv-blocks", str(NUM_KV_BLOCKS), "--kv-timeout-s", "20",
-                    "--grace-s", "1"]
+    flags = ["--model", str(ckpt), "--controller", address, "--host", "127.0.0.1", "--port", "0",
+             "--block-size", "4", "--num-kv-blocks", str(NUM_KV_BLOCKS), "--kv-timeout-s", "20", "--grace-s", "1",
+             *worker_flags]
     procs = {f"expert{i}": spawn(f"expert{i}", [sys.executable, str(EXPERT_SCRIPT), str(ckpt), address])
              for i in range(2)}
+    metrics_ports = {}
     for role in ("prefill", "decode"):
-        procs[role] = spawn(role, [sys.executable, "-m", "tandem.cli", "-v", "serve", role, *worker_flags])
+        metrics_ports[role] = free_port()
+        procs[role] = spawn(role, [sys.executable, "-m", "tandem.cli", "-v", "serve", role, *flags,
+                                   "--metrics-port", str(metrics_ports[role])])
     try:
-        yield ckpt, controller, procs, logs
+        yield World(ckpt, controller, procs, logs, metrics_ports)
     finally:
         for p in procs.values():
             p.kill()
@@ -93,3 +108,14 @@ def health(address: str) -> int:
             return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
         except grpc.RpcError:
             return -1
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A metrics endpoint's samples, {name{label="value",...}: value} (labels sorted; no braces without)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples

@@ -54,6 +54,7 @@ import grpc
 import torch
 
 from tandem.cluster.config import ConfigError, setting
+from tandem.cluster.metrics import EngineCollector, ServiceMetrics
 from tandem.cluster.signals import stop_on_signals
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.handoff import PrefilledSequence
@@ -95,12 +96,14 @@ class WorkerConfig:
     expert_timeout_s: float = setting(30.0, help="how long one MoE layer's expert exchange may take")
     join_timeout_s: float = setting(300.0, help="how long to wait for every rank to join the data plane")
     grace_s: float = setting(5.0, help="seconds in-flight requests get to finish at shutdown")
+    metrics_port: int = setting(0, help="Prometheus metrics HTTP port (0 = off)")
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("model: empty")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port: {self.port} is not a port number (0 .. 65535)")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name}: {getattr(self, name)} is not a port number (0 .. 65535)")
         if ":" not in self.controller:
             raise ConfigError(f"controller: {self.controller!r} is not host:port")
         if self.dtype not in DTYPES:
@@ -393,7 +396,8 @@ class HandoffInbox:
 
 class WorkerServer:
     """One attention worker's gRPC server: its servicer, standard health (NOT_SERVING until the engine serves and
-    while shutting down) and reflection, registered with the controller under the bound port."""
+    while shutting down) and reflection, registered with the controller under the bound port; with a metrics
+    port, its Prometheus metrics (the servicer's calls, and its engine's queue, KV blocks and speculation)."""
 
     SPARE_RPCS = 8  # health checks, GetLoad, Cancel and reflection beyond the requests in flight
 
@@ -405,13 +409,15 @@ class WorkerServer:
 
         self.config = config
         self.worker = AttentionWorker(config, role)
+        self.metrics = ServiceMetrics()
+        self.metrics.registry.register(EngineCollector(lambda: self.worker.runner))
         self.health = health.HealthServicer()
         self._names = ("", service_name)
         self._serving = health_pb2.HealthCheckResponse.SERVING
         workers = config.max_queued + self.SPARE_RPCS
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=role_name(role)),
                                   maximum_concurrent_rpcs=workers)
-        self.servicer = add_servicer(self.server, self.worker)  # has close(), called at shutdown
+        self.servicer = add_servicer(self.server, self.worker, self.metrics)  # has close(), called at shutdown
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -424,6 +430,8 @@ class WorkerServer:
 
     def start(self) -> "WorkerServer":
         """Serve (NOT_SERVING), register, then load and join in the background; SERVING once the engine runs."""
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.host, self.config.metrics_port)
         self.server.start()
         self.worker.register(f"{self.config.advertise_host}:{self.port}")
         self.worker.start(on_ready=lambda: [self.health.set(n, self._serving) for n in self._names])
@@ -436,6 +444,7 @@ class WorkerServer:
         self.worker.stop(self.config.grace_s if grace_s is None else grace_s)
         self.servicer.close()
         self.server.stop(1.0).wait()  # time for the handlers to send their last message
+        self.metrics.stop()
 
 
 def role_name(role: int) -> str:

@@ -43,6 +43,11 @@ class RunnerStats:
     num_running: int
     num_free_blocks: int
     num_blocks: int
+    # the engine's speculative-decoding totals since start (Engine.spec_totals)
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
+    num_drafts_by_position: tuple[int, ...] = ()
+    num_accepted_by_position: tuple[int, ...] = ()
 
 
 class RequestStream:
@@ -295,6 +300,10 @@ class EngineRunner:
     def _snapshot(self) -> RunnerStats:
         scheduler = self.engine.scheduler
         pending = sum(1 for kind, _, _ in self._commands if kind in ("add", "add_prefilled"))
+        spec = self.engine.spec_totals
         return RunnerStats(num_waiting=len(scheduler.waiting) + pending, num_running=len(scheduler.running),
                            num_free_blocks=self.engine.num_free_blocks,
-                           num_blocks=self.engine.cache.allocator.num_blocks)
+                           num_blocks=self.engine.cache.allocator.num_blocks, num_draft_tokens=spec.draft_tokens,
+                           num_accepted_draft_tokens=spec.accepted_tokens,
+                           num_drafts_by_position=tuple(spec.proposed_by_position),
+                           num_accepted_by_position=tuple(spec.accepted_by_position))

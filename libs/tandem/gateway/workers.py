@@ -6,6 +6,7 @@ own, open DecodeWorker.Decode first (it posts the KV receive) and call PrefillWo
 cache and answers with the first token); the stream yields that token, then the decode worker's. A worker's
 error ends the stream with `WorkerError` carrying the worker's status code and message. `cancel` calls the
 decode worker's Cancel (its KV blocks are freed at once; the stream ends "cancelled") and cancels the calls.
+`stats` counts the requests waiting (for workers or their first token) and streaming, for the metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 
@@ -39,6 +41,14 @@ class WorkerError(RuntimeError):
         self.code = code
 
 
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    num_waiting: int  # admitted, waiting for workers to be picked or for the first token
+    num_running: int  # streaming from a decode worker
+    num_draft_tokens: int  # MTP drafts the decode workers verified for this gateway's requests, since start
+    num_accepted_draft_tokens: int
+
+
 class _Cancelled(Exception):
     """The request was cancelled while a worker call was open."""
 
@@ -52,6 +62,7 @@ class _Call:
         self.prefill, self.prefill_rank = prefill, prefill_rank
         self.decode, self.decode_rank = decode, decode_rank
         self.cancelled = threading.Event()
+        self.is_decoding = False  # the first token came: the decode worker streams the rest
         self.lock = threading.Lock()
         self.rpcs: list[grpc.Future] = []  # the open Decode and Prefill calls, cancelled with the request
 
@@ -76,6 +87,7 @@ class WorkerBackend:
         self._cond = threading.Condition()
         self._calls: dict[str, _Call | None] = {}  # None: its workers are being picked
         self._admitting = True
+        self._num_draft_tokens = self._num_accepted_draft_tokens = 0
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                num_speculative_tokens: int | None = None) -> RequestStream:
@@ -132,6 +144,12 @@ class WorkerBackend:
         with self._cond:
             return len(self._calls)
 
+    def stats(self) -> BackendStats:
+        with self._cond:
+            running = sum(1 for call in self._calls.values() if call is not None and call.is_decoding)
+            return BackendStats(len(self._calls) - running, running, self._num_draft_tokens,
+                                self._num_accepted_draft_tokens)
+
     def close(self, grace_s: float = 0.0) -> None:
         """Stop admitting, give open requests up to `grace_s` seconds, cancel the rest and wait for them."""
         deadline = time.monotonic() + grace_s
@@ -167,18 +185,10 @@ class WorkerBackend:
             except grpc.RpcError as e:
                 decode.cancel()  # the decode worker would wait for a KV cache that never comes
                 raise self._error("prefill", e, call) from None
+            with self._cond:
+                call.is_decoding = True
             stream._deliver(StepOutput(rid, [first.first_token_id], "", False, None))
-            try:
-                for message in decode:
-                    stream.num_draft_tokens += message.num_draft_tokens
-                    stream.num_accepted_draft_tokens += message.num_accepted_draft_tokens
-                    reason = FINISH_REASONS.get(message.finish_reason)
-                    stream._deliver(StepOutput(rid, list(message.token_ids), "", reason is not None, reason))
-                    if reason is not None:
-                        return
-            except grpc.RpcError as e:
-                raise self._error("decode", e, call) from None
-            raise WorkerError(grpc.StatusCode.UNAVAILABLE, "the decode worker ended the stream without a finish reason")
+            self._relay(call, decode)
         except _Cancelled:
             stream._deliver(StepOutput(rid, [], "", True, "cancelled"))
         except WorkerError as e:
@@ -190,6 +200,32 @@ class WorkerBackend:
             with self._cond:
                 del self._calls[rid]
                 self._cond.notify_all()
+
+    def _relay(self, call: _Call, decode) -> None:
+        """The decode worker's messages onto the request's stream, until its finish reason."""
+        stream, reason = call.stream, None
+        try:
+            for message in decode:
+                stream.num_draft_tokens += message.num_draft_tokens
+                stream.num_accepted_draft_tokens += message.num_accepted_draft_tokens
+                with self._cond:
+                    self._num_draft_tokens += message.num_draft_tokens
+                    self._num_accepted_draft_tokens += message.num_accepted_draft_tokens
+                reason = FINISH_REASONS.get(message.finish_reason)
+                stream._deliver(StepOutput(stream.request_id, list(message.token_ids), "", reason is not None, reason))
+                if reason is not None:
+                    break
+        except grpc.RpcError as e:
+            raise self._error("decode", e, call) from None
+        if reason is None:
+            raise WorkerError(grpc.StatusCode.UNAVAILABLE, "the decode worker ended the stream without a finish reason")
+        # the call's OK status follows at once; leaving before it would cancel the call, and the decode worker
+        # would count a finished request as CANCELLED
+        try:
+            for _ in decode:
+                pass
+        except grpc.RpcError:
+            pass  # the client has its last message already
 
     @staticmethod
     def _error(role: str, e: grpc.RpcError, call: _Call) -> Exception:
