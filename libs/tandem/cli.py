@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from services import add_serve_parser
+from tandem.cluster.launcher import add_up_parser
 from tandem.train.cli import add_train_parser
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -39,14 +40,20 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="generate text with the colocated engine",
-                         description="Generate from a prompt with the colocated engine (one process) and stream "
-                                     "the text, or print JSON with --json.")
-    gen.add_argument("--model", required=True, help="Hugging Face-layout checkpoint directory")
+    gen = sub.add_parser("generate", help="generate text, in-process or from a running cluster",
+                         description="Generate from a prompt and stream the text, or print JSON with --json: with "
+                                     "--model, with the colocated engine in this process; with --gateway, from a "
+                                     "running cluster (`tandem up`).")
+    where = gen.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", help="Hugging Face-layout checkpoint directory (run the engine in-process)")
+    where.add_argument("--gateway", metavar="HOST:PORT", help="a running gateway to send the request to")
+    gen.add_argument("--timeout-s", type=float, default=None,
+                     help="with --gateway: the request's deadline in seconds (default none)")
     _add_generation_flags(gen)
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
-    gen.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
-    gen.add_argument("--mtp-input", choices=["post_norm", "pre_norm"], default="post_norm",
+    # unset (None) so that --gateway can tell they were given: they are the engine's settings, not a request's
+    gen.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default float32)")
+    gen.add_argument("--device", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    gen.add_argument("--mtp-input", choices=["post_norm", "pre_norm"],
                      help="hidden state fed to the first MTP module (default post_norm, as vLLM/SGLang do)")
     gen.add_argument("--no-adaptive-speculation", action="store_true",
                      help="always draft --speculative-tokens tokens instead of choosing per step")
@@ -60,8 +67,16 @@ def _build_parser() -> argparse.ArgumentParser:
     init.add_argument("--preset", default="tiny", help="shape: tiny or moonlight (default tiny)")
     init.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     init.set_defaults(func=_cmd_init_model)
+
+    health = sub.add_parser("health", help="ask a service whether it is SERVING",
+                            description="Query the grpc.health.v1 service of a Tandem service (any of them); exit "
+                                        "code 0 when it is SERVING, 1 otherwise (container health checks use it).")
+    health.add_argument("address", metavar="HOST:PORT", help="the service's gRPC address")
+    health.add_argument("--timeout-s", type=float, default=3.0, help="how long to wait for an answer (default 3)")
+    health.set_defaults(func=_cmd_health)
     add_train_parser(sub)
     add_serve_parser(sub)
+    add_up_parser(sub)
     return parser
 
 
@@ -97,12 +112,15 @@ def _sampling_params(args: argparse.Namespace):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.gateway is not None:
+        return _generate_remote(args)
     from tandem.engine.engine import Engine, EngineConfig
     from tandem.model.config import ModelConfig
     from tandem.model.loading import load_model
     from tandem.model.tokenizer import load_tokenizer
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    dtype, device, mtp_input = args.dtype or "float32", args.device or "cpu", args.mtp_input or "post_norm"
+    if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     params = _sampling_params(args)
     if not Path(args.model).is_dir():
@@ -118,7 +136,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     spec = mtp_depth if args.speculative_tokens is None else args.speculative_tokens
     if spec < 0:
         raise ValueError(f"--speculative-tokens must be >= 0, got {spec}")
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, mtp_input=args.mtp_input,
+    model = load_model(args.model, dtype=DTYPES[dtype], device=device, mtp_input=mtp_input,
                        show_progress=not args.json)
     engine = Engine(model, EngineConfig(max_num_seqs=1, num_speculative_tokens=spec,
                                         adaptive_speculation=not args.no_adaptive_speculation), tokenizer)
@@ -141,6 +159,62 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
     return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """`generate --gateway`: the same flags as a tandem.v1.GenerateRequest, streamed from the cluster."""
+    import grpc
+
+    from tandem.gateway.client import Completion, GatewayClient, speculative_field
+    from tandem.v1 import gateway_pb2 as pb
+
+    if args.stop_token_ids or args.ignore_eos:
+        raise ValueError("--stop-token-ids and --ignore-eos are not part of the gateway's API; use --stop")
+    for flag in ("dtype", "device", "mtp_input", "no_adaptive_speculation"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag.replace('_', '-')} is a setting of the cluster's workers, not of a request")
+    request = pb.GenerateRequest(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                 top_k=args.top_k, stop=args.stop,
+                                 speculative_tokens=speculative_field(args.speculative_tokens))
+    if args.seed is not None:
+        request.seed = args.seed
+    if args.prompt is not None:
+        request.prompt = args.prompt
+    else:
+        request.prompt_token_ids.extend(_parse_ids(args.prompt_ids, "--prompt-ids"))
+    completion = Completion()
+    try:
+        with GatewayClient(args.gateway) as client:
+            client.wait_ready(timeout_s=10.0)
+            for response in client.stream(request, timeout_s=args.timeout_s):
+                completion.add(response)
+                if not args.json:
+                    sys.stdout.write(response.text)
+                    sys.stdout.flush()
+    except ConnectionError as e:
+        print(f"tandem generate: error: {e}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as e:
+        print(f"\ntandem generate: error: the gateway answered {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"request_id": completion.request_id, "token_ids": completion.token_ids,
+                          "text": completion.text, "finish_reason": completion.finish_reason,
+                          "usage": completion.usage}))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2
+
+    from tandem.cluster.launcher import health_status
+
+    status = health_status(args.address, args.timeout_s)
+    name = "NO ANSWER" if status is None else health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(f"{args.address}: {name}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _cmd_init_model(args: argparse.Namespace) -> int:
