@@ -68,6 +68,17 @@ def _build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     init.set_defaults(func=_cmd_init_model)
 
+    quant = sub.add_parser("quantize", help="write an FP8 copy of a checkpoint in DeepSeek's format",
+                           description="Copy a checkpoint with every decoder-layer Linear weight in float8_e4m3fn "
+                                       "with a float32 scale per 128x128 block (`*.weight_scale_inv`), as DeepSeek "
+                                       "ships V3; embeddings, heads and router weights in --matrix-dtype, norms and "
+                                       "biases as stored. Tandem dequantises at load.")
+    quant.add_argument("model", help="source checkpoint directory")
+    quant.add_argument("--out", required=True, help="directory to write")
+    quant.add_argument("--matrix-dtype", choices=sorted(DTYPES), default="bfloat16",
+                       help="dtype of the unquantised matrices (default bfloat16)")
+    quant.set_defaults(func=_cmd_quantize)
+
     health = sub.add_parser("health", help="ask a service whether it is SERVING",
                             description="Query the grpc.health.v1 service of a Tandem service (any of them); exit "
                                         "code 0 when it is SERVING, 1 otherwise (container health checks use it).")
@@ -215,6 +226,17 @@ def _cmd_health(args: argparse.Namespace) -> int:
     name = "NO ANSWER" if status is None else health_pb2.HealthCheckResponse.ServingStatus.Name(status)
     print(f"{args.address}: {name}")
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from tandem.model.checkpoint import quantize_checkpoint_fp8
+
+    if not Path(args.model, "config.json").is_file():
+        raise ValueError(f"{args.model}: no config.json there (a Hugging Face-layout checkpoint directory)")
+    quantize_checkpoint_fp8(args.model, args.out, matrix_dtype=DTYPES[args.matrix_dtype])
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
+    print(f"wrote an FP8 copy of {args.model} to {args.out} ({size / 2**20:.1f} MiB)")
+    return 0
 
 
 def _cmd_init_model(args: argparse.Namespace) -> int:

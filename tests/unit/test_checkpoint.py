@@ -122,6 +122,22 @@ def test_quantize_checkpoint_fp8(tmp_path):
     assert scale.shape == (2, 2)  # 24 x 32 in blocks of 16: the row blocks end in a partial one
 
 
+def test_quantize_casts_the_unquantised_matrices_and_keeps_vectors(tmp_path):
+    weights = {name: t.float() for name, t in tiny_weights().items()}
+    save_checkpoint(tmp_path / "fp32", CONFIG, weights)
+    quantize_checkpoint_fp8(tmp_path / "fp32", tmp_path / "fp8", block=(16, 16), matrix_dtype=torch.bfloat16)
+    fp8 = Checkpoint(tmp_path / "fp8")
+    for name, tensor in weights.items():
+        if any(f".{module}.weight" in name for module in LINEARS):
+            assert fp8.tensor_dtype(name) == torch.float8_e4m3fn, name
+        elif tensor.dim() >= 2:
+            assert fp8.tensor_dtype(name) == torch.bfloat16, name  # embeddings, heads, router
+        else:
+            assert fp8.tensor_dtype(name) == torch.float32, name  # norms, correction biases
+            assert torch.equal(fp8.load(name), tensor), name
+    assert fp8.tensor_dtype("model.embed_tokens.weight") == torch.bfloat16
+
+
 def test_missing_tensor(tmp_path):
     save_checkpoint(tmp_path, CONFIG, tiny_weights())
     with pytest.raises(CheckpointError) as error:

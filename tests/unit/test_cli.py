@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tandem.cli import main
 
@@ -85,3 +86,24 @@ def test_earliest_stop_string_wins():
     assert detok.add(0) == ("", False) or detok.text == "a"
     piece, stopped = detok.add(1)
     assert stopped and detok.text.endswith("x") and "b" not in detok.text and "c" not in detok.text
+
+
+def test_quantize_writes_an_fp8_checkpoint_that_generates_the_same_greedy_start(demo_model, tmp_path, capsys):
+    from tandem.model.checkpoint import Checkpoint
+
+    out = tmp_path / "fp8"
+    assert main(["quantize", str(demo_model), "--out", str(out)]) == 0
+    assert "MiB" in capsys.readouterr().out
+    fp8 = Checkpoint(out)
+    assert fp8.tensor_dtype("model.layers.1.mlp.experts.0.up_proj.weight") == torch.float8_e4m3fn
+    args = ["--prompt-ids", "5,6,7,8", "--max-tokens", "3", "--ignore-eos", "--speculative-tokens", "0"]
+    assert run_json(capsys, "--model", str(out), *args)["finish_reason"] == "length"
+    assert main(["quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_generate_gateway_flags_that_belong_to_the_workers_are_refused(capsys):
+    assert main(["generate", "--gateway", "127.0.0.1:1", "--prompt", "x", "--dtype", "bfloat16"]) == 2
+    assert "--dtype is a setting of the cluster's workers" in capsys.readouterr().err
+    assert main(["generate", "--gateway", "127.0.0.1:1", "--prompt-ids", "1", "--ignore-eos"]) == 2
+    assert "--ignore-eos" in capsys.readouterr().err

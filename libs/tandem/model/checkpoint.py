@@ -207,17 +207,24 @@ def is_fp8_linear(name: str, shape: tuple[int, ...]) -> bool:
     return "layers" in parts and len(shape) == 2 and parts[-1] == "weight" and parts[-2] in FP8_LINEARS
 
 
-def quantize_checkpoint_fp8(src: str | Path, dst: str | Path, block: tuple[int, int] = DEFAULT_BLOCK) -> None:
-    """Copy a bf16/fp32 checkpoint to an FP8 one laid out as DeepSeek ships it (holds the model in memory)."""
+def quantize_checkpoint_fp8(src: str | Path, dst: str | Path, block: tuple[int, int] = DEFAULT_BLOCK,
+                            matrix_dtype: torch.dtype | None = None) -> None:
+    """Copy a bf16/fp32 checkpoint to an FP8 one laid out as DeepSeek ships it (holds the model in memory).
+
+    `matrix_dtype` (e.g. bfloat16, as DeepSeek stores them) is the dtype of the matrices that stay unquantised:
+    embeddings, output heads, router weights; None keeps the stored dtype. Vectors (norms, biases) are kept."""
     source = Checkpoint(src)
     out: dict[str, torch.Tensor] = {}
     for name in source.names():
         shape = source.tensor_shape(name)
         if is_fp8_linear(name, shape):
             out[name], out[name + SCALE_SUFFIX] = quantize_fp8_blockwise(source.load(name), block)
-        else:
-            stored = source.tensor_dtype(name)
-            out[name] = source.load(name, dtype=torch.float32 if stored == torch.float8_e4m3fn else stored)
+            continue
+        stored = source.tensor_dtype(name)
+        dtype = torch.float32 if stored == torch.float8_e4m3fn else stored
+        if matrix_dtype is not None and len(shape) >= 2 and dtype.is_floating_point:
+            dtype = matrix_dtype
+        out[name] = source.load(name, dtype=dtype)
     tokenizer = source.path / "tokenizer.json"
     save_checkpoint(dst, dataclasses.replace(source.config, weight_block_size=tuple(block)), out,
                     tokenizer_json=tokenizer if tokenizer.exists() else None)
