@@ -7,6 +7,8 @@ while shutting down) and server reflection; SIGTERM/SIGINT shut it down graceful
 
 A member listed by ListMembers with `is_ready = false` is either starting or down (no heartbeat within
 `heartbeat_timeout_s`); a down member keeps its slot and rank until a replacement of its role registers.
+With `--discovery kubernetes` the controller also watches the pools' pods (tandem.cluster.discovery) and marks
+the members of a deleted pod down at once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 from tandem.cluster.config import ControllerConfig, add_config_flags, build_config
+from tandem.cluster.discovery import PodWatcher, watch_pools
 from tandem.cluster.membership import Member, Membership, MembershipError, Role, RoleFullError, Shape, UnknownMember
 from tandem.cluster.placement_store import (PlacementError, PlacementStore, VersionNotFound, num_placement_layers,
                                             static_phy2log)
@@ -162,6 +165,12 @@ class ControllerServer:
         self.num_slots_per_server = (config.num_slots_per_server
                                      or -(-model.n_routed_experts // max(config.num_expert_servers, 1)))
         self.membership = Membership(shape, config.heartbeat_timeout_s)
+        # --discovery kubernetes: watch the pools' pods; a deleted pod's members are marked down at once
+        self.discovery: PodWatcher | None = None
+        if config.discovery == "kubernetes":
+            self.discovery = watch_pools(self.membership, namespace=config.namespace,
+                                         pod_selector=config.pod_selector, role_label=config.role_label,
+                                         kubeconfig=config.kubeconfig)
         initial = static_phy2log(num_placement_layers(model), model.n_routed_experts, config.num_expert_servers,
                                  self.num_slots_per_server)
         self.placements = PlacementStore(initial, model.n_routed_experts, self.num_slots_per_server,
@@ -197,6 +206,8 @@ class ControllerServer:
             registry = CollectorRegistry()
             registry.register(_MembershipMetrics(self.membership, self.placements))
             self._metrics_http, _ = start_http_server(config.metrics_port, addr=config.host, registry=registry)
+        if self.discovery is not None:
+            self.discovery.start()
         self.server.start()
         for name in ("", names[0]):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -210,6 +221,8 @@ class ControllerServer:
         self.health.enter_graceful_shutdown()
         self.placements.close()
         self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+        if self.discovery is not None:
+            self.discovery.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -186,8 +186,24 @@ class ControllerConfig:
     placement_history: int = setting(16, help="placement versions kept for GetPlacement")
     grace_s: float = setting(5.0, help="seconds in-flight calls get to finish at shutdown")
     metrics_port: int = setting(0, help="Prometheus metrics HTTP port (0 = off)")
+    # discovery
+    discovery: str = setting("static", help="how the controller learns the pools' pods: static (members register "
+                                            "and heartbeat; make up, docker-compose) or kubernetes (also list and "
+                                            "watch the pods through the Kubernetes API and mark a deleted pod's "
+                                            "members down at once)", choices=("static", "kubernetes"))
+    namespace: str = setting("", help="with --discovery kubernetes: the pods' namespace (empty: this pod's own)")
+    pod_selector: str = setting("app.kubernetes.io/name=tandem", help="with --discovery kubernetes: label "
+                                "selector of the deployment's pods, e.g. app.kubernetes.io/instance=RELEASE")
+    role_label: str = setting("app.kubernetes.io/component", help="with --discovery kubernetes: the pod label "
+                              "whose value names the pool (prefill, decode or expert)")
+    kubeconfig: str = setting("", help="with --discovery kubernetes: kubeconfig file of the cluster (empty: the "
+                                       "in-cluster service account)")
 
     def __post_init__(self) -> None:
+        if self.discovery not in ("static", "kubernetes"):
+            raise ConfigError(f"discovery: {self.discovery!r} is not one of static, kubernetes")
+        if self.discovery == "kubernetes" and not self.role_label:
+            raise ConfigError("role_label: empty, but --discovery kubernetes tells the pools apart by it")
         for name in ("port", "store_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{name}: {getattr(self, name)} is not a port number (0 .. 65535)")

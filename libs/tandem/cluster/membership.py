@@ -9,6 +9,7 @@ decode P .. P+D-1), expert servers after them. Gateways are not on the data plan
 - A member whose last heartbeat is older than `heartbeat_timeout_s` is down. It keeps its slot until a new
   member of the same role registers; that one takes over the slot (and rank) and the old record is forgotten,
   so the old id's heartbeats are answered with `UnknownMember` (register again).
+- A member can be marked down at once (`mark_down`: its pod was deleted), with the same consequences.
 - A role whose slots are all held by live members refuses a new member (`RoleFullError`).
 
 Liveness is computed from the clock when asked, so no background thread is needed. Thread-safe.
@@ -149,6 +150,16 @@ class Membership:
             member = replace(self._by_id[member_id], is_ready=is_ready, last_heartbeat=now)
             self._by_id[member_id] = member
             return self._view(member, now)
+
+    def mark_down(self, member_id: str) -> Member:
+        """Count a member down now, as if its heartbeats had stopped long ago (its process is known to be gone,
+        e.g. discovery saw its pod deleted); a later heartbeat from it counts it alive again."""
+        with self._lock:
+            if member_id not in self._by_id:
+                raise UnknownMember(f"member {member_id!r} is not registered")
+            member = replace(self._by_id[member_id], is_ready=False, last_heartbeat=float("-inf"))
+            self._by_id[member_id] = member
+            return self._view(member, self._clock())
 
     def get(self, member_id: str) -> Member:
         with self._lock:
