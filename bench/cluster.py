@@ -13,6 +13,21 @@ tokenized with the model's tokenizer (random token ids when it has none). Every 
 max_tokens = its output length. Reported per target: output-token throughput, time to first token (TTFT),
 inter-token latency (ITL: the gap between two streamed messages, spread over the tokens of the later one) and
 end-to-end latency, mean and percentiles. Writes results.json and latency.png into --out.
+
+Profile (results.json "profile", and printed): every service exports Prometheus metrics; their growth over the
+measured load (scraped before and after it, the warm-up excluded) splits one engine step of each attention
+worker into
+  step              tandem_engine_step_seconds{phase} on the worker: schedule, forward, sampling, MTP drafting
+  expert exchange   tandem_expert_exchange_seconds_total on the worker: grouping its tokens per expert server,
+                    sending them, waiting for and combining the replies (one exchange per MoE layer per forward)
+  expert compute    tandem_expert_compute_seconds_total{source_rank=<the worker's rank>} summed over the expert
+                    servers: their FFN time for this worker's tokens (servers run in parallel, so the wall time
+                    of an exchange holds at most the slowest server's share)
+  transport+queue   exchange - compute: serialisation, gloo transfers, and waiting behind other workers' requests
+                    (an expert server computes one request at a time)
+  worker compute    step - exchange: attention, dense layers, shared experts, router, sampling, drafting, and
+                    the engine's bookkeeping
+The colocated target reports its step time alone (tandem_engine_step_seconds{phase="colocated"}).
 """
 
 from __future__ import annotations
@@ -29,14 +44,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import urllib.request
+from collections.abc import Callable
+
+import grpc
 import numpy as np
 from tqdm import tqdm
 
 from grpc_health.v1 import health_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.cluster.launcher import LocalCluster, free_port, free_port_range, health_status
 from tandem.cluster.topology import Topology
 from tandem.gateway.client import GatewayClient
+from tandem.v1 import controller_pb2 as cpb
+from tandem.v1 import controller_pb2_grpc as cpb_grpc
 from tandem.v1 import gateway_pb2 as pb
 
 TARGETS = ("cluster", "colocated", "cluster-nomtp")
@@ -74,7 +96,7 @@ def held_out_prompts(model: Path, count: int, lengths: tuple[int, int], vocab_si
     sizes = [rng.randint(*lengths) for _ in range(count)]
     if tokenizer is None:
         return [[rng.randrange(vocab_size) for _ in range(n)] for n in sizes]
-    stream = encode_files(tokenizer, split_corpus().held_out[:40]).tolist()
+    stream = encode_files(tokenizer, split_corpus().heldout[:40]).tolist()
     return [stream[start:start + n] for n in sizes for start in [rng.randrange(len(stream) - n)]]
 
 
@@ -141,14 +163,89 @@ def summarize(results: list[Result], wall_s: float) -> dict:
             "itl": stats([x for r in ok for x in r.itl_s]), "e2e": stats([r.e2e_s for r in ok])}
 
 
+# --- the profile ---------------------------------------------------------------------------------------------
+def scrape(port: int) -> dict[str, float]:
+    """A metrics endpoint's samples, {name{label="value",...}: value} (labels sorted; no braces without)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+@dataclass(slots=True)
+class ProfiledWorker:
+    """An engine whose steps the profile splits: its metrics port, its step phase, and (in the cluster) its
+    data-plane rank and the expert servers' metrics ports."""
+
+    phase: str
+    metrics_port: int
+    rank: int | None = None
+    expert_ports: list[int] = field(default_factory=list)
+
+    def scrape(self) -> dict:
+        return {"worker": scrape(self.metrics_port), "experts": [scrape(port) for port in self.expert_ports]}
+
+    def profile(self, before: dict, after: dict) -> dict:
+        """Per engine step over the interval between two `scrape`s, in milliseconds."""
+        def grew(name: str, b: dict, a: dict) -> float:
+            return a.get(name, 0.0) - b.get(name, 0.0)
+
+        w0, w1 = before["worker"], after["worker"]
+        steps = grew(f'tandem_engine_step_seconds_count{{phase="{self.phase}"}}', w0, w1)
+        step_s = grew(f'tandem_engine_step_seconds_sum{{phase="{self.phase}"}}', w0, w1)
+        out = {"steps": int(steps), "step_ms": 1000 * step_s / steps if steps else None}
+        if self.rank is None or not steps:
+            return out
+        exchanges = grew("tandem_expert_exchanges_total", w0, w1)
+        exchange_s = grew("tandem_expert_exchange_seconds_total", w0, w1)
+        compute_name = f'tandem_expert_compute_seconds_total{{source_rank="{self.rank}"}}'
+        compute_s = sum(grew(compute_name, b, a) for b, a in zip(before["experts"], after["experts"], strict=True))
+        per_step = {"expert_exchange_ms": exchange_s, "expert_compute_ms": compute_s,
+                    "transport_and_queue_ms": exchange_s - compute_s, "worker_compute_ms": step_s - exchange_s}
+        out.update({k: 1000 * v / steps for k, v in per_step.items()})
+        out.update(exchanges_per_step=exchanges / steps, exchange_share=exchange_s / step_s,
+                   expert_compute_share=compute_s / step_s)
+        return out
+
+
+def cluster_workers(topology: Topology) -> list[ProfiledWorker]:
+    """The first prefill and decode workers of a running cluster, with their ranks from the controller."""
+    with grpc.insecure_channel(f"127.0.0.1:{topology.controller_port}") as channel:
+        members = cpb_grpc.ControllerStub(channel).ListMembers(cpb.ListMembersRequest(), timeout=5).members
+    rank = {(m.role, m.index): m.rank for m in members}
+    experts = [topology.metrics_port(f"expert-{i}") for i in range(topology.num_expert_servers)]
+    return [ProfiledWorker(phase, topology.metrics_port(f"{phase}-0"), rank[(role, 0)], experts)
+            for phase, role in (("decode", cpb.ROLE_DECODE), ("prefill", cpb.ROLE_PREFILL))]
+
+
+def print_profile(name: str, profile: dict) -> None:
+    for phase, p in profile.items():
+        engine = name if phase == name else f"{name} {phase}"
+        if not p.get("steps"):
+            print(f"  {engine}: no steps measured", flush=True)
+            continue
+        line = f"  {engine} step: {p['step_ms']:.2f} ms mean over {p['steps']} steps"
+        if "expert_exchange_ms" in p:
+            line += (f"; waiting on expert servers {p['expert_exchange_ms']:.2f} ms ({100 * p['exchange_share']:.0f}%,"
+                     f" {p['exchanges_per_step']:.1f} exchanges), of which expert compute on the servers "
+                     f"{p['expert_compute_ms']:.2f} ms ({100 * p['expert_compute_share']:.0f}%, summed over servers) "
+                     f"and transport/queueing {p['transport_and_queue_ms']:.2f} ms; the rest on the worker "
+                     f"(attention, dense, router, sampling, drafting) {p['worker_compute_ms']:.2f} ms")
+        print(line, flush=True)
+
+
+# --- the targets ----------------------------------------------------------------------------------------------
 class ColocatedGateway:
     """`tandem serve gateway` without a controller: the whole engine in one process."""
 
     def __init__(self, model: Path, log_dir: Path, speculative_tokens: int | None):
-        self.port = free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         log_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "tandem.cli", "serve", "gateway", "--model", str(model), "--host", "127.0.0.1",
-                "--port", str(self.port)]
+                "--port", str(self.port), "--metrics-port", str(self.metrics_port)]
         if speculative_tokens is not None:
             argv += ["--num-speculative-tokens", str(speculative_tokens)]
         with open(log_dir / "colocated-gateway.log", "w") as out:
@@ -164,17 +261,26 @@ class ColocatedGateway:
         self.process.wait(30)
 
 
-def start_target(name: str, model: Path, log_dir: Path, speculative_tokens: int | None):
-    """(address, stop function) of a running target."""
+def start_target(name: str, model: Path, log_dir: Path,
+                 speculative_tokens: int | None) -> tuple[str, Callable[[], None], list[ProfiledWorker]]:
+    """(address, stop function, the engines to profile) of a running target."""
     if name == "colocated":
         gateway = ColocatedGateway(model, log_dir / name, speculative_tokens)
-        return gateway.address, gateway.stop
-    ports = [free_port() for _ in range(3)]
-    topology = Topology(model=str(model), controller_port=ports[0], store_port=ports[1], gateway_port=ports[2],
-                        service_port_base=free_port_range(4), metrics_port_base=0,
-                        num_speculative_tokens=0 if name == "cluster-nomtp" else speculative_tokens)
+        return gateway.address, gateway.stop, [ProfiledWorker("colocated", gateway.metrics_port)]
+    for _ in range(20):  # the random port ranges may overlap; Topology refuses that
+        ports = [free_port() for _ in range(3)]
+        try:
+            topology = Topology(model=str(model), controller_port=ports[0], store_port=ports[1],
+                                gateway_port=ports[2], service_port_base=free_port_range(4),
+                                metrics_port_base=free_port_range(6),  # one per service
+                                num_speculative_tokens=0 if name == "cluster-nomtp" else speculative_tokens)
+            break
+        except ValueError:
+            continue
+    else:
+        raise RuntimeError("no free ports for the cluster")
     cluster = LocalCluster(topology, log_dir / name).start()
-    return cluster.gateway_address, cluster.stop
+    return cluster.gateway_address, cluster.stop, cluster_workers(topology)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -224,12 +330,15 @@ def main() -> int:
     prompts = held_out_prompts(args.model, args.num_requests, args.prompt_len, config.vocab_size, args.seed)
     outputs = [rng.randint(*args.output_len) for _ in prompts]
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, profile = {}, {}
     for name in targets:
-        address, stop = start_target(name, args.model, args.out / "logs", args.speculative_tokens)
+        address, stop, engines = start_target(name, args.model, args.out / "logs", args.speculative_tokens)
         try:
             run_load(address, prompts[:2], [4, 4], 0, args.seed, f"{name} warm-up")
+            before = [e.scrape() for e in engines]
             samples, wall = run_load(address, prompts, outputs, args.rate, args.seed, name)
+            # a worker publishes a step's times once the step ended, before its tokens went out: all in by now
+            profile[name] = {e.phase: e.profile(b, e.scrape()) for e, b in zip(engines, before, strict=True)}
         finally:
             stop()
         results[name] = summarize(samples, wall)
@@ -237,6 +346,7 @@ def main() -> int:
         print(f"{name}: {r['output_tokens_per_s']:.1f} output tok/s, TTFT p50 {r['ttft'].get('p50_ms', 0):.0f} ms, "
               f"ITL p50 {r['itl'].get('p50_ms', 0):.1f} ms, e2e p50 {r['e2e'].get('p50_ms', 0):.0f} ms, "
               f"{r['failed']} failed", flush=True)
+        print_profile(name, profile[name])
     ratios = {}
     if "cluster" in results and "colocated" in results:
         ratios["cluster_over_colocated_throughput"] = (results["cluster"]["output_tokens_per_s"]
@@ -246,7 +356,7 @@ def main() -> int:
                                                / results["cluster-nomtp"]["output_tokens_per_s"])
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "results": results,
-              "ratios": ratios}
+              "ratios": ratios, "profile": profile}
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     plot(results, args.out / "latency.png")
     print(json.dumps(ratios, indent=2))

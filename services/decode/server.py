@@ -1,7 +1,8 @@
 """The decode worker: `tandem serve decode`.
 
 config -> register with the controller -> (background) model without routed experts, data plane, engine ->
-servicer -> health -> serve (see tandem.cluster.worker for start-up and the handoff's wire protocol).
+servicer -> health -> serve (see tandem.cluster.worker for start-up, the handoff's wire protocol, and how
+a failed engine ends the worker's service: every later call gets UNAVAILABLE naming the cause).
 
 Decode announces (prefill_rank, kv_transfer_id) to the worker's `HandoffInbox`, which posts the receive from
 that prefill rank; only then may the gateway call PrefillWorker.Prefill (so the gateway opens this stream
@@ -172,7 +173,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
 
     def _ready(self, context):
         if not self.worker.ready.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the decode worker is starting or shutting down")
+            context.abort(grpc.StatusCode.UNAVAILABLE, self.worker.not_serving_reason())
         with self._lock:
             if self._inbox is None:
                 self._inbox = HandoffInbox(self.worker.plane)

@@ -23,7 +23,9 @@ shutdown or broke its connection): nothing can reach the experts any more and th
 Load statistics: the tokens each logical expert receives are added to in-memory totals (GetStats, and the
 Prometheus counter) and, when `redis_url` is set, to an `ExpertLoadRecorder` that a background thread
 flushes to Redis every `stats_flush_interval_s` (key schema in tandem.eplb.stats). There and in GetStats,
-`layer` is the placement row (MoE layer index from 0), not the model's layer index.
+`layer` is the placement row (MoE layer index from 0), not the model's layer index. The metrics also give the
+time spent computing the expert FFNs, per sending attention rank (`tandem_expert_compute_seconds_total{source_rank}`
+and `tandem_expert_computed_requests_total`), for profiling a step across the services.
 
 The placement is static for now: LoadExperts and UnloadExperts answer UNIMPLEMENTED, and a newer version
 announced by the controller is logged and not followed.
@@ -179,6 +181,19 @@ class _ExpertMetrics:
         if self.server.recorder is not None:
             yield CounterMetricFamily("tandem_expert_stats_failed_flushes", "Flushes to Redis that failed",
                                       value=self.server.recorder.num_failed_flushes)
+        worker = self.server.worker
+        if worker is not None:
+            seconds = CounterMetricFamily("tandem_expert_compute_seconds", "Seconds spent running expert FFNs, by "
+                                          "the data-plane rank of the attention worker that sent the tokens",
+                                          labels=["source_rank"])
+            requests = CounterMetricFamily("tandem_expert_computed_requests", "Expert requests computed, by the "
+                                           "data-plane rank of the attention worker that sent them",
+                                           labels=["source_rank"])
+            for rank in sorted(worker.compute_seconds):
+                seconds.add_metric([str(rank)], worker.compute_seconds[rank])
+                requests.add_metric([str(rank)], worker.num_computed[rank])
+            yield seconds
+            yield requests
 
 
 class ExpertServer:
@@ -209,6 +224,7 @@ class ExpertServer:
         self.counts: TokenCounts | None = None
         self.recorder: ExpertLoadRecorder | None = None
         self.plane: DataPlane | None = None
+        self.worker: ExpertWorker | None = None  # once the plane is joined
         self._row_of_layer: dict[int, int] = {}
         self.is_ready = False  # experts loaded, plane joined, not shutting down
         self.done = threading.Event()  # set by a signal, or by a fatal error (then `error` says which)
@@ -314,6 +330,7 @@ class ExpertServer:
             return
         worker = ExpertWorker(self.plane, banks, phy2log, self.placement.num_logical, on_tokens=self._on_tokens,
                               timeout_s=self.config.timeout_s)
+        self.worker = worker
         if self._stopping.is_set():
             return
         self.is_ready = True

@@ -2,12 +2,14 @@
 
 config -> tokenizer and backend -> servicer -> health -> serve. The backend is the colocated engine in-process
 on an `EngineRunner`, or with --controller the prefill and decode workers that controller lists
-(`WorkerBackend`: the gateway then loads only the model's config and tokenizer). Standard gRPC health
+(`WorkerBackend`: the gateway then loads only the model's config and tokenizer, and GetModelInfo asks the
+controller for the cluster shape: UNAVAILABLE when it does not answer within 2 s). Standard gRPC health
 (NOT_SERVING until the model is loaded and the server started, and while shutting down) and server
 reflection; SIGTERM/SIGINT shut it down gracefully: health NOT_SERVING, no new requests, in-flight ones get
 `grace_s` to finish and are then cancelled (FINISH_REASON_CANCELLED). With a metrics port, Prometheus metrics
-(tandem.cluster.metrics) are served over HTTP: the calls as clients see them, and the queue, KV blocks and
-speculative counters of the colocated engine, or the queue and draft counts of the requests on the workers.
+(tandem.cluster.metrics) are served over HTTP: the calls as clients see them, and the queue, KV blocks,
+speculative counters and step times (phase "colocated") of the colocated engine, or the queue and draft counts
+of the requests on the workers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tandem.cluster.config import ConfigError, add_config_flags, build_config, setting
-from tandem.cluster.metrics import EngineCollector, ServiceMetrics, WorkerBackendCollector
+from tandem.cluster.metrics import EngineCollector, EngineTimings, ServiceMetrics, WorkerBackendCollector
 from tandem.cluster.signals import stop_on_signals
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.runner import EngineRunner
@@ -94,7 +96,8 @@ def model_info(engine: Engine, name: str) -> pb.ModelInfo:
 
 
 def config_model_info(config, name: str) -> pb.ModelInfo:
-    """ModelInfo from the model's ModelConfig alone, for a gateway in front of workers (cluster shape unset)."""
+    """ModelInfo from the model's ModelConfig alone, for a gateway in front of workers; its cluster shape is
+    filled from the controller at each GetModelInfo (`WorkerBackend.cluster_shape`: the members registered)."""
     return pb.ModelInfo(model_name=name, max_context_tokens=config.max_position_embeddings,
                         vocab_size=config.vocab_size, num_mtp_layers=config.num_nextn_predict_layers,
                         num_routed_experts=config.n_routed_experts, num_moe_layers=config.num_moe_layers,
@@ -132,8 +135,11 @@ class GatewayServer:
         self.metrics = ServiceMetrics()
         self.metrics.registry.register(EngineCollector(lambda: runner) if isinstance(runner, EngineRunner)
                                        else WorkerBackendCollector(runner))
+        if isinstance(runner, EngineRunner):
+            runner.on_step = EngineTimings(self.metrics, phase="colocated").observe
         self.health = health.HealthServicer()
-        self.servicer = GatewayServicer(runner, tokenizer, info, self.metrics)
+        shape = None if isinstance(runner, EngineRunner) else runner.cluster_shape
+        self.servicer = GatewayServicer(runner, tokenizer, info, self.metrics, cluster_shape=shape)
         self.server, self.port = build_server(self.servicer, self.health, f"{host}:{port}",
                                               runner.max_queued + SPARE_RPCS)
 

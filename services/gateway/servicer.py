@@ -11,6 +11,7 @@ the engine or decode worker at once, which frees its KV blocks.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Protocol
 
 import grpc
@@ -55,14 +56,28 @@ class Backend(Protocol):
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
-    def __init__(self, backend: Backend, tokenizer, model_info: pb.ModelInfo, metrics: ServiceMetrics):
+    """`model_info` answers GetModelInfo; with `cluster_shape` (a gateway in front of workers) its cluster shape
+    is asked for at each call (`WorkerBackend.cluster_shape`: a WorkerError fails the call with its code)."""
+
+    def __init__(self, backend: Backend, tokenizer, model_info: pb.ModelInfo, metrics: ServiceMetrics,
+                 cluster_shape: Callable[[], pb.ClusterShape] | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_info = model_info
         self.metrics = metrics
+        self.cluster_shape = cluster_shape
 
     def GetModelInfo(self, request, context):
-        return self.model_info
+        if self.cluster_shape is None:
+            return self.model_info
+        try:
+            shape = self.cluster_shape()
+        except WorkerError as e:
+            context.abort(e.code, str(e))
+        info = pb.ModelInfo()
+        info.CopyFrom(self.model_info)
+        info.cluster.CopyFrom(shape)
+        return info
 
     def Generate(self, request, context):
         # timed from here: time to first token, inter-token latency and end-to-end latency as the client sees them

@@ -1,7 +1,8 @@
 """The prefill worker: `tandem serve prefill`.
 
 config -> register with the controller -> (background) model without routed experts, data plane, engine ->
-servicer -> health -> serve (see tandem.cluster.worker for start-up and the handoff's wire protocol).
+servicer -> health -> serve (see tandem.cluster.worker for start-up, the handoff's wire protocol, and how
+a failed engine ends the worker's service: every later call gets UNAVAILABLE naming the cause).
 
 Prefill runs the prompt as a prefill-only request on the engine (batched with the other prompts in flight,
 chunked by max_num_batched_tokens), takes the prefilled sequence off the engine (its KV blocks are freed
@@ -115,7 +116,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
 
     def _ready(self, context):
         if not self.worker.ready.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill worker is starting or shutting down")
+            context.abort(grpc.StatusCode.UNAVAILABLE, self.worker.not_serving_reason())
         with self._lock:  # one sender per process: its lock keeps each handoff's transfers adjacent
             if self._sender is None:
                 self._sender = HandoffSender(self.worker.plane, self.worker.config.kv_timeout_s)

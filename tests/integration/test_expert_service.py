@@ -156,6 +156,9 @@ def test_expert_servers_serve_the_attention_rank_and_count_its_tokens(tmp_path, 
         # servers take indices in the order they register; expert0 is the process with the metrics port
         first = next(m.index for m in members if m.address == f"127.0.0.1:{ports[0]}")
         assert torch.equal(exported, counted[first]) and samples[("tandem_expert_serving", ())] == 1
+        # the attention rank (rank 0) sent each MoE layer 3 batches; this server computed those that reached its slots
+        computed = samples[("tandem_expert_computed_requests_total", (("source_rank", "0"),))]
+        assert 0 < computed <= L * 3 and samples[("tandem_expert_compute_seconds_total", (("source_rank", "0"),))] > 0
         with connect(redis_server) as redis_client:
             wait_for("the counts reach Redis", lambda: torch.equal(
                 read_load(redis_client, model_name, L, E, windows=1000).to(torch.int64), routed))

@@ -288,6 +288,9 @@ def test_metrics_of_the_colocated_gateway(model_dir):
     assert m["tandem_generation_tokens_total"] >= 40 + 1
     assert m["tandem_kv_blocks_used"] == 0
     assert m['tandem_queue_requests{state="waiting"}'] == m['tandem_queue_requests{state="running"}'] == 0
+    # the steps are timed: 20 tokens at most 3 a step (2 drafts accepted + 1) take 7 steps at least
+    steps = m['tandem_engine_step_seconds_count{phase="colocated"}']
+    assert steps >= 7 and m['tandem_engine_step_seconds_sum{phase="colocated"}'] > 0
     spec = server.runner.engine.spec_totals
     assert sum(last.usage.num_draft_tokens for _, _, last in done) <= spec.draft_tokens  # + the cancelled one's
     assert (m["tandem_spec_draft_tokens_total"], m["tandem_spec_accepted_tokens_total"]) == \

@@ -1,9 +1,11 @@
 """The gateway in worker mode (`WorkerBackend`) in front of a real world: a controller in the test process, prefill
 and decode workers and two expert servers as processes (real gloo), the gateway in-process. Concurrent greedy
-streams equal the colocated engine's tokens and every service's Prometheus metrics add up; a client cancelling
-mid-way frees the decode worker's KV blocks (seen on its metrics endpoint); health is SERVING; SIGTERM ends every
-process cleanly. In a world of its own: a killed expert server fails the requests in flight with UNAVAILABLE
-within a bounded time, and the gateway stays up."""
+streams equal the colocated engine's tokens and every service's Prometheus metrics add up (step times and expert
+exchange times included); GetModelInfo reports the cluster's shape from the controller (UNAVAILABLE without one);
+a client cancelling mid-way frees the decode worker's KV blocks (seen on its metrics endpoint); health is
+SERVING; SIGTERM ends every process cleanly. In a world of its own: a killed expert server fails the requests in
+flight with UNAVAILABLE within a bounded time, the workers whose engines failed turn NOT_SERVING and not ready,
+the gateway stays up and refuses new requests at once, naming the role without a ready worker."""
 
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ from services.gateway.server import GatewayConfig, GatewayServer
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.sampling import SamplingParams
 from tandem.gateway.workers import WorkerBackend
-from tandem.model.loading import load_model
+from tandem.model.checkpoint import save_checkpoint
+from tandem.model.loading import export_state_dict, load_model
+from tandem.model.presets import random_model
+from tandem.v1 import controller_pb2_grpc as cpb_grpc
 from tandem.v1 import controller_pb2 as cpb
 from tandem.v1 import gateway_pb2 as gpb
 from tandem.v1 import gateway_pb2_grpc as gpb_grpc
@@ -84,7 +89,14 @@ def test_gateway_over_workers(cluster, gateway):
                                                         [SamplingParams(max_tokens=r[1]) for r in REQUESTS])]
     assert isinstance(server.runner, WorkerBackend) and server.runner.num_speculative_tokens == 1  # the MTP depth
     assert health(f"127.0.0.1:{server.port}") == health_pb2.HealthCheckResponse.SERVING
-    assert stub.GetModelInfo(gpb.GetModelInfoRequest()).max_context_tokens == config().max_position_embeddings
+    info = stub.GetModelInfo(gpb.GetModelInfoRequest())
+    assert info.max_context_tokens == config().max_position_embeddings
+    with grpc.insecure_channel(f"127.0.0.1:{cluster.controller.port}") as ch:
+        placement = cpb_grpc.ControllerStub(ch).GetPlacement(cpb.GetPlacementRequest())
+    # static placement: the 8 routed experts once each, 4 slots on each of the 2 expert servers, version 1
+    assert (placement.num_slots_per_server, placement.version) == (4, 1)
+    assert info.cluster == gpb.ClusterShape(num_prefill_workers=1, num_decode_workers=1, num_expert_servers=2,
+                                            num_slots_per_server=4, placement_version=1)
     ports = {"gateway": server.metrics_port, **cluster.metrics_ports}
     before = {name: scrape(port) for name, port in ports.items()}
 
@@ -128,7 +140,12 @@ def check_metrics_after_workload(ports: dict[str, int], before: dict[str, dict],
     assert grew(gb, g, "tandem_time_to_first_token_seconds_sum") <= grew(gb, g, "tandem_request_latency_seconds_sum")
     assert (grew(gb, g, "tandem_spec_draft_tokens_total"), grew(gb, g, "tandem_spec_accepted_tokens_total")) == \
         (drafts, accepted)
-    assert g['tandem_queue_requests{state="waiting"}'] == g['tandem_queue_requests{state="running"}'] == 0
+
+    def gateway_idle():  # a request leaves the queue once its decode call's OK status came, after the last message
+        m = scrape(ports["gateway"])
+        assert m['tandem_queue_requests{state="waiting"}'] == m['tandem_queue_requests{state="running"}'] == 0
+
+    eventually(gateway_idle)
 
     def decode_added_up():
         d, db = scrape(ports["decode"]), before["decode"]
@@ -150,6 +167,19 @@ def check_metrics_after_workload(ports: dict[str, int], before: dict[str, dict],
     assert grew(pb_, p, "tandem_time_to_first_token_seconds_count") == n
     assert (p["tandem_kv_blocks_used"], p["tandem_kv_blocks_total"]) == (0, NUM_KV_BLOCKS)
     assert p.get("tandem_spec_draft_tokens_total") == 0  # prefill-only requests verify no drafts
+    check_step_profile(before["prefill"], p, "prefill")
+    check_step_profile(before["decode"], scrape(ports["decode"]), "decode")
+
+
+def check_step_profile(before: dict, after: dict, phase: str) -> None:
+    """The engine's steps and its expert exchanges were timed: every step that ran a batch exchanged with the
+    expert servers for each of the 2 main MoE layers (and the MTP layer when drafting), inside the step's time."""
+    steps = grew(before, after, f'tandem_engine_step_seconds_count{{phase="{phase}"}}')
+    step_s = grew(before, after, f'tandem_engine_step_seconds_sum{{phase="{phase}"}}')
+    exchanges = grew(before, after, "tandem_expert_exchanges_total")
+    exchange_s = grew(before, after, "tandem_expert_exchange_seconds_total")
+    assert steps > 0 and exchanges >= 2 * steps, (phase, steps, exchanges)
+    assert 0 < exchange_s < step_s, (phase, exchange_s, step_s)
 
 
 def test_cancelling_a_stream_mid_way_frees_its_kv_blocks(cluster, gateway):
@@ -181,6 +211,23 @@ def test_cancelling_a_stream_mid_way_frees_its_kv_blocks(cluster, gateway):
 
 def assert_no_open(backend: WorkerBackend) -> None:
     assert backend.num_open == 0, "the gateway still holds the cancelled request"
+
+
+def test_model_info_without_a_controller_is_unavailable(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, config(), export_state_dict(random_model(config(), seed=3, std=0.3)))
+    server = GatewayServer.from_config(GatewayConfig(model=str(ckpt), controller=f"127.0.0.1:{free_port()}",
+                                                     host="127.0.0.1", port=0, grace_s=0.0)).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                gpb_grpc.GatewayStub(channel).GetModelInfo(gpb.GetModelInfoRequest(), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "cluster shape" in err.value.details() and "controller" in err.value.details()
+        assert time.monotonic() - started < 10
+    finally:
+        server.stop(0)
 
 
 def test_sigterm_ends_every_process(cluster, gateway):
@@ -218,8 +265,50 @@ def check_expert_kill(world, server: GatewayServer, stub) -> None:
     assert time.monotonic() - killed < 30, "requests hung after the expert server died"
     assert health(f"127.0.0.1:{server.port}") == health_pb2.HealthCheckResponse.SERVING
     assert scrape(server.metrics_port)['tandem_requests_total{code="UNAVAILABLE"}'] == len(streams)
-    # a new request fails as fast: its workers cannot reach the experts either
+    with grpc.insecure_channel(f"127.0.0.1:{world.controller.port}") as channel:
+        check_workers_stop_serving(world, cpb_grpc.ControllerStub(channel), stub)
+
+
+def check_workers_stop_serving(world, controller: cpb_grpc.ControllerStub, stub) -> None:
+    members = {m.role: m for m in controller.ListMembers(cpb.ListMembersRequest()).members}
+    # the decode worker's engine failed with its streams: it stops looking healthy
+    wait_not_serving(controller, members[cpb.ROLE_DECODE])
+    assert "the engine failed" in world.logs["decode"].read_text()
+    # a new request fails at once: the gateway picks no worker that is not ready
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(gpb.GenerateRequest(prompt_token_ids=[1, 2], max_tokens=4), timeout=60))
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 30
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 10
+    assert "no decode worker is ready" in err.value.details(), err.value.details()
+    # the idle prefill worker learns of the dead expert server with its next request (here sent to it directly,
+    # as a gateway that picked it before the decode worker failed would): its engine fails the same way
+    with grpc.insecure_channel(members[cpb.ROLE_PREFILL].address) as channel:
+        prefill = pb_grpc.PrefillWorkerStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            prefill.Prefill(pb.PrefillRequest(request_id="after-kill", prompt_token_ids=[1, 2, 3],
+                                              sampling=pb.SamplingParams(max_tokens=4, top_p=1.0), kv_transfer_id=1,
+                                              decode_rank=members[cpb.ROLE_DECODE].rank), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        wait_not_serving(controller, members[cpb.ROLE_PREFILL])
+        with pytest.raises(grpc.RpcError) as err:  # later calls name the cause
+            prefill.GetLoad(pb.GetLoadRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "engine failed" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(gpb.GenerateRequest(prompt_token_ids=[1, 2], max_tokens=4), timeout=60))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no prefill worker is ready (1 registered, none ready)" in err.value.details(), err.value.details()
+
+
+def wait_not_serving(controller: cpb_grpc.ControllerStub, member: cpb.Member, timeout_s: float = 10.0) -> None:
+    """The worker's health says NOT_SERVING and the controller lists it not ready, within timeout_s (its failure
+    heartbeat goes out at once)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listed = [m for m in controller.ListMembers(cpb.ListMembersRequest(role=member.role)).members
+                  if m.member_id == member.member_id]
+        status = health(member.address)
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING and listed and not listed[0].is_ready:
+            return
+        assert time.monotonic() < deadline, (f"{member.address}: health {status}, listed {listed} "
+                                             f"{timeout_s}s after its engine failed")
+        time.sleep(0.05)

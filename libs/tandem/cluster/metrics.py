@@ -3,8 +3,9 @@
 Each service owns a `ServiceMetrics`, whose `CollectorRegistry` is its own (never prometheus_client's global
 one, so several services in one process keep apart) and is served over HTTP when the service has a metrics
 port. Call metrics are recorded by the servicers as each call runs (`CallMetrics`); gauges and the engine's
-counters are read at scrape time from state the engine thread publishes (`EngineRunner.stats()`), so the
-engine thread itself never touches a metric. No `service` label: one registry per service.
+counters are read at scrape time from state the engine thread publishes (`EngineRunner.stats()`, the expert
+exchanges' `ExchangeTime`). The engine thread touches one metric itself: it observes each step's duration
+(`EngineTimings`, one locked add per step). No `service` label: one registry per service.
 
   tandem_requests_total{code}                   calls ended, by gRPC status code (OK, CANCELLED, UNAVAILABLE ...)
   tandem_time_to_first_token_seconds            a call's arrival -> the first token it returns (at the gateway:
@@ -21,6 +22,16 @@ engine thread itself never touches a metric. No `service` label: one registry pe
   tandem_spec_draft_tokens_by_position_total{position},
   tandem_spec_accepted_tokens_by_position_total{position}               the same per draft position (from 0;
                                                                         where an engine runs)
+  tandem_engine_step_seconds{phase}             one engine step (schedule, forward with its expert exchanges,
+                                                sampling, MTP drafting); phase: prefill or decode (the worker's
+                                                role), colocated (a gateway's own engine)
+  tandem_expert_exchange_seconds_total, tandem_expert_exchanges_total   an attention worker's time blocked in
+                                                expert exchanges (grouping and posting its tokens, waiting for
+                                                and combining the replies; see tandem.transport.expert_dispatch),
+                                                and how many (one per MoE layer per forward)
+Per engine step, then: step time = exchange time (of which the expert servers' own compute,
+tandem_expert_compute_seconds_total on each expert server, by source rank) + the worker's own compute
+(attention, dense layers, shared experts, router, sampling, drafting) and its bookkeeping.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -35,10 +47,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tandem.engine.runner import EngineRunner
 
+if TYPE_CHECKING:
+    from tandem.transport.expert_dispatch import ExchangeTime
+
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class ServiceMetrics:
@@ -133,6 +149,18 @@ def call_status(context: grpc.ServicerContext, error: BaseException | None) -> g
     return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
 
 
+class EngineTimings:
+    """The engine steps' durations, `phase` naming what the engine does (prefill, decode); `observe` is the
+    runner's on_step hook."""
+
+    def __init__(self, metrics: ServiceMetrics, phase: str):
+        self.step_seconds = Histogram("tandem_engine_step_seconds", "Seconds one engine step takes", ["phase"],
+                                      buckets=STEP_BUCKETS, registry=metrics.registry).labels(phase)
+
+    def observe(self, seconds: float) -> None:
+        self.step_seconds.observe(seconds)
+
+
 # --- state read at scrape time ------------------------------------------------------------------------------
 def _queue(num_waiting: int, num_running: int) -> GaugeMetricFamily:
     queue = GaugeMetricFamily("tandem_queue_requests", "Requests waiting and running", labels=["state"])
@@ -185,3 +213,22 @@ class WorkerBackendCollector:
         s = self.backend.stats()
         yield _queue(s.num_waiting, s.num_running)
         yield from _speculation(s.num_draft_tokens, s.num_accepted_draft_tokens)
+
+
+class ExchangeCollector:
+    """An attention worker's time in expert exchanges, from the `ExchangeTime` its RemoteExperts add to; nothing
+    until `timer()` returns one (a worker still loading)."""
+
+    def __init__(self, timer: Callable[[], ExchangeTime | None]):
+        self.timer = timer
+
+    def collect(self):
+        timer = self.timer()
+        if timer is None:
+            return
+        seconds, count = timer.seconds, timer.count
+        yield CounterMetricFamily("tandem_expert_exchange_seconds", "Seconds the engine spent in expert exchanges "
+                                  "(posting tokens to the expert servers, waiting for and combining the replies)",
+                                  value=seconds)
+        yield CounterMetricFamily("tandem_expert_exchanges", "Expert exchanges (one per MoE layer per forward)",
+                                  value=count)

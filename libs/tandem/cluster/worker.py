@@ -6,6 +6,12 @@ routed experts, join the data plane (blocks until every rank of the deployment's
 route every MoE layer to the expert servers with the controller's placement (`use_remote_experts`), build the
 engine and its `EngineRunner` -> ready. A heartbeat thread reports readiness to the controller meanwhile.
 
+A failed engine (the engine thread raised, e.g. an expert server died mid-exchange: gloo errors stick to the
+connection, so nothing can heal it short of rebuilding the world) fails every open request with UNAVAILABLE
+and ends the worker's service: `ready` clears, health turns NOT_SERVING, the heartbeats say is_ready=false
+(the next one at once) and every later call gets UNAVAILABLE naming the cause, until the process is
+restarted. The gateway picks only ready workers, so it stops sending requests here.
+
 Handoff wire protocol (prefill -> decode, on the plane's KV group, `tandem.transport.kv_transfer` framing):
 every Prefill that succeeds sends exactly one handoff to the decode rank it was given, under its
 kv_transfer_id, as one or two `send_kv` transfers back to back (a per-process lock keeps one handoff's
@@ -54,7 +60,7 @@ import grpc
 import torch
 
 from tandem.cluster.config import ConfigError, setting
-from tandem.cluster.metrics import EngineCollector, ServiceMetrics
+from tandem.cluster.metrics import EngineCollector, EngineTimings, ExchangeCollector, ServiceMetrics
 from tandem.cluster.signals import stop_on_signals
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.handoff import PrefilledSequence
@@ -62,6 +68,7 @@ from tandem.engine.runner import EngineRunner
 from tandem.engine.sampling import SamplingParams
 from tandem.moe.placement import Placement
 from tandem.transport import DataPlane, Roles, TransportError, recv_kv, send_kv, stop_expert_server
+from tandem.transport.expert_dispatch import ExchangeTime, time_exchanges
 from tandem.transport.expert_parallel import use_remote_experts
 from tandem.transport.wire import IDLE_WAIT, code_dtype, dtype_code
 from tandem.v1 import controller_pb2 as cpb
@@ -136,8 +143,9 @@ def placement_from_proto(p: cpb.Placement) -> Placement:
 
 class AttentionWorker:
     """A prefill or decode worker's membership and engine: `register`, then `start` loads and joins in the
-    background; `runner` and `plane` are set once `ready` is. Both roles run the same engine; the prefill
-    worker's requests are prefill-only."""
+    background; `runner`, `plane` and `exchange_time` are set once `ready` is. Both roles run the same engine;
+    the prefill worker's requests are prefill-only. `failure` is why it does not serve: its start-up or its
+    engine failed (`ready` stays clear for good)."""
 
     def __init__(self, config: WorkerConfig, role: int):
         self.config = config
@@ -146,8 +154,11 @@ class AttentionWorker:
         self.failure: BaseException | None = None
         self.runner: EngineRunner | None = None
         self.plane: DataPlane | None = None
+        self.exchange_time: ExchangeTime | None = None
         self.member: cpb.Member | None = None
         self._stopping = threading.Event()
+        self._beat = threading.Event()  # wakes the heartbeat thread (to stop, or to report a failure at once)
+        self._on_failure = None
         self._channel = grpc.insecure_channel(config.controller)
         self._controller = cpb_grpc.ControllerStub(self._channel)
 
@@ -162,11 +173,14 @@ class AttentionWorker:
                  reply.member.index, reply.member.rank, reply.data_plane.world_size, self.placement_proto.version)
         return reply
 
-    def start(self, on_ready) -> None:
-        """Load, join and build the engine on a background thread; `on_ready()` runs once it serves."""
-        threading.Thread(target=self._start, args=(on_ready,), name="worker-start", daemon=True).start()
+    def start(self, on_ready, on_failure=None, on_step=None) -> None:
+        """Load, join and build the engine on a background thread; `on_ready()` runs once it serves,
+        `on_failure()` once if its engine fails later, `on_step(seconds)` after every engine step (on the engine
+        thread: keep it cheap)."""
+        self._on_failure = on_failure
+        threading.Thread(target=self._start, args=(on_ready, on_step), name="worker-start", daemon=True).start()
 
-    def _start(self, on_ready) -> None:
+    def _start(self, on_ready, on_step) -> None:
         from tandem.model.config import ModelConfig
         from tandem.model.loading import load_model
 
@@ -182,6 +196,7 @@ class AttentionWorker:
                                         timeout_s=config.join_timeout_s, roles=roles,
                                         device=config.device if dp.backend == "gloo" else None)
             use_remote_experts(model, self.plane, placement, slots, config.expert_timeout_s)
+            self.exchange_time = time_exchanges(model)
             spec = config.num_speculative_tokens
             if spec is None:
                 spec = ModelConfig.from_file(config.model).num_nextn_predict_layers
@@ -189,7 +204,8 @@ class AttentionWorker:
                                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                                 block_size=config.block_size, num_kv_blocks=config.num_kv_blocks,
                                                 num_speculative_tokens=spec))
-            self.runner = EngineRunner(engine, config.max_queued, stream_timeout_s=None)
+            self.runner = EngineRunner(engine, config.max_queued, stream_timeout_s=None, on_step=on_step,
+                                       on_failure=self._engine_failed)
         except BaseException as e:  # noqa: BLE001 - reported by health (never SERVING) and the log
             log.exception("worker start-up failed")
             self.failure = e
@@ -198,9 +214,32 @@ class AttentionWorker:
         log.info("data-plane rank %d joined (%d ranks, %s); serving", self.member.rank, dp.world_size, dp.backend)
         on_ready()
 
+    def _engine_failed(self, error: BaseException) -> None:
+        """The runner's on_failure hook (engine thread): its open requests have failed; stop serving for good."""
+        self.failure = error
+        self.ready.clear()
+        log.error("%s worker: the engine failed (%r); every request in flight failed with UNAVAILABLE, and the "
+                  "worker serves no more (health NOT_SERVING, not ready for the controller) until it is restarted",
+                  role_name(self.role), error)
+        self._beat.set()
+        if self._on_failure is not None:
+            self._on_failure()
+
+    def not_serving_reason(self) -> str:
+        """Why calls get UNAVAILABLE while `ready` is clear, for their status message."""
+        name = role_name(self.role)
+        if self.failure is not None:
+            what = "engine" if self.runner is not None else "start-up"
+            return f"the {name} worker's {what} failed ({self.failure!r}); it serves no more until restarted"
+        return f"the {name} worker is starting or shutting down"
+
     def _heartbeat(self) -> None:
         interval = max(self._registration.heartbeat_interval_ms, 50) / 1000
-        while not self._stopping.wait(interval):
+        while True:
+            self._beat.wait(interval)
+            self._beat.clear()
+            if self._stopping.is_set():
+                return
             try:
                 self._controller.Heartbeat(cpb.HeartbeatRequest(member_id=self.member.member_id,
                                                                 is_ready=self.ready.is_set()), timeout=interval * 3)
@@ -216,6 +255,7 @@ class AttentionWorker:
         except grpc.RpcError:
             pass  # the controller may be gone first; it then learns from the missing heartbeats
         self._stopping.set()
+        self._beat.set()
         if self.runner is not None:
             self.runner.close(grace_s)
         if self.plane is not None:
@@ -395,9 +435,10 @@ class HandoffInbox:
 
 
 class WorkerServer:
-    """One attention worker's gRPC server: its servicer, standard health (NOT_SERVING until the engine serves and
-    while shutting down) and reflection, registered with the controller under the bound port; with a metrics
-    port, its Prometheus metrics (the servicer's calls, and its engine's queue, KV blocks and speculation)."""
+    """One attention worker's gRPC server: its servicer, standard health (NOT_SERVING until the engine serves,
+    once the engine failed, and while shutting down) and reflection, registered with the controller under the
+    bound port; with a metrics port, its Prometheus metrics (the servicer's calls, its engine's queue, KV blocks,
+    speculation and step times, and its time in expert exchanges)."""
 
     SPARE_RPCS = 8  # health checks, GetLoad, Cancel and reflection beyond the requests in flight
 
@@ -411,9 +452,12 @@ class WorkerServer:
         self.worker = AttentionWorker(config, role)
         self.metrics = ServiceMetrics()
         self.metrics.registry.register(EngineCollector(lambda: self.worker.runner))
+        self.metrics.registry.register(ExchangeCollector(lambda: self.worker.exchange_time))
+        self.timings = EngineTimings(self.metrics, phase=role_name(role))
         self.health = health.HealthServicer()
         self._names = ("", service_name)
         self._serving = health_pb2.HealthCheckResponse.SERVING
+        self._not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         workers = config.max_queued + self.SPARE_RPCS
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=role_name(role)),
                                   maximum_concurrent_rpcs=workers)
@@ -422,8 +466,7 @@ class WorkerServer:
         reflection.enable_server_reflection(
             (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        for name in self._names:
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._set_health(self._not_serving)
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"cannot bind the gRPC port {config.host}:{config.port}")
@@ -434,9 +477,14 @@ class WorkerServer:
             self.metrics.serve(self.config.host, self.config.metrics_port)
         self.server.start()
         self.worker.register(f"{self.config.advertise_host}:{self.port}")
-        self.worker.start(on_ready=lambda: [self.health.set(n, self._serving) for n in self._names])
+        self.worker.start(on_ready=lambda: self._set_health(self._serving),
+                          on_failure=lambda: self._set_health(self._not_serving), on_step=self.timings.observe)
         log.info("%s listening on port %d", role_name(self.worker.role), self.port)
         return self
+
+    def _set_health(self, status) -> None:
+        for name in self._names:
+            self.health.set(name, status)
 
     def stop(self, grace_s: float | None = None) -> None:
         """Health NOT_SERVING, let open requests finish within the grace period, release the peers, stop."""

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -110,15 +111,20 @@ class EngineRunner:
     """Owns an Engine and steps it on one background thread; every other method is thread-safe.
 
     At most `max_queued` requests are admitted (waiting or running) at a time; `submit` raises QueueFull
-    beyond that. `stream_timeout_s` is the default per-output timeout of the streams it returns.
+    beyond that. `stream_timeout_s` is the default per-output timeout of the streams it returns. Both hooks run
+    on the engine thread: `on_step(seconds)` after every engine step (keep it cheap), `on_failure(error)` once
+    when the engine fails, after every open stream has been failed.
     """
 
-    def __init__(self, engine: Engine, max_queued: int, stream_timeout_s: float | None = 300.0):
+    def __init__(self, engine: Engine, max_queued: int, stream_timeout_s: float | None = 300.0,
+                 on_step: Callable[[float], None] | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None):
         if max_queued <= 0:
             raise ValueError(f"max_queued must be positive, got {max_queued}")
         self.engine = engine
         self.max_queued = max_queued
         self.stream_timeout_s = stream_timeout_s
+        self.on_step, self.on_failure = on_step, on_failure
         self._cond = threading.Condition()
         self._commands: deque[tuple[str, tuple, Future | None]] = deque()
         self._streams: dict[str, RequestStream] = {}  # admitted and not finished; engine thread removes
@@ -227,7 +233,11 @@ class EngineRunner:
                 if stopping:
                     break
                 if self.engine.has_unfinished:
-                    self._dispatch(self.engine.step())
+                    started = time.perf_counter()
+                    outputs = self.engine.step()
+                    if self.on_step is not None:
+                        self.on_step(time.perf_counter() - started)
+                    self._dispatch(outputs)
                 with self._cond:
                     self._stats = self._snapshot()
                     self._cond.notify_all()  # close() waits for streams to end
@@ -296,6 +306,11 @@ class EngineRunner:
         for _, _, done in commands:
             if done is not None and not done.done():
                 done.set_exception(failure)
+        if self.on_failure is not None:
+            try:
+                self.on_failure(error)
+            except Exception:  # noqa: BLE001 - the streams are failed already; the hook's error is only logged
+                log.exception("the engine runner's on_failure hook failed")
 
     def _snapshot(self) -> RunnerStats:
         scheduler = self.engine.scheduler

@@ -1,12 +1,15 @@
 """The gateway's backend over prefill and decode workers: the same submit / cancel / close as `EngineRunner`.
 
-Per request: list the ready workers from the controller, pick the prefill worker with the fewest queued prompt
-tokens and the decode worker with the most free KV blocks (their GetLoad), then, on a thread of the request's
-own, open DecodeWorker.Decode first (it posts the KV receive) and call PrefillWorker.Prefill (it sends the KV
-cache and answers with the first token); the stream yields that token, then the decode worker's. A worker's
-error ends the stream with `WorkerError` carrying the worker's status code and message. `cancel` calls the
-decode worker's Cancel (its KV blocks are freed at once; the stream ends "cancelled") and cancels the calls.
-`stats` counts the requests waiting (for workers or their first token) and streaming, for the metrics.
+Per request: list the workers from the controller and, among those it lists as ready (their last heartbeat
+said so; a worker whose engine failed says not) that answer GetLoad (one that failed since its last heartbeat
+answers UNAVAILABLE), pick the prefill worker with the fewest queued prompt tokens and the decode worker with
+the most free KV blocks; with none of a role the request fails with UNAVAILABLE saying so. Then, on a thread of
+the request's own, open DecodeWorker.Decode first (it posts the KV receive) and call PrefillWorker.Prefill (it
+sends the KV cache and answers with the first token); the stream yields that token, then the decode worker's. A
+worker's error ends the stream with `WorkerError` carrying the worker's status code and message. `cancel` calls
+the decode worker's Cancel (its KV blocks are freed at once; the stream ends "cancelled") and cancels the calls.
+`stats` counts the requests waiting (for workers or their first token) and streaming, for the metrics;
+`cluster_shape` asks the controller for the deployment's shape, for GetModelInfo.
 """
 
 from __future__ import annotations
@@ -72,15 +75,17 @@ class WorkerBackend:
 
     At most `max_queued` requests are in flight at a time (QueueFull beyond). Requests that ask for the server's
     default speculation get `num_speculative_tokens`. `rpc_timeout_s` bounds the control calls (ListMembers,
-    GetLoad, Cancel)."""
+    GetLoad, Cancel), `shape_timeout_s` the controller calls of `cluster_shape`."""
 
     def __init__(self, controller_address: str, max_queued: int, num_speculative_tokens: int,
-                 rpc_timeout_s: float = 5.0):
+                 rpc_timeout_s: float = 5.0, shape_timeout_s: float = 2.0):
         if max_queued <= 0:
             raise ValueError(f"max_queued must be positive, got {max_queued}")
         self.max_queued = max_queued
         self.num_speculative_tokens = num_speculative_tokens
         self.rpc_timeout_s = rpc_timeout_s
+        self.shape_timeout_s = shape_timeout_s
+        self.controller_address = controller_address
         self._controller_channel = grpc.insecure_channel(controller_address)
         self._controller = cpb_grpc.ControllerStub(self._controller_channel)
         self._channels: dict[str, grpc.Channel] = {}
@@ -149,6 +154,27 @@ class WorkerBackend:
             running = sum(1 for call in self._calls.values() if call is not None and call.is_decoding)
             return BackendStats(len(self._calls) - running, running, self._num_draft_tokens,
                                 self._num_accepted_draft_tokens)
+
+    def cluster_shape(self) -> gpb.ClusterShape:
+        """The deployment as the controller sees it now: the prefill workers, decode workers and expert servers
+        registered with it (ready or not: the members holding the deployment's slots, a down one until another
+        takes its slot over; readiness is what ListMembers and each service's health tell), and the current
+        placement's slots per expert server and version. WorkerError(UNAVAILABLE) when the controller does not
+        answer within `shape_timeout_s`."""
+        deadline = time.monotonic() + self.shape_timeout_s
+        try:
+            members = self._controller.ListMembers(cpb.ListMembersRequest(), timeout=self.shape_timeout_s).members
+            placement = self._controller.GetPlacement(cpb.GetPlacementRequest(version=0),
+                                                      timeout=max(deadline - time.monotonic(), 0.01))
+        except grpc.RpcError as e:
+            raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"the cluster shape is unknown: controller "
+                              f"{self.controller_address} answered {e.code().name}: {e.details()}") from None
+        count = {role: sum(1 for m in members if m.role == role)
+                 for role in (cpb.ROLE_PREFILL, cpb.ROLE_DECODE, cpb.ROLE_EXPERT)}
+        return gpb.ClusterShape(num_prefill_workers=count[cpb.ROLE_PREFILL], num_decode_workers=count[cpb.ROLE_DECODE],
+                                num_expert_servers=count[cpb.ROLE_EXPERT],
+                                num_slots_per_server=placement.num_slots_per_server,
+                                placement_version=placement.version)
 
     def close(self, grace_s: float = 0.0) -> None:
         """Stop admitting, give open requests up to `grace_s` seconds, cancel the rest and wait for them."""
@@ -235,27 +261,34 @@ class WorkerBackend:
 
     # --- picking workers --------------------------------------------------------------------------------------
     def _pick(self, role: int, score) -> tuple[grpc.Channel, cpb.Member]:
-        """The ready member of `role` whose WorkerLoad scores highest (members that fail GetLoad are skipped)."""
+        """The member of `role` whose WorkerLoad scores highest, among those the controller lists as ready that
+        answer GetLoad; WorkerError(UNAVAILABLE) saying why when there is none."""
         name = cpb.Role.Name(role).removeprefix("ROLE_").lower()
         try:
             members = self._controller.ListMembers(cpb.ListMembersRequest(role=role),
                                                    timeout=self.rpc_timeout_s).members
         except grpc.RpcError as e:
             raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"controller: {e.details()}") from None
-        best = None
-        for member in members:
-            if not member.is_ready:
-                continue
+        ready = [m for m in members if m.is_ready]
+        best, refused = None, []
+        for member in ready:
             channel = self._channel(member.address)
             stub = pb_grpc.DecodeWorkerStub(channel) if role == cpb.ROLE_DECODE else pb_grpc.PrefillWorkerStub(channel)
             try:
                 load = stub.GetLoad(pb.GetLoadRequest(), timeout=self.rpc_timeout_s)
-            except grpc.RpcError:
+            except grpc.RpcError as e:  # stopped serving since its last heartbeat (its engine failed, shutdown)
+                refused.append(f"{member.address}: {e.code().name}: {e.details()}")
                 continue
             if best is None or score(load) > best[0]:
                 best = (score(load), channel, member)
         if best is None:
-            raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"no {name} worker is serving")
+            if not members:
+                why = "none is registered with the controller"
+            elif not refused:
+                why = f"{len(members)} registered, none ready"
+            else:
+                why = f"{len(members)} registered, {len(refused)} of them not serving: {'; '.join(refused)}"
+            raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"no {name} worker is ready ({why})")
         return best[1], best[2]
 
     def _channel(self, address: str) -> grpc.Channel:

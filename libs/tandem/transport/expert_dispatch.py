@@ -22,11 +22,17 @@ its receives together with its sends: all involved servers are sent to before an
 Errors: every wait is bounded by the call's timeout; a dead server (connection closed) fails at once, a
 silent one after timeout_s, both as TransportError naming the server's rank and the layer. After a timeout,
 gloo has closed this process's expert-group connections (see DataPlane): the worker must rejoin.
+
+Timing: with an `ExchangeTime` attached (`time_exchanges`), each exchange adds the time its caller spent in
+`dispatch` (grouping tokens by server, posting) and in `InFlight.wait` (waiting for the replies, combining
+them): the attention worker's time blocked on the expert servers, not the time it computes while a
+dispatched layer is in flight.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +42,28 @@ from tandem.moe.placement import LayerPlacement
 from tandem.transport.group import DataPlane
 from tandem.transport.wire import (Deadline, Kind, Tag, TransportError, dtype_code, empty_header, make_header,
                                    post_recv, post_send, wait)
+
+
+@dataclass(slots=True)
+class ExchangeTime:
+    """Seconds spent in expert exchanges and how many ended, since start. Written by the thread that runs the
+    model (one per plane, see RemoteExperts), read by metrics scrapes: plain numbers, no lock."""
+
+    seconds: float = 0.0
+    count: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.count += 1
+
+
+def time_exchanges(model: nn.Module, timer: ExchangeTime | None = None) -> ExchangeTime:
+    """Attach one ExchangeTime to every RemoteExperts in `model` (a new one unless given); returns it."""
+    timer = ExchangeTime() if timer is None else timer
+    for module in model.modules():
+        if isinstance(module, RemoteExperts):
+            module.exchange_time = timer
+    return timer
 
 
 @dataclass(slots=True)
@@ -57,16 +85,20 @@ class InFlight:
     Always wait an InFlight, even when its result is no longer wanted (see `wait`)."""
 
     def __init__(self, out: torch.Tensor, layer: int, exchanges: list[_Exchange], deadline: Deadline,
-                 error: TransportError | None = None):
+                 error: TransportError | None = None, timer: ExchangeTime | None = None,
+                 dispatch_s: float = 0.0):
         self._out = out
         self._layer = layer
         self._exchanges = exchanges
         self._deadline = deadline
         self._error = error  # a failure while posting, raised once the posted exchanges are drained
+        self._timer = timer
+        self._dispatch_s = dispatch_s  # time `dispatch` took, added to the timer with the wait's
 
     def wait(self) -> torch.Tensor:
         """Combine every server's reply; raises the first TransportError only after every exchange has ended,
         because a receive abandoned while posted stalls its connection for the next call."""
+        started = time.perf_counter()
         errors = [] if self._error is None else [self._error]
         for ex in self._exchanges:
             try:
@@ -74,6 +106,9 @@ class InFlight:
             except TransportError as e:
                 errors.append(e)
         self._exchanges = []
+        if self._timer is not None:
+            self._timer.add(self._dispatch_s + time.perf_counter() - started)
+            self._timer = None  # a second wait adds nothing
         if errors:
             raise errors[0]
         return self._out
@@ -117,6 +152,7 @@ class RemoteExperts(nn.Module):
         self.register_buffer("log2phy", placement.log2phy, persistent=False)
         self.register_buffer("logcnt", placement.logcnt, persistent=False)
         self._seq = itertools.count(1)
+        self.exchange_time: ExchangeTime | None = None  # see `time_exchanges`
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], expert_ids [T, K] logical, weights [T, K] -> [T, D] weighted sum of the experts' outputs."""
@@ -125,6 +161,7 @@ class RemoteExperts(nn.Module):
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> InFlight:
         """Send every involved server its share; returns at once with the replies' receives posted."""
         # T tokens, K active experts, D hidden; per server: P (token, expert) pairs over R distinct rows
+        started = time.perf_counter()
         slots = LayerPlacement(self.log2phy, self.logcnt).to_physical(expert_ids)
         server_of = slots // self.slots_per_server
         deadline = Deadline(self.timeout_s)
@@ -139,7 +176,8 @@ class RemoteExperts(nn.Module):
                                                 weights[token, k].contiguous(), rows))
                 except TransportError as e:  # keep posting: the other servers' shares must still complete
                     error = error or e
-        return InFlight(torch.zeros_like(x), self.layer, exchanges, deadline, error)
+        return InFlight(torch.zeros_like(x), self.layer, exchanges, deadline, error, self.exchange_time,
+                        time.perf_counter() - started)
 
     def _post(self, server: int, x_rows: torch.Tensor, pairs: torch.Tensor, pair_weights: torch.Tensor,
               rows: torch.Tensor) -> _Exchange:

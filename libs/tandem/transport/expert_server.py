@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -30,6 +31,10 @@ class ExpertWorker:
     receives posted elsewhere in the group, even from ranks that never talk to it, and re-posting one could
     swallow a live peer's message. Per-source receives keep a dead peer's failure on its own connection.
     Computing (and on_tokens) is serialised; the exchanges overlap.
+
+    `compute_seconds[src]` and `num_computed[src]`: the time spent running the expert FFNs (and counting their
+    tokens) for attention rank src's requests, not receiving or replying, and how many requests, since start;
+    written under the compute lock, read without it (metrics scrapes).
     """
 
     def __init__(self, plane: DataPlane, banks: dict[int, ExpertBank], phy2log: dict[int, torch.Tensor],
@@ -47,6 +52,9 @@ class ExpertWorker:
         self.timeout_s = plane.timeout_s if timeout_s is None else timeout_s
         self.num_served = 0
         self.failed_peers: dict[int, str] = {}  # attention rank -> why its connection was given up
+        attention = [plane.roles.attention_rank(i) for i in range(plane.roles.num_attention)]
+        self.compute_seconds: dict[int, float] = dict.fromkeys(attention, 0.0)
+        self.num_computed: dict[int, int] = dict.fromkeys(attention, 0)
         self._compute_lock = threading.Lock()
 
     def serve_one(self, src: int) -> bool:
@@ -103,7 +111,7 @@ class ExpertWorker:
             wait(work, deadline.remaining(), what)
         with self._compute_lock:
             try:
-                out, kind = self._run(layer, x, pairs, weights), Kind.EXPERT_RESULT
+                out, kind = self._run(layer, x, pairs, weights, src), Kind.EXPERT_RESULT
             except Exception:  # reported to the sender as EXPERT_ERROR, which fails its request
                 log.exception("request %d (MoE layer %d) from rank %d failed", seq, layer, src)
                 out, kind = torch.zeros_like(x), Kind.EXPERT_ERROR
@@ -115,8 +123,9 @@ class ExpertWorker:
         for work in sends:
             wait(work, deadline.remaining(), what)
 
-    def _run(self, layer: int, x: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _run(self, layer: int, x: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, src: int) -> torch.Tensor:
         """x [R, D], pairs [2, P] (row, local slot), weights [P] -> [R, D] weighted sums per row."""
+        started = time.perf_counter()
         bank = self.banks[layer]
         row_of_pair, slot = pairs
         per_pair = bank(x[row_of_pair], slot[:, None], weights[:, None])  # [P, D]
@@ -125,6 +134,10 @@ class ExpertWorker:
             per_slot = torch.bincount(slot, minlength=bank.num_slots).cpu()
             counts = torch.zeros(self.num_logical, dtype=torch.int64).index_add_(0, self.phy2log[layer], per_slot)
             self.on_tokens(layer, counts)
+        # no sync of its own: on a GPU the counts' .cpu() above waits for the FFN kernels (without on_tokens the
+        # time is the launches', and the rest lands in the reply's send)
+        self.compute_seconds[src] += time.perf_counter() - started
+        self.num_computed[src] += 1
         return out
 
 
