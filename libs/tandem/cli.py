@@ -12,6 +12,7 @@ import torch
 
 from services import add_serve_parser
 from tandem.cluster.launcher import add_up_parser
+from tandem.eplb.cli import add_eplb_parser
 from tandem.train.cli import add_train_parser
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -88,6 +89,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_serve_parser(sub)
     add_up_parser(sub)
+    add_eplb_parser(sub)
     return parser
 
 
