@@ -27,8 +27,10 @@ flushes to Redis every `stats_flush_interval_s` (key schema in tandem.eplb.stats
 time spent computing the expert FFNs, per sending attention rank (`tandem_expert_compute_seconds_total{source_rank}`
 and `tandem_expert_computed_requests_total`), for profiling a step across the services.
 
-The placement is static for now: LoadExperts and UnloadExperts answer UNIMPLEMENTED, and a newer version
-announced by the controller is logged and not followed.
+Placement changes (expert load balancing): LoadExperts(placement N+1) builds this server's banks of version
+N+1 beside the ones serving -- experts it already holds are copied from memory, only the others are read from
+the checkpoint -- while the data plane keeps serving; requests name their version, so both serve until
+UnloadExperts(keep_version) frees every other version. A failed load leaves the serving versions untouched.
 
 SIGTERM/SIGINT: health NOT_SERVING, stop serving the plane, a last heartbeat with is_ready false, a last flush
 of the statistics, then the gRPC server stops within `grace_s`; exit code 0. A server that cannot join the
@@ -55,11 +57,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from tandem.cluster.config import ConfigError, add_config_flags, build_config, setting
 from tandem.cluster.signals import stop_on_signals
 from tandem.eplb.stats import ExpertLoadRecorder, connect
-from tandem.model.checkpoint import Checkpoint
+from tandem.model.checkpoint import Checkpoint, CheckpointError
 from tandem.model.loading import expert_key
 from tandem.moe.placement import Placement
 from tandem.transport import DataPlane, ExpertWorker, Roles
-from tandem.transport.expert_parallel import load_server_experts, moe_layer_ids
+from tandem.transport.expert_parallel import load_server_experts, moe_layer_ids, restage_server_experts
 from tandem.v1 import controller_pb2 as cpb
 from tandem.v1 import controller_pb2_grpc as cpb_grpc
 from tandem.v1 import expert_pb2 as pb
@@ -70,8 +72,6 @@ SERVICE = "expert"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertServer"].full_name
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RPC_TIMEOUT_S = 5.0  # each call to the controller once it is up
-STATIC_PLACEMENT = ("the placement is static: loading and unloading experts at run time comes with expert load "
-                    "balancing (dynamic placement)")
 
 
 @dataclass(slots=True, frozen=True)
@@ -120,6 +120,10 @@ class ExpertServerConfig:
             raise ConfigError(f"grace_s: {self.grace_s} is negative")
 
 
+class PlacementChangeError(RuntimeError):
+    """LoadExperts or UnloadExperts cannot be done in the server's state (the message says why)."""
+
+
 class TokenCounts:
     """Tokens each logical expert received, per placement row, since start; thread-safe."""
 
@@ -138,20 +142,30 @@ class TokenCounts:
 
 
 class ExpertServerServicer(pb_grpc.ExpertServerServicer):
-    """Translates the ExpertServer API to the server's state; the placement is static for now."""
+    """Translates the ExpertServer API to the server's state."""
 
     def __init__(self, server: "ExpertServer"):
         self.server = server
 
     def LoadExperts(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"LoadExperts: {STATIC_PLACEMENT}")
+        try:
+            num_read = self.server.stage(request.placement)
+        except PlacementChangeError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"LoadExperts: {e}")
+        except (ValueError, CheckpointError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"LoadExperts: {e}")
+        return pb.LoadExpertsResponse(num_loaded_experts=num_read)
 
     def UnloadExperts(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"UnloadExperts: {STATIC_PLACEMENT}")
+        try:
+            freed = self.server.keep_only(request.keep_version)
+        except PlacementChangeError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"UnloadExperts: {e}")
+        return pb.UnloadExpertsResponse(num_unloaded_experts=freed)
 
     def GetStats(self, request, context):
         s = self.server
-        versions = [] if s.placement is None else [s.placement.version]
+        versions = s.worker.versions if s.worker is not None else [] if s.placement is None else [s.placement.version]
         rows = [] if s.counts is None else s.counts.snapshot().tolist()
         recorder = s.recorder
         return pb.ExpertStats(placement_versions=versions,
@@ -220,7 +234,10 @@ class ExpertServer:
         self.controller = cpb_grpc.ControllerStub(self.channel)
         # filled in by start()
         self.member: cpb.Member | None = None
-        self.placement: Placement | None = None
+        self.placement: Placement | None = None  # the newest version held
+        self._placements: dict[int, Placement] = {}  # every version held (the serving one and a staged one)
+        self.slots_per_server = 0
+        self._stage_lock = threading.Lock()  # one placement change at a time
         self.counts: TokenCounts | None = None
         self.recorder: ExpertLoadRecorder | None = None
         self.plane: DataPlane | None = None
@@ -260,7 +277,8 @@ class ExpertServer:
             self.recorder = ExpertLoadRecorder(connect(config.redis_url), model, config.stats_window_s,
                                                config.stats_retention_s)
             self.recorder.start(config.stats_flush_interval_s)
-        self.placement = placement
+        self.placement, self._placements, self.slots_per_server = placement, {placement.version: placement}, \
+            proto.num_slots_per_server
         threading.Thread(target=self._serve_plane, args=(reply.data_plane, roles, banks, phy2log), daemon=True,
                          name="data-plane").start()
         return self
@@ -329,7 +347,7 @@ class ExpertServer:
             self.fail(f"cannot join the data plane: {e}")
             return
         worker = ExpertWorker(self.plane, banks, phy2log, self.placement.num_logical, on_tokens=self._on_tokens,
-                              timeout_s=self.config.timeout_s)
+                              timeout_s=self.config.timeout_s, version=self.placement.version)
         self.worker = worker
         if self._stopping.is_set():
             return
@@ -343,6 +361,49 @@ class ExpertServer:
             self.is_ready = False
             self._set_health(False)
 
+    def stage(self, proto: cpb.Placement) -> int:
+        """Load this server's experts of placement `proto` beside the serving ones; returns experts read."""
+        worker = self.worker
+        if worker is None or not self.is_ready:
+            raise PlacementChangeError("the server is not serving yet (or shutting down)")
+        current = self.placement
+        placement = Placement(torch.tensor([list(row.phy2log) for row in proto.layers], dtype=torch.int64),
+                              proto.num_logical_experts, proto.version)
+        if placement.phy2log.shape != current.phy2log.shape or placement.num_logical != current.num_logical:
+            raise ValueError(f"placement version {placement.version} has shape {tuple(placement.phy2log.shape)} "
+                             f"of {placement.num_logical} experts; this deployment's is "
+                             f"{tuple(current.phy2log.shape)} of {current.num_logical}")
+        if proto.num_slots_per_server != self.slots_per_server:
+            raise ValueError(f"placement version {placement.version} has {proto.num_slots_per_server} slots per "
+                             f"server; this server has {self.slots_per_server}")
+        if placement.version in worker.versions:
+            raise PlacementChangeError(f"placement version {placement.version} is loaded already")
+        with self._stage_lock:
+            banks, phy2log, num_read = restage_server_experts(
+                Checkpoint(self.config.model_dir), placement, self.member.index, self.slots_per_server,
+                worker.banks(), worker.phy2log(), dtype=DTYPES[self.config.dtype], device=self._device())
+            worker.add_version(placement.version, banks, phy2log)
+            self._placements[placement.version] = placement
+            self.placement = placement
+        log.info("placement version %d staged beside %s: %d experts read from the checkpoint, the rest copied",
+                 placement.version, worker.versions[:-1], num_read)
+        return num_read
+
+    def keep_only(self, version: int) -> int:
+        """Free every placement version but `version`; returns how many were freed."""
+        worker = self.worker
+        if worker is None:
+            raise PlacementChangeError("the server is not serving yet")
+        with self._stage_lock:
+            try:
+                freed = worker.keep_only(version)
+            except KeyError as e:
+                raise PlacementChangeError(str(e.args[0])) from None
+            self._placements = {version: self._placements[version]}
+            self.placement = self._placements[version]
+        log.info("serving placement version %d only (%d other version(s) freed)", version, freed)
+        return freed
+
     def _on_tokens(self, layer: int, counts: torch.Tensor) -> None:
         row = self._row_of_layer[layer]
         self.counts.add(row, counts)
@@ -351,10 +412,9 @@ class ExpertServer:
 
     def _heartbeat(self, interval_s: float) -> None:
         is_reachable = True
-        warned_version = 0
         while not self._stopping.wait(interval_s):
             try:
-                reply = self.controller.Heartbeat(
+                self.controller.Heartbeat(
                     cpb.HeartbeatRequest(member_id=self.member.member_id, is_ready=self.is_ready),
                     timeout=RPC_TIMEOUT_S)
             except grpc.RpcError as e:
@@ -367,10 +427,6 @@ class ExpertServer:
             if not is_reachable:
                 log.info("controller reachable again")
             is_reachable = True
-            if self.placement is not None and reply.placement_version > max(self.placement.version, warned_version):
-                warned_version = reply.placement_version
-                log.warning("placement version %d published; this server keeps serving version %d (%s)",
-                            reply.placement_version, self.placement.version, STATIC_PLACEMENT)
 
     def _register_again(self) -> None:
         """The controller forgot this member (it restarted): register again under the same address."""

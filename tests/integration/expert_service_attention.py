@@ -47,7 +47,8 @@ def main(controller: str, ckpt_dir: str, out_file: str) -> None:
     with torch.no_grad():
         for row, layer in enumerate(moe_layer_ids(model.config)):
             mlp = model.model.layers[layer].mlp
-            remote = RemoteExperts(plane, layer, placement.layer_table(row), slots, timeout_s=20)
+            remote = RemoteExperts(plane, layer, placement.layer_table(row), slots, timeout_s=20,
+                                   version=placement.version)
             for num_tokens in NUM_TOKENS:
                 x = torch.randn(num_tokens, model.config.hidden_size, generator=generator)
                 weights, expert_ids = mlp.gate(x)

@@ -122,7 +122,7 @@ def test_expert_servers_serve_the_attention_rank_and_count_its_tokens(tmp_path, 
         assert [health_of(ch) for ch in channels] == [NOT_SERVING, NOT_SERVING]
         with pytest.raises(grpc.RpcError) as err:
             stubs[0].LoadExperts(pb.LoadExpertsRequest(), timeout=5)
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "expert load balancing" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not serving yet" in err.value.details()
 
         log = tmp_path / "attention.log"
         attention = subprocess.Popen([sys.executable, str(ATTENTION), address, str(checkpoint), str(tmp_path / "a.pt")],

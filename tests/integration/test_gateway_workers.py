@@ -9,7 +9,6 @@ the gateway stays up and refuses new requests at once, naming the role without a
 
 from __future__ import annotations
 
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,7 +30,7 @@ from tandem.v1 import gateway_pb2 as gpb
 from tandem.v1 import gateway_pb2_grpc as gpb_grpc
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc as pb_grpc
-from worker_world import NUM_KV_BLOCKS, config, health, scrape, start_world, wait_serving
+from worker_world import NUM_KV_BLOCKS, config, health, scrape, start_world, stop_gracefully, wait_serving
 
 # (prompt, max_tokens, GenerateRequest.speculative_tokens: -1 none, 0 the server's default)
 REQUESTS = [([5, 9, 3, 11, 2], 12, 1), (list(range(1, 18)), 10, -1), ([7, 7, 7] + list(range(40, 60)), 14, 0),
@@ -231,10 +230,7 @@ def test_model_info_without_a_controller_is_unavailable(tmp_path):
 
 
 def test_sigterm_ends_every_process(cluster, gateway):
-    for name in ("prefill", "decode"):
-        cluster.procs[name].send_signal(signal.SIGTERM)
-    for name, p in cluster.procs.items():  # the expert servers end once both workers released them
-        assert p.wait(timeout=30) == 0, f"{name}: {cluster.logs[name].read_text()[-3000:]}"
+    stop_gracefully(cluster.procs, cluster.logs)
 
 
 @pytest.mark.timeout(180)

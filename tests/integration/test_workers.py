@@ -6,7 +6,6 @@ its KV blocks; health is SERVING on both workers; SIGTERM ends every process cle
 from __future__ import annotations
 
 import itertools
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +22,7 @@ from tandem.v1 import controller_pb2 as cpb
 from tandem.v1 import gateway_pb2 as gpb
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc as pb_grpc
-from worker_world import NUM_KV_BLOCKS, start_world, wait_serving
+from worker_world import NUM_KV_BLOCKS, start_world, stop_gracefully, wait_serving
 
 # (prompt, max_tokens, speculative tokens)
 REQUESTS = [([5, 9, 3, 11, 2], 12, 1), (list(range(1, 18)), 10, 0), ([7, 7, 7] + list(range(40, 60)), 14, 1),
@@ -122,10 +121,7 @@ def test_prefill_and_decode_workers(cluster):
     prefill_ch.close()
     decode_ch.close()
 
-    for name in ("prefill", "decode"):
-        procs[name].send_signal(signal.SIGTERM)
-    for name, p in procs.items():  # the expert servers end once both workers released them
-        assert p.wait(timeout=30) == 0, f"{name}: {logs[name].read_text()[-3000:]}"
+    stop_gracefully(procs, logs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,10 +1,11 @@
 """A real cluster world for the worker tests: a controller in the test process, and prefill and decode workers
 (`tandem serve prefill|decode`, each with a Prometheus metrics port) and two expert servers
-(worker_expert_server.py) as processes, on a tiny random checkpoint with one MTP layer."""
+(`tandem serve expert`) as processes, on a tiny random checkpoint with one MTP layer."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +30,6 @@ from tandem.v1 import controller_pb2 as cpb
 from tandem.v1 import controller_pb2_grpc as cpb_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPERT_SCRIPT = Path(__file__).with_name("worker_expert_server.py")
 NUM_KV_BLOCKS = 64
 
 
@@ -50,13 +50,15 @@ class World(NamedTuple):
 
 
 @contextmanager
-def start_world(tmp: Path, worker_flags: tuple[str, ...] = ()) -> Iterator[World]:
-    """A world whose workers also get `worker_flags`; every process is killed on exit."""
+def start_world(tmp: Path, worker_flags: tuple[str, ...] = (), expert_flags: tuple[str, ...] = (),
+                **controller_settings) -> Iterator[World]:
+    """A world whose workers also get `worker_flags`, expert servers `expert_flags`, and the controller
+    `controller_settings` (ControllerConfig fields); every process is killed on exit."""
     ckpt = tmp / "ckpt"
     save_checkpoint(ckpt, config(), export_state_dict(random_model(config(), seed=3, std=0.3)), max_shard_bytes=20_000)
-    controller = ControllerServer(ControllerConfig(model_dir=str(ckpt), host="127.0.0.1", port=0, store_port=0,
-                                                   num_prefill=1, num_decode=1, num_expert_servers=2,
-                                                   heartbeat_interval_s=0.5, grace_s=0.5)).start()
+    settings = dict(model_dir=str(ckpt), host="127.0.0.1", port=0, store_port=0, num_prefill=1, num_decode=1,
+                    num_expert_servers=2, heartbeat_interval_s=0.5, grace_s=0.5)
+    controller = ControllerServer(ControllerConfig(**{**settings, **controller_settings})).start()
     address = f"127.0.0.1:{controller.port}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "libs"), str(ROOT),
                                                        os.environ.get("PYTHONPATH", "")]))
@@ -69,7 +71,9 @@ def start_world(tmp: Path, worker_flags: tuple[str, ...] = ()) -> Iterator[World
     flags = ["--model", str(ckpt), "--controller", address, "--host", "127.0.0.1", "--port", "0",
              "--block-size", "4", "--num-kv-blocks", str(NUM_KV_BLOCKS), "--kv-timeout-s", "20", "--grace-s", "1",
              *worker_flags]
-    procs = {f"expert{i}": spawn(f"expert{i}", [sys.executable, str(EXPERT_SCRIPT), str(ckpt), address])
+    procs = {f"expert{i}": spawn(f"expert{i}", [sys.executable, "-m", "tandem.cli", "-v", "serve", "expert",
+                                                 "--model-dir", str(ckpt), "--controller", address, "--host",
+                                                 "127.0.0.1", "--port", "0", "--grace-s", "1", *expert_flags])
              for i in range(2)}
     metrics_ports = {}
     for role in ("prefill", "decode"):
@@ -119,3 +123,18 @@ def scrape(port: int) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
+
+
+def stop_gracefully(procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> None:
+    """SIGTERM the workers; the expert servers, released by both, turn NOT_SERVING; SIGTERM ends them too.
+    Every process must exit with 0."""
+    for name in ("prefill", "decode"):
+        procs[name].send_signal(signal.SIGTERM)
+        assert procs[name].wait(timeout=30) == 0, f"{name}: {logs[name].read_text()[-3000:]}"
+    for name in ("expert0", "expert1"):
+        deadline = time.monotonic() + 30
+        while "every attention rank has left the data plane" not in logs[name].read_text():
+            assert time.monotonic() < deadline, f"{name} was not released:\n{logs[name].read_text()[-3000:]}"
+            time.sleep(0.1)
+        procs[name].send_signal(signal.SIGTERM)
+        assert procs[name].wait(timeout=30) == 0, f"{name}: {logs[name].read_text()[-3000:]}"

@@ -3,16 +3,21 @@
 Wire protocol, per (attention rank, expert server) exchange, on the plane's expert group:
 
   request, attention -> server, four messages in this order:
-    REQUEST_HEADER  int64 [8]: kind=EXPERT_REQUEST, layer, R num_rows, P num_pairs, request_seq,
-                               D hidden, x dtype code, weights dtype code
+    REQUEST_HEADER  int64 [9]: kind=EXPERT_REQUEST, layer, R num_rows, P num_pairs, request_seq,
+                               D hidden, x dtype code, weights dtype code, placement version
     REQUEST_ROWS    [R, D] x.dtype     the distinct token rows this server needs
     REQUEST_PAIRS   int64 [2, P]       per (token, expert) pair: row index into REQUEST_ROWS, local slot
     REQUEST_WEIGHTS [P] weights.dtype  per pair: the router weight
   reply, server -> attention, two messages:
-    RESULT_HEADER   int64 [8]: kind=EXPERT_RESULT (or EXPERT_ERROR), layer, R, P, request_seq (echoed)
+    RESULT_HEADER   int64 [9]: kind=EXPERT_RESULT (or EXPERT_ERROR), layer, R, P, request_seq (echoed)
     RESULT_ROWS     [R, D] x.dtype     per row: sum over its pairs of weight * expert(row); zeros on error
   shutdown, attention -> server: REQUEST_HEADER with kind=SHUTDOWN, nothing else, no reply; the server
     stops listening to that sender.
+
+The local slots of a request are those of the placement version in its header: while the placement changes,
+an expert server holds the experts of the old and the new version side by side, and attention workers switch
+version between two engine steps, so every request names slots the server has (an unknown version is
+answered with EXPERT_ERROR).
 
 Each message part has its own tag and gloo matches receives to sends per (peer, tag) in order, so a server
 answers each sender's requests in the order sent and replies come back in request order; the echoed
@@ -137,22 +142,29 @@ class RemoteExperts(nn.Module):
     """
 
     def __init__(self, plane: DataPlane, layer: int, placement: LayerPlacement, slots_per_server: int,
-                 timeout_s: float):
+                 timeout_s: float, version: int = 0):
         super().__init__()
         if plane.roles is None:
             raise ValueError("RemoteExperts needs a DataPlane joined with roles (to find the expert servers)")
-        num_physical = int(placement.log2phy.max()) + 1
-        if -(-num_physical // slots_per_server) > plane.roles.num_expert_servers:
-            raise ValueError(f"MoE layer {layer}: {num_physical} physical slots need more than the "
-                             f"{plane.roles.num_expert_servers} expert servers of {slots_per_server} slots")
         self.plane = plane
         self.layer = layer
         self.slots_per_server = slots_per_server
         self.timeout_s = timeout_s
         self.register_buffer("log2phy", placement.log2phy, persistent=False)
         self.register_buffer("logcnt", placement.logcnt, persistent=False)
+        self.set_placement(placement, version)
         self._seq = itertools.count(1)
         self.exchange_time: ExchangeTime | None = None  # see `time_exchanges`
+
+    def set_placement(self, placement: LayerPlacement, version: int) -> None:
+        """Route with placement `version` from the next call on (never while a dispatch is in flight)."""
+        num_physical = int(placement.log2phy.max()) + 1
+        if -(-num_physical // self.slots_per_server) > self.plane.roles.num_expert_servers:
+            raise ValueError(f"MoE layer {self.layer}: {num_physical} physical slots need more than the "
+                             f"{self.plane.roles.num_expert_servers} expert servers of {self.slots_per_server} slots")
+        self.log2phy = placement.log2phy.to(self.log2phy.device)
+        self.logcnt = placement.logcnt.to(self.logcnt.device)
+        self.version = version
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], expert_ids [T, K] logical, weights [T, K] -> [T, D] weighted sum of the experts' outputs."""
@@ -187,7 +199,7 @@ class RemoteExperts(nn.Module):
         seq = next(self._seq)
         num_rows, hidden = x_rows.shape
         header = make_header(Kind.EXPERT_REQUEST, self.layer, num_rows, pairs.shape[1], seq, hidden,
-                             dtype_code(x_rows.dtype), dtype_code(pair_weights.dtype), device=device)
+                             dtype_code(x_rows.dtype), dtype_code(pair_weights.dtype), self.version, device=device)
         sends = [post_send(t, rank, group, tag, what) for t, tag in
                  ((header, Tag.REQUEST_HEADER), (x_rows, Tag.REQUEST_ROWS), (pairs, Tag.REQUEST_PAIRS),
                   (pair_weights, Tag.REQUEST_WEIGHTS))]

@@ -23,8 +23,12 @@ class ExpertWorker:
     """Serves expert requests from the attention workers with the banks this server holds.
 
     banks: {layer: ExpertBank of this server's local slots}; phy2log: {layer: [num_slots] logical expert of
-    each local slot}. After each request, on_tokens(layer, counts [num_logical]) gets the tokens each
-    logical expert received, for the load statistics.
+    each local slot}, both of placement `version`. After each request, on_tokens(layer, counts [num_logical])
+    gets the tokens each logical expert received, for the load statistics.
+
+    Placement changes: `add_version` stages a newer version's banks beside the ones serving (requests name
+    their version, see tandem.transport.expert_dispatch); `keep_only` frees every other version once the
+    attention workers have switched (or drops a staged one whose switch was called off).
 
     `serve_forever` listens to each attention rank on its own thread with a receive from that rank only, not
     a receive from any rank: with gloo, a peer whose connection resets (a killed process) also fails any-source
@@ -38,15 +42,14 @@ class ExpertWorker:
     """
 
     def __init__(self, plane: DataPlane, banks: dict[int, ExpertBank], phy2log: dict[int, torch.Tensor],
-                 num_logical: int, on_tokens: TokenCounter | None = None, timeout_s: float | None = None):
+                 num_logical: int, on_tokens: TokenCounter | None = None, timeout_s: float | None = None,
+                 version: int = 0):
         if plane.roles is None:
             raise ValueError("ExpertWorker needs a DataPlane joined with roles (to know the attention ranks)")
-        for layer, bank in banks.items():
-            if layer not in phy2log or phy2log[layer].shape != (bank.num_slots,):
-                raise ValueError(f"MoE layer {layer}: need phy2log of shape ({bank.num_slots},) for its bank")
         self.plane = plane
-        self.banks = banks
-        self.phy2log = {layer: table.to(torch.int64).cpu() for layer, table in phy2log.items()}
+        # version -> (banks, phy2log); replaced as a whole, never mutated, so a reader needs no lock
+        self._versions: dict[int, tuple[dict[int, ExpertBank], dict[int, torch.Tensor]]] = {}
+        self.add_version(version, banks, phy2log)
         self.num_logical = num_logical
         self.on_tokens = on_tokens
         self.timeout_s = plane.timeout_s if timeout_s is None else timeout_s
@@ -56,6 +59,38 @@ class ExpertWorker:
         self.compute_seconds: dict[int, float] = dict.fromkeys(attention, 0.0)
         self.num_computed: dict[int, int] = dict.fromkeys(attention, 0)
         self._compute_lock = threading.Lock()
+
+    @property
+    def versions(self) -> list[int]:
+        """Placement versions held, oldest first."""
+        return sorted(self._versions)
+
+    def banks(self, version: int | None = None) -> dict[int, ExpertBank]:
+        """{layer: bank} of `version` (default: the newest held)."""
+        return self._versions[max(self._versions) if version is None else version][0]
+
+    def phy2log(self, version: int | None = None) -> dict[int, torch.Tensor]:
+        """{layer: [num_slots] logical expert of each local slot} of `version` (default: the newest held)."""
+        return self._versions[max(self._versions) if version is None else version][1]
+
+    def add_version(self, version: int, banks: dict[int, ExpertBank], phy2log: dict[int, torch.Tensor]) -> None:
+        """Hold placement `version`'s banks beside the others (requests of that version can come at once)."""
+        for layer, bank in banks.items():
+            if layer not in phy2log or phy2log[layer].shape != (bank.num_slots,):
+                raise ValueError(f"MoE layer {layer}: need phy2log of shape ({bank.num_slots},) for its bank")
+        if version in self._versions:
+            raise ValueError(f"placement version {version} is already loaded")
+        tables = {layer: table.to(torch.int64).cpu() for layer, table in phy2log.items()}
+        self._versions = {**self._versions, version: (banks, tables)}
+
+    def keep_only(self, version: int) -> int:
+        """Free every version but `version`; returns how many versions were freed. A request still naming a
+        freed version gets EXPERT_ERROR (the controller frees a version only after every worker left it)."""
+        if version not in self._versions:
+            raise KeyError(f"placement version {version} is not loaded (loaded: {self.versions})")
+        freed = len(self._versions) - 1
+        self._versions = {version: self._versions[version]}
+        return freed
 
     def serve_one(self, src: int) -> bool:
         """Wait (indefinitely) for the next message from attention rank src and answer it.
@@ -67,13 +102,13 @@ class ExpertWorker:
         header = empty_header(device)
         what = f"expert server waiting for a request from rank {src}"
         wait(post_recv(header, src, group, Tag.REQUEST_HEADER, what), IDLE_WAIT, what)
-        kind, layer, num_rows, num_pairs, seq, hidden, x_code, w_code = header.tolist()
+        kind, layer, num_rows, num_pairs, seq, hidden, x_code, w_code, version = header.tolist()
         if kind == Kind.SHUTDOWN:
             return False
         if kind != Kind.EXPERT_REQUEST:
             # the sizes of whatever follows are unknown, so this connection cannot be resynchronised
             raise TransportError(f"expert server: unexpected message kind {kind} from rank {src}")
-        self._answer(src, layer, num_rows, num_pairs, seq, hidden, code_dtype(x_code), code_dtype(w_code))
+        self._answer(src, layer, num_rows, num_pairs, seq, hidden, code_dtype(x_code), code_dtype(w_code), version)
         return True
 
     def serve_forever(self, stop_event: threading.Event) -> None:
@@ -97,7 +132,7 @@ class ExpertWorker:
             self.failed_peers[src] = str(e)
 
     def _answer(self, src: int, layer: int, num_rows: int, num_pairs: int, seq: int, hidden: int,
-                x_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
+                x_dtype: torch.dtype, w_dtype: torch.dtype, version: int) -> None:
         # R rows, P (row, expert) pairs, D hidden
         group, device = self.plane.expert_group, self.plane.device
         deadline = Deadline(self.timeout_s)
@@ -111,9 +146,10 @@ class ExpertWorker:
             wait(work, deadline.remaining(), what)
         with self._compute_lock:
             try:
-                out, kind = self._run(layer, x, pairs, weights, src), Kind.EXPERT_RESULT
+                out, kind = self._run(layer, version, x, pairs, weights, src), Kind.EXPERT_RESULT
             except Exception:  # reported to the sender as EXPERT_ERROR, which fails its request
-                log.exception("request %d (MoE layer %d) from rank %d failed", seq, layer, src)
+                log.exception("request %d (MoE layer %d, placement version %d) from rank %d failed", seq, layer,
+                              version, src)
                 out, kind = torch.zeros_like(x), Kind.EXPERT_ERROR
             self.num_served += 1
         reply = make_header(kind, layer, num_rows, num_pairs, seq, device=device)
@@ -123,16 +159,20 @@ class ExpertWorker:
         for work in sends:
             wait(work, deadline.remaining(), what)
 
-    def _run(self, layer: int, x: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, src: int) -> torch.Tensor:
+    def _run(self, layer: int, version: int, x: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor,
+             src: int) -> torch.Tensor:
         """x [R, D], pairs [2, P] (row, local slot), weights [P] -> [R, D] weighted sums per row."""
         started = time.perf_counter()
-        bank = self.banks[layer]
+        if version not in self._versions:
+            raise KeyError(f"placement version {version} is not loaded (loaded: {self.versions})")
+        banks, phy2log = self._versions[version]
+        bank = banks[layer]
         row_of_pair, slot = pairs
         per_pair = bank(x[row_of_pair], slot[:, None], weights[:, None])  # [P, D]
         out = torch.zeros_like(x).index_add_(0, row_of_pair, per_pair)
         if self.on_tokens is not None:
             per_slot = torch.bincount(slot, minlength=bank.num_slots).cpu()
-            counts = torch.zeros(self.num_logical, dtype=torch.int64).index_add_(0, self.phy2log[layer], per_slot)
+            counts = torch.zeros(self.num_logical, dtype=torch.int64).index_add_(0, phy2log[layer], per_slot)
             self.on_tokens(layer, counts)
         # no sync of its own: on a GPU the counts' .cpu() above waits for the FFN kernels (without on_tokens the
         # time is the launches', and the rest lands in the reply's send)

@@ -14,7 +14,7 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
-HEADER_LEN = 8
+HEADER_LEN = 9
 
 # gloo's timeouts are per wait; an idle receiver waits this long instead (a timed-out gloo wait closes
 # every connection of the group in this process, so idling must never time out)
