@@ -4,7 +4,14 @@ Start-up (`AttentionWorker`): register with the controller (role, gRPC address) 
 store, world size and the current expert placement -> on a background thread: load the model without its
 routed experts, join the data plane (blocks until every rank of the deployment's fixed shape has joined),
 route every MoE layer to the expert servers with the controller's placement (`use_remote_experts`), build the
-engine and its `EngineRunner` -> ready. A heartbeat thread reports readiness to the controller meanwhile.
+engine and its `EngineRunner` -> ready, and acknowledge that placement version. A heartbeat thread reports
+readiness to the controller meanwhile.
+
+Placement changes: every heartbeat reply names the current placement version. When it is newer than the one
+the worker routes with, the worker fetches it, switches every MoE layer to it between two engine steps
+(`EngineRunner.run_between_steps`, so no step mixes versions; the expert servers hold both versions until
+every worker has switched) and acknowledges it with AckPlacement. A version that cannot be fetched or
+applied is retried at the next heartbeat; the old one keeps serving meanwhile.
 
 A failed engine (the engine thread raised, e.g. an expert server died mid-exchange: gloo errors stick to the
 connection, so nothing can heal it short of rebuilding the world) fails every open request with UNAVAILABLE
@@ -69,7 +76,7 @@ from tandem.engine.sampling import SamplingParams
 from tandem.moe.placement import Placement
 from tandem.transport import DataPlane, Roles, TransportError, recv_kv, send_kv, stop_expert_server
 from tandem.transport.expert_dispatch import ExchangeTime, time_exchanges
-from tandem.transport.expert_parallel import use_remote_experts
+from tandem.transport.expert_parallel import switch_placement, use_remote_experts
 from tandem.transport.wire import IDLE_WAIT, code_dtype, dtype_code
 from tandem.v1 import controller_pb2 as cpb
 from tandem.v1 import controller_pb2_grpc as cpb_grpc
@@ -159,6 +166,9 @@ class AttentionWorker:
         self._stopping = threading.Event()
         self._beat = threading.Event()  # wakes the heartbeat thread (to stop, or to report a failure at once)
         self._on_failure = None
+        self.model = None  # with remote experts, once started
+        self.placement_version = 0  # the version the MoE layers route with, once started
+        self._following = threading.Lock()  # one placement switch at a time
         self._channel = grpc.insecure_channel(config.controller)
         self._controller = cpb_grpc.ControllerStub(self._channel)
 
@@ -196,6 +206,7 @@ class AttentionWorker:
                                         timeout_s=config.join_timeout_s, roles=roles,
                                         device=config.device if dp.backend == "gloo" else None)
             use_remote_experts(model, self.plane, placement, slots, config.expert_timeout_s)
+            self.model, self.placement_version = model, placement.version
             self.exchange_time = time_exchanges(model)
             spec = config.num_speculative_tokens
             if spec is None:
@@ -211,7 +222,9 @@ class AttentionWorker:
             self.failure = e
             return
         self.ready.set()
-        log.info("data-plane rank %d joined (%d ranks, %s); serving", self.member.rank, dp.world_size, dp.backend)
+        log.info("data-plane rank %d joined (%d ranks, %s); serving with placement version %d", self.member.rank,
+                 dp.world_size, dp.backend, self.placement_version)
+        self._ack(self.placement_version)
         on_ready()
 
     def _engine_failed(self, error: BaseException) -> None:
@@ -241,10 +254,40 @@ class AttentionWorker:
             if self._stopping.is_set():
                 return
             try:
-                self._controller.Heartbeat(cpb.HeartbeatRequest(member_id=self.member.member_id,
-                                                                is_ready=self.ready.is_set()), timeout=interval * 3)
+                reply = self._controller.Heartbeat(cpb.HeartbeatRequest(member_id=self.member.member_id,
+                                                                        is_ready=self.ready.is_set()),
+                                                   timeout=interval * 3)
             except grpc.RpcError as e:
                 log.warning("heartbeat failed: %s %s", e.code().name, e.details())
+                continue
+            if self.ready.is_set() and reply.placement_version > self.placement_version \
+                    and not self._following.locked():
+                threading.Thread(target=self._follow_placement, args=(reply.placement_version,),
+                                 name="placement-switch", daemon=True).start()
+
+    def _follow_placement(self, version: int) -> None:
+        """Switch the MoE layers to placement `version` between two engine steps, then acknowledge it."""
+        with self._following:
+            if version <= self.placement_version:
+                return
+            try:
+                proto = self._controller.GetPlacement(cpb.GetPlacementRequest(version=version), timeout=10)
+                placement = placement_from_proto(proto)
+                self.runner.run_between_steps(lambda: switch_placement(self.model, placement)).result(timeout=60)
+            except Exception as e:  # noqa: BLE001 - the old placement keeps serving; retried at the next heartbeat
+                log.warning("could not switch to placement version %d (still on %d): %r", version,
+                            self.placement_version, e)
+                return
+            self.placement_version = version
+            log.info("switched to placement version %d", version)
+            self._ack(version)
+
+    def _ack(self, version: int) -> None:
+        try:
+            self._controller.AckPlacement(cpb.AckPlacementRequest(member_id=self.member.member_id, version=version),
+                                          timeout=5)
+        except grpc.RpcError as e:  # the controller then waits for the ack until its timeout; serving goes on
+            log.warning("acknowledging placement version %d failed: %s %s", version, e.code().name, e.details())
 
     def stop(self, grace_s: float) -> None:
         """Stop heartbeating ready, let open requests finish within grace_s, release the expert servers."""

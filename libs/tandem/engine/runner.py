@@ -165,6 +165,16 @@ class EngineRunner:
             self._cond.notify()
         return done.result()
 
+    def run_between_steps(self, fn) -> Future:
+        """Run `fn()` on the engine thread between two steps (no step in flight); its result or error comes
+        through the returned future. For changes the model must see all at once, e.g. a new expert placement."""
+        done: Future = Future()
+        with self._cond:
+            self._check_open()
+            self._commands.append(("call", (fn,), done))
+            self._cond.notify()
+        return done
+
     def _admit(self, stream: RequestStream, kind: str, args: tuple) -> None:
         done: Future = Future()
         with self._cond:
@@ -273,6 +283,12 @@ class EngineRunner:
                 stream = self._streams.pop(request_id, None)
             if stream is not None and self.engine.abort(request_id):
                 stream._deliver(StepOutput(request_id, [], "", True, "cancelled"))
+        elif kind == "call":
+            (fn,) = args
+            try:
+                done.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - re-raised by the caller's future
+                done.set_exception(e)
         elif kind == "take":
             (request_id,) = args
             try:
