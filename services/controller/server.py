@@ -9,6 +9,20 @@ A member listed by ListMembers with `is_ready = false` is either starting or dow
 `heartbeat_timeout_s`); a down member keeps its slot and rank until a replacement of its role registers.
 With `--discovery kubernetes` the controller also watches the pools' pods (tandem.cluster.discovery) and marks
 the members of a deleted pod down at once.
+
+Expert load balancing (on when `redis_url` is set): a `Rebalancer` (tandem.eplb.rebalancer) re-plans the placement
+from the expert servers' statistics in Redis every `rebalance_interval_s` (0 = never by itself) and on the
+Rebalance RPC (`tandem eplb rebalance`); it stages the new experts on the expert servers over gRPC
+(tandem.cluster.expert_fleet), publishes the new version, and frees the old copies once every prefill and decode
+worker acknowledged it. Without `redis_url`, Rebalance answers FAILED_PRECONDITION. Redis being unreachable
+never stops serving: the placement stays, the controller logs it once (and once when it answers again), and
+`tandem_eplb_redis_up` is 0 meanwhile.
+
+Metrics (with `metrics_port`): `tandem_controller_members{role,state}`, `tandem_controller_placement_version`, and
+with load balancing on `tandem_eplb_redis_up`, `tandem_eplb_rebalances_total{outcome="applied"|"failed"}` (failed:
+staging failed or the re-plan raised; the old placement kept serving), `tandem_eplb_balancedness{placement=
+"serving"|"planned"}` (mean over MoE layers, under the statistics of the last re-plan that read any) and
+`tandem_eplb_moved_experts_total` (experts the servers loaded for applied re-plans).
 """
 
 from __future__ import annotations
@@ -19,22 +33,25 @@ import os
 import threading
 from concurrent import futures
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import torch.distributed as dist
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tandem.cluster.config import ControllerConfig, add_config_flags, build_config
 from tandem.cluster.discovery import PodWatcher, watch_pools
+from tandem.cluster.expert_fleet import GrpcExpertFleet, RedisLoad, placement_to_proto
 from tandem.cluster.membership import Member, Membership, MembershipError, Role, RoleFullError, Shape, UnknownMember
 from tandem.cluster.placement_store import (PlacementError, PlacementStore, VersionNotFound, num_placement_layers,
                                             static_phy2log)
 from tandem.cluster.signals import stop_on_signals
+from tandem.eplb.planner import ClusterShape
+from tandem.eplb.rebalancer import RebalanceOutcome, Rebalancer, RebalanceSettings
 from tandem.model.config import ModelConfig
-from tandem.moe.placement import Placement
 from tandem.v1 import controller_pb2 as pb
 from tandem.v1 import controller_pb2_grpc as pb_grpc
 
@@ -51,20 +68,41 @@ def member_to_proto(m: Member) -> pb.Member:
                      rank=m.rank, is_ready=m.is_ready)
 
 
-def placement_to_proto(p: Placement, num_slots_per_server: int) -> pb.Placement:
-    return pb.Placement(version=p.version, num_logical_experts=p.num_logical, num_slots_per_server=num_slots_per_server,
-                        layers=[pb.LayerPlacement(phy2log=row) for row in p.phy2log.tolist()])
+class ControllerRebalancer(Rebalancer):
+    """The rebalancer plus the totals the controller's metrics export."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_errors = 0  # re-plans that raised
+        self.num_moved = 0  # experts loaded for applied re-plans
+        self.last_planned: RebalanceOutcome | None = None  # the last re-plan that read statistics and planned
+        self._totals_lock = threading.Lock()  # the periodic thread and the RPC both re-plan
+
+    def rebalance(self, force: bool = False) -> RebalanceOutcome:
+        try:
+            outcome = super().rebalance(force)
+        except Exception:
+            with self._totals_lock:
+                self.num_errors += 1
+            raise
+        with self._totals_lock:
+            if outcome.applied:
+                self.num_moved += outcome.moved
+            if outcome.balancedness_after > 0:
+                self.last_planned = outcome
+        return outcome
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
     """Translates between proto messages and the cluster library; bad input becomes a status with a message."""
 
     def __init__(self, membership: Membership, placements: PlacementStore, data_plane: pb.DataPlane,
-                 heartbeat_interval_ms: int):
+                 heartbeat_interval_ms: int, rebalancer: Rebalancer | None = None):
         self.membership = membership
         self.placements = placements
         self.data_plane = data_plane
         self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.rebalancer = rebalancer
 
     def Register(self, request, context):
         role = _role(request.role, context, allow_unspecified=False)
@@ -124,6 +162,20 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.AckPlacementResponse()
 
+    def Rebalance(self, request, context):
+        if self.rebalancer is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "expert load balancing is off: the controller has no "
+                          "redis_url (set --redis-url or TANDEM_CONTROLLER_REDIS_URL to the expert servers' Redis)")
+        try:
+            outcome = self.rebalancer.rebalance(force=request.force)
+        except Exception as e:  # a bug in a re-plan must not take the controller down
+            log.exception("rebalance failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"rebalance failed, placement version {self.placements.version} "
+                          f"keeps serving: {e}")
+        return pb.RebalanceResponse(applied=outcome.applied, reason=outcome.reason, placement_version=outcome.version,
+                                    balancedness_before=outcome.balancedness_before,
+                                    balancedness_after=outcome.balancedness_after, num_moved_experts=outcome.moved)
+
 
 def _role(value: int, context: grpc.ServicerContext, allow_unspecified: bool) -> Role | None:
     if value == pb.ROLE_UNSPECIFIED and allow_unspecified:
@@ -134,10 +186,12 @@ def _role(value: int, context: grpc.ServicerContext, allow_unspecified: bool) ->
 
 
 class _MembershipMetrics:
-    """Prometheus gauges read from the library objects at scrape time."""
+    """Prometheus metrics read from the library objects at scrape time."""
 
-    def __init__(self, membership: Membership, placements: PlacementStore):
+    def __init__(self, membership: Membership, placements: PlacementStore,
+                 rebalancer: ControllerRebalancer | None = None, redis_load: RedisLoad | None = None):
         self.membership, self.placements = membership, placements
+        self.rebalancer, self.redis_load = rebalancer, redis_load
 
     def collect(self):
         members = GaugeMetricFamily("tandem_controller_members", "Registered members by role and state",
@@ -152,6 +206,26 @@ class _MembershipMetrics:
         yield members
         yield GaugeMetricFamily("tandem_controller_placement_version", "Current expert placement version",
                                 value=self.placements.version)
+        if self.rebalancer is None:
+            return
+        r = self.rebalancer
+        yield GaugeMetricFamily("tandem_eplb_redis_up", "1 while Redis with the expert-load statistics answers",
+                                value=float(self.redis_load.is_up))
+        rebalances = CounterMetricFamily("tandem_eplb_rebalances", "Re-plans that published a new placement "
+                                         "(applied) or that failed, leaving the old one serving", labels=["outcome"])
+        rebalances.add_metric(["applied"], r.num_applied)
+        rebalances.add_metric(["failed"], r.num_failed + r.num_errors)
+        yield rebalances
+        balance = GaugeMetricFamily("tandem_eplb_balancedness", "Mean over MoE layers of mean / max expert-server "
+                                    "load under the last re-plan's statistics: the placement serving then, and the "
+                                    "plan", labels=["placement"])
+        last = r.last_planned
+        if last is not None:
+            balance.add_metric(["serving"], last.balancedness_before)
+            balance.add_metric(["planned"], last.balancedness_after)
+        yield balance
+        yield CounterMetricFamily("tandem_eplb_moved_experts", "Experts the expert servers loaded for applied "
+                                  "re-plans", value=r.num_moved)
 
 
 class ControllerServer:
@@ -175,6 +249,11 @@ class ControllerServer:
                                  self.num_slots_per_server)
         self.placements = PlacementStore(initial, model.n_routed_experts, self.num_slots_per_server,
                                          config.placement_history)
+        self.fleet: GrpcExpertFleet | None = None
+        self.redis_load: RedisLoad | None = None
+        self.rebalancer: ControllerRebalancer | None = None
+        if config.redis_url:
+            self._build_rebalancer(model)
         self.health = health.HealthServicer()
         # every member holds a WatchPlacement stream (a thread each) besides its unary calls
         workers = 2 * (shape.world_size + max(config.num_gateways, 1)) + 8
@@ -185,6 +264,24 @@ class ControllerServer:
         self.store: dist.TCPStore | None = None
         self._metrics_http = None
 
+    def _build_rebalancer(self, model: ModelConfig) -> None:
+        """The expert load balancing of `redis_url`: the statistics, the planner's shape, the fleet."""
+        config = self.config
+        shape = ClusterShape(config.num_expert_servers, self.num_slots_per_server, config.num_nodes, model.n_group)
+        try:
+            shape.resolve_policy(config.eplb_policy, model.n_routed_experts)
+        except ValueError as e:
+            raise ValueError(f"eplb_policy: {e}") from None
+        settings = RebalanceSettings(shape=shape, policy=config.eplb_policy, margin=config.rebalance_margin,
+                                     min_gain=config.rebalance_min_gain, windows=config.rebalance_windows,
+                                     decay=config.rebalance_decay, interval_s=config.rebalance_interval_s,
+                                     ack_timeout_s=config.ack_timeout_s)
+        self.stats_model_name = config.stats_model_name or Path(config.model_dir).resolve().name
+        self.redis_load = RedisLoad(config.redis_url, self.stats_model_name, self.placements.shape[0],
+                                    model.n_routed_experts, url_for_logs=config.redis_url_redacted)
+        self.fleet = GrpcExpertFleet(self.membership, self.num_slots_per_server, config.stage_timeout_s)
+        self.rebalancer = ControllerRebalancer(settings, self.placements, self.redis_load, self.fleet)
+
     def start(self) -> "ControllerServer":
         """Host the rendezvous store, then serve; health turns SERVING once everything runs."""
         config = self.config
@@ -194,7 +291,7 @@ class ControllerServer:
         data_plane = pb.DataPlane(store_host=config.store_host, store_port=self.store.port,
                                   world_size=self.membership.shape.world_size, backend=config.backend)
         servicer = ControllerServicer(self.membership, self.placements, data_plane,
-                                      round(config.heartbeat_interval_s * 1000))
+                                      round(config.heartbeat_interval_s * 1000), self.rebalancer)
         pb_grpc.add_ControllerServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (pb.DESCRIPTOR.services_by_name["Controller"].full_name,
@@ -204,10 +301,19 @@ class ControllerServer:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if config.metrics_port:
             registry = CollectorRegistry()
-            registry.register(_MembershipMetrics(self.membership, self.placements))
+            registry.register(_MembershipMetrics(self.membership, self.placements, self.rebalancer, self.redis_load))
             self._metrics_http, _ = start_http_server(config.metrics_port, addr=config.host, registry=registry)
         if self.discovery is not None:
             self.discovery.start()
+        if self.rebalancer is not None:
+            self.redis_load.start()
+            self.rebalancer.start()
+            s = self.rebalancer.settings
+            log.info("expert load balancing: statistics of model %r from %s; re-plan %s, policy %s (resolved: %s) "
+                     "on %d servers x %d slots over %d node(s)", self.stats_model_name, config.redis_url_redacted,
+                     f"every {s.interval_s:g} s and on demand" if s.interval_s else "on demand only", s.policy,
+                     s.shape.resolve_policy(s.policy, self.placements.num_logical), s.shape.num_servers,
+                     s.shape.slots_per_server, s.shape.num_nodes)
         self.server.start()
         for name in ("", names[0]):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -219,8 +325,13 @@ class ControllerServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Health NOT_SERVING, end the watch streams, let in-flight calls finish within the grace period."""
         self.health.enter_graceful_shutdown()
+        if self.rebalancer is not None:
+            self.rebalancer.stop()  # waits for a re-plan in progress (up to 30 s)
         self.placements.close()
         self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+        if self.rebalancer is not None:
+            self.redis_load.stop()
+            self.fleet.close()
         if self.discovery is not None:
             self.discovery.stop()
         if self._metrics_http is not None:

@@ -294,7 +294,7 @@ def redis_secret_refs(objects: list[dict]) -> dict[str, set[str]]:
             for w in workloads(objects) for c in containers(w)}
 
 
-@pytest.mark.parametrize("clients", [["expert"], list(SERVICES)])
+@pytest.mark.parametrize("clients", [["expert"], ["controller", "expert"], list(SERVICES)])
 def test_changing_the_redis_secret_name_changes_every_clients_environment(clients):
     chosen = ["--set", "redis.clients={" + ",".join(clients) + "}"]
     before = render(*chosen)
@@ -317,9 +317,40 @@ def test_changing_the_redis_secret_name_changes_every_clients_environment(client
         assert url == f"redis://:$(REDIS_PASSWORD)@{RELEASE}-tandem-redis.{NAMESPACE}.svc.cluster.local:6379/0"
     external = render(*OVERRIDES["external-redis"])
     assert not of_kind(external, "Secret") and "redis" not in redis_secret_refs(external)
-    env = {e["name"]: e for e in tandem_container(external, "expert")["env"]}
-    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "shared-redis"
-    assert env["TANDEM_EXPERT_REDIS_URL"]["value"] == "rediss://:$(REDIS_PASSWORD)@redis.example.internal:6379/0"
+    for client in ("controller", "expert"):  # the default clients
+        env = {e["name"]: e for e in tandem_container(external, client)["env"]}
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "shared-redis"
+        assert env[f"TANDEM_{client.upper()}_REDIS_URL"]["value"] == \
+            "rediss://:$(REDIS_PASSWORD)@redis.example.internal:6379/0"
+
+
+def test_the_controller_reads_the_expert_statistics_and_gets_the_rebalance_settings(tmp_path):
+    """By default the controller is a Redis client with the expert servers (the same URL), so load balancing
+    works on demand; controller.rebalance becomes its ControllerConfig settings."""
+    from tandem.cluster.config import ControllerConfig, build_config
+
+    objects = render()
+    urls = {c: {e["name"]: e.get("value") for e in tandem_container(objects, c)["env"]}[f"TANDEM_{c.upper()}_REDIS_URL"]
+            for c in ("controller", "expert")}
+    assert urls["controller"] == urls["expert"]
+    settings = {k: v for k, v in service_config(objects, "controller").items()
+                if k.startswith("rebalance_") or k in ("eplb_policy", "num_nodes", "stage_timeout_s", "ack_timeout_s")}
+    assert settings == {"rebalance_interval_s": 0, "rebalance_min_gain": 0.01, "rebalance_margin": 0,
+                        "rebalance_windows": 6, "rebalance_decay": 0.8, "eplb_policy": "auto", "num_nodes": 1,
+                        "stage_timeout_s": 120, "ack_timeout_s": 30}
+
+    args = ("--set", "controller.rebalance.intervalSeconds=30", "--set", "controller.rebalance.policy=hierarchical",
+            "--set", "controller.rebalance.nodes=2", "--set", "controller.rebalance.minGain=0.05")
+    path = tmp_path / "controller.yaml"
+    path.write_text(yaml.safe_dump(service_config(render(*args), "controller")))
+    config = build_config(ControllerConfig, "controller", environ={"TANDEM_CONTROLLER_REDIS_URL": urls["controller"]},
+                          yaml_path=path)
+    assert (config.rebalance_interval_s, config.eplb_policy, config.num_nodes, config.rebalance_min_gain) == \
+        (30.0, "hierarchical", 2, 0.05)
+    assert config.redis_url == urls["controller"] and "$(REDIS_PASSWORD)" not in config.redis_url_redacted
+
+    deepseek = service_config(render(*PRESETS["deepseek-v3"]), "controller")
+    assert (deepseek["rebalance_interval_s"], deepseek["eplb_policy"]) == (600, "global")
 
 
 def test_service_configs_load_into_the_services_own_config_classes(tmp_path):
@@ -368,8 +399,10 @@ def test_notes_say_how_to_reach_the_gateway(tmp_path):
     assert f"kubectl -n {NAMESPACE} port-forward svc/{RELEASE}-tandem-gateway 50051:50051" in text
     assert "tandem generate --gateway $GATEWAY --prompt" in text
     assert "grpcurl -plaintext -d" in text and "$GATEWAY tandem.v1.Gateway/Generate" in text
+    assert "tandem eplb rebalance --controller 127.0.0.1:50050" in text  # load balancing, on demand
     public = notes(tmp_path / "public", *OVERRIDES["public-gateway"])
-    assert "port-forward" not in public and ".status.loadBalancer.ingress[0]" in public
+    assert f"port-forward svc/{RELEASE}-tandem-gateway" not in public
+    assert ".status.loadBalancer.ingress[0]" in public
     assert "gateway x1-4," in public
 
 
@@ -381,6 +414,10 @@ def test_bad_values_fail_with_a_message():
                           (["--set", "redis.enabled=false", "--set", "redis.external.host=r"],
                            "redis.auth.existingSecret"),
                           (["--set", "device=tpu"], 'device "tpu" is not one of cpu, cuda'),
+                          (["--set", "redis.clients={expert}", "--set", "controller.rebalance.intervalSeconds=60"],
+                           "add controller to redis.clients"),
+                          (["--set", "controller.rebalance.policy=random"],
+                           'controller.rebalance.policy "random" is not one of'),
                           (["--set", "controller.discovery=dns"], "controller.discovery")):
         done = subprocess.run([helm(), "template", RELEASE, str(CHART), *args], capture_output=True, text=True)
         assert done.returncode != 0 and message in done.stderr, (args, done.stderr)

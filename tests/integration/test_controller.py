@@ -1,9 +1,12 @@
 """The controller over real gRPC on loopback: membership and ranks, heartbeats, the rendezvous store, the
-versioned placement (get, watch, ack), status codes for bad input, health, reflection, config and CLI."""
+versioned placement (get, watch, ack), status codes for bad input, health, reflection, config and CLI; expert
+load balancing against a real redis-server (Rebalance, Redis outages, metrics) with the expert servers' gRPC API
+played by fakes (the whole cluster's rebalance is in test_eplb_online.py)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -11,6 +14,8 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -24,9 +29,12 @@ from conftest import free_port
 from services.controller.server import ControllerServer, main
 from tandem.cluster.config import ConfigError, ControllerConfig, build_config
 from tandem.cluster.placement_store import PlacementStore, static_phy2log
+from tandem.eplb.stats import ExpertLoadRecorder, connect
 from tandem.model.presets import preset_config
 from tandem.v1 import controller_pb2 as pb
 from tandem.v1 import controller_pb2_grpc as pb_grpc
+from tandem.v1 import expert_pb2 as epb
+from tandem.v1 import expert_pb2_grpc as epb_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 E = 16  # the tiny preset's routed experts
@@ -344,3 +352,240 @@ def test_config_precedence_yaml_env_flags(tmp_path, model_dir):
     yaml_file.write_text("model_dir: x\nprot: 1\n")
     with pytest.raises(ConfigError, match="unknown setting 'prot'"):
         build(["--config", str(yaml_file)])
+
+
+# --- expert load balancing: the Rebalance RPC, Redis, the expert servers over gRPC ----------------------------
+
+def metric(port: int, line_start: str) -> float | None:
+    """The value of the first metrics line starting with `line_start` (None when there is none)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def wait_metric(port: int, line_start: str, value: float, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (got := metric(port, line_start)) != value:
+        assert time.monotonic() < deadline, f"{line_start} is {got}, expected {value}"
+        time.sleep(0.1)
+
+
+def start_balancing(model_dir: Path, redis_url: str, **overrides) -> ControllerServer:
+    """A controller with load balancing on, its Redis checked every 0.2 s, and metrics."""
+    settings = dict(model_dir=str(model_dir), host="127.0.0.1", port=0, store_port=0, num_prefill=1, num_decode=1,
+                    num_expert_servers=2, grace_s=0.5, redis_url=redis_url, metrics_port=free_port(),
+                    stats_model_name=f"ctl-{uuid.uuid4().hex[:8]}", heartbeat_timeout_s=60.0) | overrides
+    server = ControllerServer(ControllerConfig(**settings))
+    server.redis_load.check_interval_s = 0.2
+    return server.start()
+
+
+def record_load(redis_url: str, model: str, load: list[list[int]]) -> None:
+    recorder = ExpertLoadRecorder(connect(redis_url), model, window_s=3600.0)
+    for row, counts in enumerate(load):
+        recorder.add(row, torch.tensor(counts))
+    assert recorder.flush()
+
+
+def test_rebalance_without_redis_is_a_failed_precondition(stub):
+    code, message = status_of(stub.Rebalance, pb.RebalanceRequest(force=True))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "load balancing is off" in message and "redis_url" in message
+
+
+def test_rebalance_without_statistics_changes_nothing(model_dir, redis_server):
+    server = start_balancing(model_dir, redis_server)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            reply = pb_grpc.ControllerStub(ch).Rebalance(pb.RebalanceRequest(), timeout=10)
+        assert not reply.applied and reply.reason == "no expert load recorded yet"
+        assert reply.placement_version == 1 == server.placements.version
+        assert (reply.balancedness_before, reply.balancedness_after, reply.num_moved_experts) == (0, 0, 0)
+        port = server.config.metrics_port
+        assert metric(port, "tandem_eplb_redis_up") == 1.0
+        assert metric(port, 'tandem_eplb_rebalances_total{outcome="applied"}') == 0.0
+        assert metric(port, "tandem_eplb_balancedness") is None  # nothing planned yet
+    finally:
+        server.stop()
+
+
+def test_periodic_rebalance_runs_by_itself_until_stopped(model_dir, redis_server):
+    server = start_balancing(model_dir, redis_server, rebalance_interval_s=0.2)
+    try:
+        deadline = time.monotonic() + 10
+        while server.rebalancer.last is None:
+            assert time.monotonic() < deadline, "no periodic re-plan"
+            time.sleep(0.05)
+        assert server.rebalancer.last.reason == "no expert load recorded yet"
+    finally:
+        server.stop()
+    assert not server.rebalancer._thread.is_alive()
+
+
+def test_redis_outage_keeps_the_placement_and_statistics_resume(model_dir, redis_process, caplog):
+    caplog.set_level(logging.INFO, logger="tandem.cluster.expert_fleet")
+    server = start_balancing(model_dir, redis_process.url)
+    port = server.config.metrics_port
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.ControllerStub(ch)
+            assert metric(port, "tandem_eplb_redis_up") == 1.0
+            redis_process.stop()
+            wait_metric(port, "tandem_eplb_redis_up", 0.0)  # noticed without a re-plan
+            for _ in range(2):
+                reply = stub.Rebalance(pb.RebalanceRequest(force=True), timeout=10)
+                assert not reply.applied and reply.reason.startswith("statistics unavailable")
+                assert reply.placement_version == 1
+            # serving goes on: members still register and heartbeat, the placement is still there
+            member = register(stub, pb.ROLE_DECODE, "10.0.4.1:7000").member
+            assert stub.Heartbeat(pb.HeartbeatRequest(member_id=member.member_id, is_ready=True),
+                                  timeout=5).placement_version == 1
+            assert stub.GetPlacement(pb.GetPlacementRequest(), timeout=5).version == 1
+            time.sleep(0.5)  # more failed checks: still logged once
+
+            redis_process.start()
+            wait_metric(port, "tandem_eplb_redis_up", 1.0)
+            record_load(redis_process.url, server.stats_model_name, [[10] * E] * L)  # even: nothing to gain
+            reply = stub.Rebalance(pb.RebalanceRequest(), timeout=10)
+            assert not reply.applied and reply.reason == "nothing to move"
+            assert reply.balancedness_before == pytest.approx(1.0) and reply.placement_version == 1
+            assert metric(port, 'tandem_eplb_balancedness{placement="serving"}') == pytest.approx(1.0)
+    finally:
+        server.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("is unreachable" in m for m in messages) == 1, messages
+    assert sum("answers again; statistics resume" in m for m in messages) == 1, messages
+
+
+class FakeExpertServer(epb_grpc.ExpertServerServicer):
+    """An expert server's gRPC API only: records LoadExperts and UnloadExperts; `fail_load` makes loads fail."""
+
+    def __init__(self):
+        self.loaded: list[pb.Placement] = []
+        self.kept: list[int] = []
+        self.fail_load: str | None = None
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        epb_grpc.add_ExpertServerServicer_to_server(self, self.server)
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def LoadExperts(self, request, context):
+        if self.fail_load:
+            context.abort(grpc.StatusCode.INTERNAL, self.fail_load)
+        self.loaded.append(request.placement)
+        return epb.LoadExpertsResponse(num_loaded_experts=3)
+
+    def UnloadExperts(self, request, context):
+        self.kept.append(request.keep_version)
+        return epb.UnloadExpertsResponse(num_unloaded_experts=1)
+
+
+def test_rebalance_stages_on_every_expert_server_publishes_and_frees_after_the_acks(model_dir, redis_server):
+    experts = [FakeExpertServer(), FakeExpertServer()]
+    # 16 experts on 2 servers x 10 slots: 4 redundant slots, hot experts 0 and 1 (both on server 0 at first)
+    server = start_balancing(model_dir, redis_server, num_slots_per_server=10, ack_timeout_s=10.0)
+    port = server.config.metrics_port
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.ControllerStub(ch)
+            for fake in experts:
+                member = register(stub, pb.ROLE_EXPERT, fake.address).member
+                stub.Heartbeat(pb.HeartbeatRequest(member_id=member.member_id, is_ready=True), timeout=5)
+            decode = register(stub, pb.ROLE_DECODE, "10.0.5.1:7000").member
+            stub.Heartbeat(pb.HeartbeatRequest(member_id=decode.member_id, is_ready=True), timeout=5)
+            skewed = [[1000, 800] + [10] * (E - 2)] * L
+            record_load(redis_server, server.stats_model_name, skewed)
+
+            # the decode worker acknowledges the new version when it sees it; the old copies are freed after
+            watch = stub.WatchPlacement(pb.WatchPlacementRequest(known_version=1), timeout=30)
+            acker = threading.Thread(target=lambda: stub.AckPlacement(
+                pb.AckPlacementRequest(member_id=decode.member_id, version=next(watch).version), timeout=5))
+            acker.start()
+            reply = stub.Rebalance(pb.RebalanceRequest(), timeout=30)
+            acker.join(timeout=10)
+            watch.cancel()
+            assert reply.applied and reply.reason == "applied" and reply.placement_version == 2
+            assert reply.balancedness_after > reply.balancedness_before + 0.01 and reply.num_moved_experts > 0
+            published = stub.GetPlacement(pb.GetPlacementRequest(version=2), timeout=5)
+            for fake in experts:  # staged on both before it was published, then the old copies freed
+                assert [p.version for p in fake.loaded] == [2] and fake.loaded[0] == published
+                assert fake.kept == [2]
+            assert metric(port, 'tandem_eplb_rebalances_total{outcome="applied"}') == 1.0
+            assert metric(port, "tandem_eplb_moved_experts_total") == reply.num_moved_experts
+            assert metric(port, 'tandem_eplb_balancedness{placement="planned"}') == \
+                pytest.approx(reply.balancedness_after)
+
+            # a server failing to load: nothing published, every server drops what it staged, version 2 serves
+            experts[1].fail_load = "CUDA out of memory"
+            record_load(redis_server, server.stats_model_name, [[0] * (E - 1) + [5000]] * L)
+            reply = stub.Rebalance(pb.RebalanceRequest(force=True), timeout=30)
+            assert not reply.applied and reply.placement_version == 2 == server.placements.version
+            assert "staging failed" in reply.reason and f"expert server 1 ({experts[1].address})" in reply.reason
+            assert "INTERNAL: CUDA out of memory" in reply.reason and "expert server 0" not in reply.reason
+            assert [p.version for p in experts[0].loaded] == [2, 3] and experts[0].kept == [2, 2]
+            assert experts[1].kept == [2, 2]
+            assert metric(port, 'tandem_eplb_rebalances_total{outcome="failed"}') == 1.0
+
+            # an expert server that is not ready: refused before anything is sent
+            stub.Heartbeat(pb.HeartbeatRequest(member_id=_member_id(stub, pb.ROLE_EXPERT), is_ready=False), timeout=5)
+            experts[1].fail_load = None
+            reply = stub.Rebalance(pb.RebalanceRequest(force=True), timeout=30)
+            assert not reply.applied and "expert server 0: " in reply.reason and "is not ready" in reply.reason
+            assert len(experts[0].loaded) == 2
+    finally:
+        server.stop()
+        for fake in experts:
+            fake.server.stop(0)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"redis_url": "http://:secret@cache:6379"}, "redis_url: 'http://:***@cache:6379' is not a redis://"),
+    ({"rebalance_interval_s": -1.0}, "rebalance_interval_s: -1.0 is negative"),
+    ({"rebalance_interval_s": 60.0, "redis_url": ""}, "rebalance_interval_s: 60.0, but redis_url is empty"),
+    ({"rebalance_min_gain": 1.0}, "rebalance_min_gain: 1.0 is not in [0, 1)"),
+    ({"rebalance_min_gain": -0.1}, "rebalance_min_gain: -0.1 is not in [0, 1)"),
+    ({"rebalance_margin": 1.5}, "rebalance_margin: 1.5 is not in [0, 1)"),
+    ({"rebalance_windows": 0}, "rebalance_windows: 0 must be at least 1"),
+    ({"rebalance_decay": 0.0}, "rebalance_decay: 0.0 is not in (0, 1]"),
+    ({"rebalance_decay": 1.5}, "rebalance_decay: 1.5 is not in (0, 1]"),
+    ({"eplb_policy": "best"}, "eplb_policy: 'best' is not one of auto, global, hierarchical"),
+    ({"num_nodes": 0}, "num_nodes: 0 must be at least 1"),
+    ({"num_nodes": 3}, "num_nodes: 2 expert servers cannot be spread evenly over 3 nodes"),
+    ({"stage_timeout_s": 0.0}, "stage_timeout_s: 0.0 must be positive"),
+    ({"ack_timeout_s": -1.0}, "ack_timeout_s: -1.0 is negative"),
+])
+def test_bad_load_balancing_settings_name_the_field(model_dir, changes, message):
+    settings = {"model_dir": str(model_dir), "redis_url": "redis://127.0.0.1:6379/0"} | changes
+    with pytest.raises(ConfigError) as err:
+        ControllerConfig(**settings)
+    assert message in str(err.value) and "secret" not in str(err.value)
+
+
+def test_load_balancing_settings_from_flags_and_their_defaults(model_dir):
+    import argparse
+
+    from tandem.cluster.config import add_config_flags
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, ControllerConfig, "controller")
+    config = build_config(ControllerConfig, "controller", parser.parse_args(["--model-dir", str(model_dir)]), {})
+    assert (config.redis_url, config.stats_model_name, config.rebalance_interval_s, config.rebalance_min_gain,
+            config.rebalance_margin, config.rebalance_windows, config.rebalance_decay, config.eplb_policy,
+            config.num_nodes, config.stage_timeout_s, config.ack_timeout_s) == \
+        ("", "", 0.0, 0.01, 0.0, 6, 0.8, "auto", 1, 120.0, 30.0)
+    argv = ["--model-dir", str(model_dir), "--redis-url", "redis://:pw@r:6379/1", "--rebalance-interval-s", "30",
+            "--eplb-policy", "hierarchical", "--num-nodes", "2", "--rebalance-windows", "12"]
+    config = build_config(ControllerConfig, "controller", parser.parse_args(argv),
+                          {"TANDEM_CONTROLLER_REBALANCE_DECAY": "0.5"})
+    assert (config.rebalance_interval_s, config.eplb_policy, config.num_nodes, config.rebalance_windows,
+            config.rebalance_decay) == (30.0, "hierarchical", 2, 12, 0.5)
+    assert config.redis_url_redacted == "redis://:***@r:6379/1"
+    with pytest.raises(ConfigError, match="eplb_policy: 'best' is not one of"):
+        build_config(ControllerConfig, "controller", parser.parse_args([*argv, "--eplb-policy", "best"]), {})
+
+    # the model decides whether the hierarchical policy applies: the tiny model's 4 expert groups on 8 nodes
+    with pytest.raises(ValueError, match=r"eplb_policy: the hierarchical policy needs the expert groups \(4\)"):
+        ControllerServer(ControllerConfig(model_dir=str(model_dir), port=0, store_port=0, num_expert_servers=8,
+                                          num_nodes=8, eplb_policy="hierarchical", redis_url="redis://127.0.0.1:1/0"))

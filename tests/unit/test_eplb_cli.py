@@ -1,5 +1,6 @@
-"""`tandem eplb plan` and `tandem eplb show`: JSON round trip, re-planning with --previous, error messages
-and exit codes, and `show` against a real redis-server (statistics written by ExpertLoadRecorder)."""
+"""`tandem eplb plan`, `show` and `rebalance`: JSON round trip, re-planning with --previous, error messages
+and exit codes, `show` against a real redis-server (statistics written by ExpertLoadRecorder), and `rebalance`
+against a real controller."""
 
 import argparse
 import json
@@ -154,3 +155,65 @@ def test_show_bad_input_exits_2(redis_server, tmp_path, capsys):
     assert eplb("show", "--redis-url", redis_server, "--model", model, *SHAPE,
                 "--plot", str(tmp_path / "no" / "such" / "dir.png")) == 2
     assert "dir.png" in capsys.readouterr().err
+
+
+# --- rebalance, against a real controller ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def controllers(tmp_path_factory, redis_server):
+    """Two controllers of the tiny model: one with load balancing (Redis, no statistics), one without."""
+    from services.controller.server import ControllerServer
+    from tandem.cluster.config import ControllerConfig
+    from tandem.model.presets import preset_config
+
+    model_dir = tmp_path_factory.mktemp("tiny-config")
+    (model_dir / "config.json").write_text(json.dumps(preset_config("tiny").to_dict()))
+    common = dict(model_dir=str(model_dir), host="127.0.0.1", port=0, store_port=0, grace_s=0.0)
+    on = ControllerServer(ControllerConfig(**common, redis_url=redis_server,
+                                           stats_model_name=f"cli-{uuid.uuid4().hex[:8]}")).start()
+    off = ControllerServer(ControllerConfig(**common)).start()
+    yield f"127.0.0.1:{on.port}", f"127.0.0.1:{off.port}"
+    on.stop()
+    off.stop()
+
+
+def test_rebalance_prints_the_outcome(controllers, capsys):
+    on, _ = controllers
+    assert eplb("rebalance", "--controller", on) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "not applied (no expert load recorded yet): placement version 1 keeps serving\n"
+    assert captured.err == ""
+    assert eplb("rebalance", "--controller", on, "--force", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "applied": False, "reason": "no expert load recorded yet", "placement_version": 1,
+        "balancedness_before": 0.0, "balancedness_after": 0.0, "moved": 0}
+
+
+def test_rebalance_errors_exit_1_with_the_status(controllers, capsys):
+    from conftest import free_port
+    from tandem.cli import main as tandem_main
+
+    _, off = controllers
+    assert tandem_main(["eplb", "rebalance", "--controller", off]) == 1  # through the real `tandem` parser
+    err = capsys.readouterr().err
+    assert err.startswith(f"tandem eplb rebalance: error: controller {off}: FAILED_PRECONDITION: ")
+    assert "load balancing is off" in err and "Traceback" not in err
+    nobody = f"127.0.0.1:{free_port()}"
+    assert eplb("rebalance", "--controller", nobody, "--timeout-s", "5") == 1
+    err = capsys.readouterr().err
+    assert f"controller {nobody}: UNAVAILABLE: " in err and "Traceback" not in err
+    assert eplb("rebalance", "--controller", off, "--timeout-s", "0") == 2
+    assert "--timeout-s must be positive" in capsys.readouterr().err
+
+
+def test_rebalance_outcome_lines():
+    from tandem.eplb.cli import format_rebalance
+
+    applied = {"applied": True, "reason": "applied", "placement_version": 3, "balancedness_before": 0.61234,
+               "balancedness_after": 0.9, "moved": 5}
+    assert format_rebalance(applied) == ("applied: placement version 3 now serving\n"
+                                         "  balancedness 0.6123 -> 0.9000 (mean over MoE layers), 5 experts moved")
+    small = applied | {"applied": False, "reason": "gain 0.0012 <= min_gain 0.01", "placement_version": 2}
+    assert format_rebalance(small) == ("not applied (gain 0.0012 <= min_gain 0.01): placement version 2 keeps "
+                                       "serving\n  balancedness 0.6123 -> 0.9000 (mean over MoE layers), 5 experts "
+                                       "to move")

@@ -54,18 +54,21 @@ def test_compose_wiring_points_at_services_that_exist(compose):
         if name != "controller":
             host, port = config.controller.split(":")
             assert host == "controller" and int(port) == parsed_config(compose["services"]["controller"]["command"]).port
-        if name.startswith("expert"):
+        if name.startswith(("expert", "controller")):  # the controller re-plans from the experts' statistics
             assert config.redis_url == f"redis://{REDIS_SERVICE}:6379/0"
         if name.startswith(("expert", "prefill", "decode")):
             assert config.advertise_host == name
         assert config.host == "0.0.0.0"
+    controller = parsed_config(compose["services"]["controller"]["command"])
+    assert controller.rebalance_interval_s == 0.0, "docker compose re-plans on demand only"
+    assert REDIS_SERVICE in compose["services"]["controller"]["depends_on"]
     gateway = compose["services"]["gateway"]["depends_on"]
     assert set(gateway) == names - {REDIS_SERVICE, "controller", "gateway"}, "the gateway starts after the pools"
 
 
 def test_every_local_command_line_builds_its_services_config():
     topology = Topology(model="models/tiny-code", num_prefill=2, num_decode=3, num_expert_servers=4,
-                        redis_url="redis://127.0.0.1:6379/0", num_speculative_tokens=1)
+                        redis_url="redis://127.0.0.1:6379/0", num_speculative_tokens=1, rebalance_interval_s=90.5)
     specs = local_services(topology)
     assert [s.name for s in specs] == ["controller", "expert-0", "expert-1", "expert-2", "expert-3", "prefill-0",
                                        "prefill-1", "decode-0", "decode-1", "decode-2", "gateway"]
@@ -78,7 +81,19 @@ def test_every_local_command_line_builds_its_services_config():
             assert config.num_speculative_tokens == 1
     controller = parsed_config(specs[0].args)
     assert (controller.num_prefill, controller.num_decode, controller.num_expert_servers) == (2, 3, 4)
+    assert (controller.redis_url, controller.rebalance_interval_s) == ("redis://127.0.0.1:6379/0", 90.5)
+    assert all(parsed_config(s.args).redis_url == controller.redis_url for s in specs if s.name.startswith("expert"))
     assert len(ports) == 2 * len(specs), "every service has its own gRPC and metrics port"
+
+
+def test_up_flags_reach_the_topology():
+    from tandem.cluster.launcher import topology_from_args
+
+    args = _build_parser().parse_args(["up", "--model", "m", "--print-compose", "--rebalance-interval-s", "600",
+                                       "--redis-url", "redis://10.0.0.1:6379/0"])
+    topology = topology_from_args(args)
+    assert (topology.rebalance_interval_s, topology.redis_url) == (600.0, "redis://10.0.0.1:6379/0")
+    assert _build_parser().parse_args(["up", "--model", "m"]).rebalance_interval_s == 0.0
 
 
 def test_the_dockerfile_holds_the_bundled_model_and_runs_tandem():
@@ -94,6 +109,7 @@ def test_the_dockerfile_holds_the_bundled_model_and_runs_tandem():
     (dict(gateway_port=50050), "ports overlap"),
     (dict(metrics_port_base=65530), "metrics-port-base"),
     (dict(num_speculative_tokens=-1), "speculative-tokens"),
+    (dict(rebalance_interval_s=-1.0), "rebalance-interval-s"),
 ])
 def test_bad_topologies_name_the_problem(changes, message):
     with pytest.raises(ValueError, match=message):

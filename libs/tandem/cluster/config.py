@@ -146,6 +146,17 @@ def build_config(cls: type[T], service: str, args: argparse.Namespace | None = N
     return cls(**values)
 
 
+def _redact_url(url: str) -> str:
+    """`url` with the password of its user-info part replaced by *** (URLs go into logs and errors)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if not sep or "@" not in netloc:
+        return url
+    userinfo, host = netloc.rsplit("@", 1)
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}{slash}{path}"
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
@@ -198,6 +209,35 @@ class ControllerConfig:
                               "whose value names the pool (prefill, decode or expert)")
     kubeconfig: str = setting("", help="with --discovery kubernetes: kubeconfig file of the cluster (empty: the "
                                        "in-cluster service account)")
+    # expert load balancing (tandem.eplb.rebalancer)
+    redis_url: str = setting("", help="Redis holding the expert servers' load statistics, the same URL as theirs, "
+                                      "e.g. redis://127.0.0.1:6379/0 (empty: expert load balancing off, and the "
+                                      "Rebalance RPC answers FAILED_PRECONDITION)")
+    stats_model_name: str = setting("", help="model name in the statistics' Redis keys (empty: the model "
+                                             "directory's name, which the expert servers use by default)")
+    rebalance_interval_s: float = setting(0.0, help="re-plan the expert placement from the statistics every this "
+                                                    "many seconds (0 = only on demand: the Rebalance RPC, `tandem "
+                                                    "eplb rebalance`)")
+    rebalance_min_gain: float = setting(0.01, help="apply a re-plan only if it raises the mean balancedness (mean "
+                                                   "/ max expert-server load, averaged over MoE layers) by more "
+                                                   "than this, in [0, 1)")
+    rebalance_margin: float = setting(0.0, help="keep an expert where it is unless moving it lowers the most "
+                                                "loaded server's load by more than this fraction, in [0, 1)")
+    rebalance_windows: int = setting(6, help="newest statistics windows (of the expert servers' "
+                                             "stats_window_s) a re-plan reads")
+    rebalance_decay: float = setting(0.8, help="weight of a statistics window relative to the next newer one, in "
+                                               "(0, 1] (1 = plain sum)")
+    eplb_policy: str = setting("auto", help="placement policy: hierarchical (expert groups to nodes, replicas "
+                                            "inside a node), global (replicas anywhere) or auto (hierarchical when "
+                                            "the model's n_group is a multiple of num_nodes)",
+                               choices=("auto", "global", "hierarchical"))
+    num_nodes: int = setting(1, help="nodes the expert servers are spread over evenly (server i on node "
+                                     "i // (num_expert_servers / num_nodes)), for the hierarchical policy")
+    stage_timeout_s: float = setting(120.0, help="how long every expert server may take to load the experts of "
+                                                 "a new placement beside the serving ones")
+    ack_timeout_s: float = setting(30.0, help="how long a re-plan waits for every prefill and decode worker to "
+                                              "switch to the new placement, then frees the old copies (if some "
+                                              "have not switched by then, a later re-plan frees them)")
 
     def __post_init__(self) -> None:
         if self.discovery not in ("static", "kubernetes"):
@@ -226,6 +266,40 @@ class ControllerConfig:
             raise ConfigError(f"grace_s: {self.grace_s} is negative")
         if not self.model_dir:
             raise ConfigError("model_dir: empty")
+        self._check_load_balancing()
+
+    def _check_load_balancing(self) -> None:
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"redis_url: {_redact_url(self.redis_url)!r} is not a redis://, rediss:// or "
+                              "unix:// URL")
+        if self.rebalance_interval_s < 0:
+            raise ConfigError(f"rebalance_interval_s: {self.rebalance_interval_s} is negative (0 = only on demand)")
+        if self.rebalance_interval_s > 0 and not self.redis_url:
+            raise ConfigError(f"rebalance_interval_s: {self.rebalance_interval_s}, but redis_url is empty: the "
+                              "re-plans need the expert servers' statistics in Redis")
+        for name in ("rebalance_min_gain", "rebalance_margin"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} is not in [0, 1)")
+        if self.rebalance_windows < 1:
+            raise ConfigError(f"rebalance_windows: {self.rebalance_windows} must be at least 1")
+        if not 0 < self.rebalance_decay <= 1:
+            raise ConfigError(f"rebalance_decay: {self.rebalance_decay} is not in (0, 1]")
+        if self.eplb_policy not in ("auto", "global", "hierarchical"):
+            raise ConfigError(f"eplb_policy: {self.eplb_policy!r} is not one of auto, global, hierarchical")
+        if self.num_nodes < 1:
+            raise ConfigError(f"num_nodes: {self.num_nodes} must be at least 1")
+        if self.num_expert_servers % self.num_nodes:
+            raise ConfigError(f"num_nodes: {self.num_expert_servers} expert servers cannot be spread evenly over "
+                              f"{self.num_nodes} nodes (num_expert_servers must be a multiple of num_nodes)")
+        if self.stage_timeout_s <= 0:
+            raise ConfigError(f"stage_timeout_s: {self.stage_timeout_s} must be positive")
+        if self.ack_timeout_s < 0:
+            raise ConfigError(f"ack_timeout_s: {self.ack_timeout_s} is negative")
+
+    @property
+    def redis_url_redacted(self) -> str:
+        """`redis_url` with its password replaced by ***, for logs."""
+        return _redact_url(self.redis_url)
 
     @property
     def world_size(self) -> int:

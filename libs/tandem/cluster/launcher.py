@@ -216,6 +216,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--free-ports", action="store_true", help="pick free ports instead of the port flags")
     p.add_argument("--redis-url", default="", help="a running Redis for the expert statistics (default: start a "
                                                    "redis-server on a free port)")
+    p.add_argument("--rebalance-interval-s", type=float, default=0.0,
+                   help="the controller re-plans the expert placement from the load statistics this often, in "
+                        "seconds (default 0: only on demand, `tandem eplb rebalance --controller ...`)")
     p.add_argument("--speculative-tokens", type=int, default=None,
                    help="MTP drafts per decode step at most (default: the model's MTP depth; 0 = off)")
     p.add_argument("--threads-per-service", type=int, default=1,
@@ -243,6 +246,7 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
             ports["metrics_port_base"] = free_port_range(pooled + 2)
     return Topology(model=args.model, num_prefill=args.num_prefill, num_decode=args.num_decode,
                     num_expert_servers=args.num_expert_servers, redis_url=args.redis_url,
+                    rebalance_interval_s=args.rebalance_interval_s,
                     num_speculative_tokens=args.speculative_tokens, threads_per_service=args.threads_per_service,
                     **ports)
 
@@ -304,8 +308,11 @@ def _print_ready(cluster: LocalCluster, model: str) -> None:
     if t.metrics_port_base:
         lines.append(f"  Prometheus metrics on ports {t.metrics_port_base}-{t.metrics_port_base + len(t.names()) - 1}"
                      f" ({', '.join(t.names())})")
+    every = f" (the controller also does every {t.rebalance_interval_s:g} s)" if t.rebalance_interval_s else ""
     lines += ["Send a request:",
               f"  tandem generate --gateway {cluster.gateway_address} --prompt 'def fibonacci(n):' --max-tokens 64",
+              f"Re-plan the expert placement from the load statistics{every}:",
+              f"  tandem eplb rebalance --controller 127.0.0.1:{t.controller_port}",
               "Ctrl-C stops the cluster."]
     print("\n".join(lines), flush=True)
 

@@ -1,5 +1,9 @@
 """The shape of a Tandem deployment and the command line of each of its service processes.
 
+The controller and the expert servers get the same Redis URL: the expert servers count expert load into it,
+the controller re-plans the expert placement from it (on demand, `tandem eplb rebalance`, and every
+`rebalance_interval_s` when that is set).
+
 One description serves both ways of running a cluster on one machine: `tandem up` starts the services as
 local processes that reach each other on 127.0.0.1, and `docker-compose.yml` (written by `tandem up
 --print-compose`) runs the same services as containers that reach each other by service name. Only the
@@ -35,7 +39,8 @@ class Topology:
     gateway_port: int = 50051
     service_port_base: int = 50060
     metrics_port_base: int = 9400  # 0: no metrics endpoints
-    redis_url: str = ""  # empty: statistics off
+    redis_url: str = ""  # empty: statistics (and expert load balancing) off
+    rebalance_interval_s: float = 0.0  # the controller re-plans the expert placement this often; 0: on demand only
     num_speculative_tokens: int | None = None  # None: the model's MTP depth
     threads_per_service: int = 1  # OMP_NUM_THREADS of each process: they share the machine's cores
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -44,6 +49,8 @@ class Topology:
         for name in ("num_prefill", "num_decode", "num_expert_servers", "threads_per_service"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')}: {getattr(self, name)} must be at least 1")
+        if self.rebalance_interval_s < 0:
+            raise ValueError(f"rebalance-interval-s: {self.rebalance_interval_s} is negative (0 = on demand only)")
         if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
             raise ValueError(f"speculative-tokens: {self.num_speculative_tokens} is negative")
         for name in ("controller_port", "store_port", "gateway_port", "service_port_base"):
@@ -112,7 +119,9 @@ def services(topology: Topology, address_of: Callable[[str], str], bind_host: st
         if role == "controller":
             args = ["--model-dir", model, *common, "--store-host", address_of("controller"),
                     "--store-port", str(t.store_port), "--num-prefill", str(t.num_prefill),
-                    "--num-decode", str(t.num_decode), "--num-expert-servers", str(t.num_expert_servers)]
+                    "--num-decode", str(t.num_decode), "--num-expert-servers", str(t.num_expert_servers),
+                    # the expert servers' Redis: the controller re-plans from their statistics
+                    "--redis-url", t.redis_url, "--rebalance-interval-s", f"{t.rebalance_interval_s:g}"]
         elif role == "expert":
             args = ["--model-dir", model, "--controller", controller, *common, "--advertise-host", address_of(name),
                     "--redis-url", t.redis_url]

@@ -1,7 +1,9 @@
-"""`tandem eplb`: plan expert placements offline, and look at live expert-load statistics.
+"""`tandem eplb`: plan expert placements offline, look at live expert-load statistics, and re-plan a running
+cluster.
 
     tandem eplb plan --load LOAD.json --servers 32 --slots-per-server 9 --nodes 4 --groups 8 [--json]
     tandem eplb show --redis-url redis://host:6379/0 --model NAME --servers 32 --slots-per-server 9 [--plot F.png]
+    tandem eplb rebalance --controller HOST:PORT [--force] [--json]
 
 LOAD.json is {"load": [[tokens per logical expert] per MoE layer]}; `plan --json` writes
 {"phy2log", "logcnt", "balancedness", "moved"}, which --previous reads back.
@@ -24,10 +26,13 @@ class EplbInputError(ValueError):
 
 
 def add_eplb_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `eplb plan` and `eplb show` to the `tandem` subcommands; both dispatch to `run_eplb`."""
-    eplb = subparsers.add_parser("eplb", help="plan expert placements (redundant experts) and show expert load",
+    """Add `eplb plan`, `eplb show` (both dispatch to `run_eplb`) and `eplb rebalance` (`run_rebalance`) to the
+    `tandem` subcommands."""
+    eplb = subparsers.add_parser("eplb", help="plan expert placements (redundant experts), show expert load, "
+                                              "re-plan a running cluster",
                                  description="Expert-parallel load balancing: plan which expert servers hold "
-                                             "which experts, and show the balance of live statistics.")
+                                             "which experts, show the balance of live statistics, and have a "
+                                             "running cluster's controller re-plan now.")
     sub = eplb.add_subparsers(dest="eplb_command", required=True, metavar="EPLB_COMMAND")
 
     plan = sub.add_parser("plan", help="plan a placement from a load file",
@@ -53,6 +58,24 @@ def add_eplb_parser(subparsers) -> argparse.ArgumentParser:
     _add_shape_flags(show)
     show.add_argument("--plot", default=None, help="write a server-by-layer load heatmap, now vs planned (PNG)")
     show.set_defaults(func=run_eplb)
+
+    rebalance = sub.add_parser("rebalance", help="re-plan a running cluster's expert placement now",
+                               description="Ask the controller to re-plan the expert placement from the live "
+                                           "statistics now (as its periodic re-plan does) and apply it if it pays: "
+                                           "the expert servers load the new experts beside the old ones, the new "
+                                           "placement version is published and the workers switch to it. Prints "
+                                           "the outcome; exit code 0 whether or not a new placement was applied, "
+                                           "1 when the controller could not be asked or refused (e.g. load "
+                                           "balancing off: the controller has no --redis-url).")
+    rebalance.add_argument("--controller", required=True, metavar="HOST:PORT", help="the controller's gRPC address")
+    rebalance.add_argument("--force", action="store_true",
+                           help="apply the plan even if it gains less than the controller's rebalance_min_gain "
+                                "(it must still move an expert)")
+    rebalance.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
+    rebalance.add_argument("--timeout-s", type=float, default=300.0,
+                           help="how long to wait for the outcome; staging on the expert servers and the workers' "
+                                "switch take up to the controller's stage_timeout_s + ack_timeout_s (default 300)")
+    rebalance.set_defaults(func=run_rebalance)
     return eplb
 
 
@@ -137,6 +160,50 @@ def _read_json_field(path: str, flag: str, field: str):
     if not isinstance(data, dict) or field not in data:
         raise EplbInputError(f'{flag} {path}: expected a JSON object with "{field}"')
     return data[field]
+
+
+# --- rebalance -------------------------------------------------------------------------------------------
+
+def run_rebalance(args: argparse.Namespace) -> int:
+    """`eplb rebalance`: the Rebalance RPC. 0 when the controller answered (applied or not), 1 on a gRPC error
+    (one line on stderr with the status and the controller's message)."""
+    import grpc
+
+    from tandem.v1 import controller_pb2 as pb
+    from tandem.v1 import controller_pb2_grpc as pb_grpc
+
+    command = "tandem eplb rebalance"
+    if args.timeout_s <= 0:
+        print(f"{command}: error: --timeout-s must be positive, got {args.timeout_s}", file=sys.stderr)
+        return 2
+    try:
+        with grpc.insecure_channel(args.controller) as channel:
+            reply = pb_grpc.ControllerStub(channel).Rebalance(pb.RebalanceRequest(force=args.force),
+                                                              timeout=args.timeout_s)
+    except grpc.RpcError as e:
+        print(f"{command}: error: controller {args.controller}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    outcome = {"applied": reply.applied, "reason": reply.reason, "placement_version": reply.placement_version,
+               "balancedness_before": reply.balancedness_before, "balancedness_after": reply.balancedness_after,
+               "moved": reply.num_moved_experts}
+    if args.json:
+        print(json.dumps(outcome))
+        return 0
+    print(format_rebalance(outcome))
+    return 0
+
+
+def format_rebalance(o: dict) -> str:
+    """The outcome of a re-plan, in a line or two."""
+    if o["applied"]:
+        head = f"applied: placement version {o['placement_version']} now serving"
+    else:
+        head = f"not applied ({o['reason']}): placement version {o['placement_version']} keeps serving"
+    if o["balancedness_before"] == 0 and o["balancedness_after"] == 0:  # nothing was planned
+        return head
+    verb = "moved" if o["applied"] else "to move"
+    return (f"{head}\n  balancedness {o['balancedness_before']:.4f} -> {o['balancedness_after']:.4f} "
+            f"(mean over MoE layers), {o['moved']} experts {verb}")
 
 
 # --- show ------------------------------------------------------------------------------------------------

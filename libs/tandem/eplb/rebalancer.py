@@ -150,7 +150,12 @@ class Rebalancer:
                          version)
                 return
             time.sleep(0.05)
-        self.fleet.release(version)
+        try:
+            self.fleet.release(version)
+        except Exception as e:  # the new version serves; freeing the old copies is retried at the next re-plan
+            log.warning("freeing the copies older than placement version %d failed (retried at the next "
+                        "re-plan): %s", version, e)
+            return
         self._unreleased = None
 
     def start(self) -> "Rebalancer":
