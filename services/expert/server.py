@@ -376,9 +376,16 @@ class ExpertServer:
         if proto.num_slots_per_server != self.slots_per_server:
             raise ValueError(f"placement version {placement.version} has {proto.num_slots_per_server} slots per "
                              f"server; this server has {self.slots_per_server}")
-        if placement.version in worker.versions:
-            raise PlacementChangeError(f"placement version {placement.version} is loaded already")
         with self._stage_lock:
+            held = worker.versions
+            if placement.version <= held[0] or (placement.version in held and placement.version != held[-1]):
+                raise PlacementChangeError(f"placement version {placement.version} cannot be staged: this server "
+                                           f"holds versions {held}")
+            if placement.version in held:  # staged before, then abandoned (the controller's staging failed)
+                worker.drop_version(placement.version)
+                del self._placements[placement.version]
+                self.placement = self._placements[max(self._placements)]
+                log.info("dropping the abandoned staging of placement version %d", placement.version)
             banks, phy2log, num_read = restage_server_experts(
                 Checkpoint(self.config.model_dir), placement, self.member.index, self.slots_per_server,
                 worker.banks(), worker.phy2log(), dtype=DTYPES[self.config.dtype], device=self._device())

@@ -168,6 +168,28 @@ def test_expert_servers_serve_the_attention_rank_and_count_its_tokens(tmp_path, 
         with grpc.insecure_channel(address) as channel:
             stub = cpb_grpc.ControllerStub(channel)
             wait_for("the controller sees both ready", lambda: all(m.is_ready for m in experts(stub)))
+            current = stub.GetPlacement(cpb.GetPlacementRequest(), timeout=5)
+
+        # placement changes: version 2 (every server's experts swapped) is staged beside version 1, reading only
+        # the experts a server lacks; staging it again replaces the abandoned first staging; the serving version
+        # cannot be staged; keeping only version 2 frees version 1
+        swapped = cpb.Placement(version=2, num_logical_experts=current.num_logical_experts,
+                                num_slots_per_server=current.num_slots_per_server,
+                                layers=[cpb.LayerPlacement(phy2log=list(reversed(row.phy2log)))
+                                        for row in current.layers])
+        for _ in range(2):
+            assert [s.LoadExperts(pb.LoadExpertsRequest(placement=swapped), timeout=30).num_loaded_experts
+                    for s in stubs] == [SLOTS * L] * 2
+        assert [list(s.GetStats(pb.GetStatsRequest(), timeout=5).placement_versions) for s in stubs] == [[1, 2]] * 2
+        with pytest.raises(grpc.RpcError) as err:
+            stubs[0].LoadExperts(pb.LoadExpertsRequest(placement=current), timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "holds versions [1, 2]" in err.value.details()
+        assert [s.UnloadExperts(pb.UnloadExpertsRequest(keep_version=2), timeout=5).num_unloaded_experts
+                for s in stubs] == [1, 1]
+        assert [list(s.GetStats(pb.GetStatsRequest(), timeout=5).placement_versions) for s in stubs] == [[2]] * 2
+        with pytest.raises(grpc.RpcError) as err:
+            stubs[1].UnloadExperts(pb.UnloadExpertsRequest(keep_version=7), timeout=5)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not loaded" in err.value.details()
 
         assert extra[0].wait(timeout=15) == 1
         assert "RESOURCE_EXHAUSTED" in extra[1].read_text()

@@ -92,6 +92,12 @@ class ExpertWorker:
         self._versions = {version: self._versions[version]}
         return freed
 
+    def drop_version(self, version: int) -> None:
+        """Free a staged version that will not be used (a newer one than any worker routes with)."""
+        if version not in self._versions or len(self._versions) == 1:
+            raise KeyError(f"placement version {version} is not a staged version (loaded: {self.versions})")
+        self._versions = {v: held for v, held in self._versions.items() if v != version}
+
     def serve_one(self, src: int) -> bool:
         """Wait (indefinitely) for the next message from attention rank src and answer it.
 
