@@ -41,20 +41,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import urllib.request
-from collections.abc import Callable
-
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2
 from tqdm import tqdm
 
-from grpc_health.v1 import health_pb2
-from prometheus_client.parser import text_string_to_metric_families
-
 from tandem.cluster.launcher import LocalCluster, free_port, free_port_range, health_status
+from tandem.cluster.metrics import scrape
 from tandem.cluster.topology import Topology
 from tandem.gateway.client import GatewayClient
 from tandem.v1 import controller_pb2 as cpb
@@ -164,17 +161,6 @@ def summarize(results: list[Result], wall_s: float) -> dict:
 
 
 # --- the profile ---------------------------------------------------------------------------------------------
-def scrape(port: int) -> dict[str, float]:
-    """A metrics endpoint's samples, {name{label="value",...}: value} (labels sorted; no braces without)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
-
-
 @dataclass(slots=True)
 class ProfiledWorker:
     """An engine whose steps the profile splits: its metrics port, its step phase, and (in the cluster) its

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tandem.cli import main as tandem_main
 from tandem.cluster.config import build_config
+from tandem.cluster.metrics import scrape
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.runner import EngineRunner
 from tandem.engine.sampling import SamplingParams
@@ -30,7 +31,6 @@ from tandem.model.loading import load_model
 from tandem.model.tokenizer import load_tokenizer
 from tandem.v1 import gateway_pb2 as pb
 from tandem.v1 import gateway_pb2_grpc as pb_grpc
-from worker_world import scrape
 
 MAX_DRAFTS = 2  # the tiny preset's MTP depth
 LONG = 1500  # max_tokens of a request that is still running when the test acts on it

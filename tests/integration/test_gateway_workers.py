@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from conftest import free_port
 from services.gateway.server import GatewayConfig, GatewayServer
+from tandem.cluster.metrics import scrape
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.sampling import SamplingParams
 from tandem.gateway.workers import WorkerBackend
@@ -30,7 +31,7 @@ from tandem.v1 import gateway_pb2 as gpb
 from tandem.v1 import gateway_pb2_grpc as gpb_grpc
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc as pb_grpc
-from worker_world import NUM_KV_BLOCKS, config, health, scrape, start_world, stop_gracefully, wait_serving
+from worker_world import NUM_KV_BLOCKS, config, health, start_world, stop_gracefully, wait_serving
 
 # (prompt, max_tokens, GenerateRequest.speculative_tokens: -1 none, 0 the server's default)
 REQUESTS = [([5, 9, 3, 11, 2], 12, 1), (list(range(1, 18)), 10, -1), ([7, 7, 7] + list(range(40, 60)), 14, 0),

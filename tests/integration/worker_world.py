@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 from services.controller.server import ControllerServer
@@ -112,17 +110,6 @@ def health(address: str) -> int:
             return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
         except grpc.RpcError:
             return -1
-
-
-def scrape(port: int) -> dict[str, float]:
-    """A metrics endpoint's samples, {name{label="value",...}: value} (labels sorted; no braces without)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
 
 
 def stop_gracefully(procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> None:

@@ -37,6 +37,7 @@ tandem_expert_compute_seconds_total on each expert server, by source rank) + the
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.engine.runner import EngineRunner
 
@@ -232,3 +234,15 @@ class ExchangeCollector:
                                   value=seconds)
         yield CounterMetricFamily("tandem_expert_exchanges", "Expert exchanges (one per MoE layer per forward)",
                                   value=count)
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """A metrics endpoint's samples, {name{label="value",...}: value} (labels sorted; no braces without)."""
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
