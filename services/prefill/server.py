@@ -25,7 +25,8 @@ import grpc
 
 from tandem.cluster.config import add_config_flags, build_config
 from tandem.cluster.metrics import ServiceMetrics
-from tandem.cluster.worker import HandoffSender, HandoffStatus, WorkerConfig, sampling_params, serve_worker
+from tandem.cluster.worker import WorkerConfig, sampling_params, serve_worker
+from tandem.transport.handoff import HandoffSender, HandoffStatus
 from tandem.engine.runner import EngineFailed, QueueFull, RunnerClosed
 from tandem.engine.sampling import SamplingError
 from tandem.transport import TransportError

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 
-from tandem.cluster.worker import HandoffStatus, pack_extras, unpack_extras
+from tandem.transport.handoff import HandoffStatus, pack_extras, unpack_extras
 from tandem.engine.handoff import PrefilledSequence
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.sampling import SamplingParams
