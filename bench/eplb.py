@@ -3,11 +3,13 @@ every window over a run of windows whose expert popularity drifts.
 
     python bench/eplb.py                      # DeepSeek-V3 shapes, 58 layers, 50 windows of drifting Zipf loads
     python bench/eplb.py --quick              # 8 layers, 12 windows
-    python bench/eplb.py --recorded LOAD.json --servers 8 --slots-per-server 3 --nodes 2 --groups 4
+    python bench/eplb.py --recorded LOAD.json --servers 4 --slots-per-server 5 --nodes 1,2 --policy auto,global
 
 Scenarios: prefill-like, 4 nodes x 8 servers x 9 slots (256 experts in 8 groups + 32 redundant,
 hierarchical); decode-like, 320 servers x 1 slot (+64 redundant, global); with --recorded, loads from a file
-{"load": [windows][layers][experts]} on the shape given by --servers etc. (policy auto).
+{"load": [windows][layers][experts]} (bench/record_expert_load.py writes one) on --servers x
+--slots-per-server, one scenario per node count in --nodes and Tandem policy in --policy; the expert groups
+are --groups, else the file's "n_group", else 1.
 
 Methods, each planning window t from window t's loads:
 - deepseek: a re-implementation of DeepSeek's EPLB `rebalance_experts` (github.com/deepseek-ai/EPLB),
@@ -122,13 +124,15 @@ def drifting_zipf(num_windows: int, num_layers: int, num_experts: int, exponent:
     return loads
 
 
-def read_recorded(path: str) -> np.ndarray:
+def read_recorded(path: str) -> tuple[np.ndarray, dict]:
+    """The loads [W, L, E] of a recorded file and its other fields (what recorded them)."""
     data = json.loads(Path(path).read_text())
+    meta = {k: v for k, v in data.items() if k != "load"} if isinstance(data, dict) else {}
     loads = np.asarray(data["load"] if isinstance(data, dict) else data, dtype=np.float64)
     if loads.ndim != 3 or loads.shape[0] < 2:
         raise SystemExit(f"--recorded {path}: need {{\"load\": [windows][layers][experts]}} with >= 2 windows, "
                          f"got shape {loads.shape}")
-    return loads
+    return loads, meta
 
 
 # --- running ---------------------------------------------------------------------------------------------
@@ -139,6 +143,23 @@ class Scenario:
     loads: np.ndarray  # [W, L, E]
     shape: ClusterShape
     policy: str  # Tandem's policy for this scenario
+
+
+def recorded_scenarios(loads: np.ndarray, servers: int, slots: int, nodes: list[int], groups: int,
+                       policies: list[str]) -> list[Scenario]:
+    """One scenario per (node count, policy) on the recorded loads; an impossible shape is an error."""
+    scenarios = []
+    for n in nodes:
+        for policy in policies:
+            try:
+                shape = ClusterShape(servers, slots, n, groups)
+                resolved = shape.resolve_policy(policy, loads.shape[2])
+            except ValueError as e:
+                raise SystemExit(f"--recorded with --nodes {n} --policy {policy}: {e}") from None
+            name = f"recorded {n} node{'s' * (n > 1)} {resolved}"
+            if all(s.name != name for s in scenarios):
+                scenarios.append(Scenario(name, loads, shape, resolved))
+    return scenarios
 
 
 def run_method(scenario: Scenario, method: str, progress) -> dict:
@@ -200,8 +221,8 @@ def plot(results: dict, path: Path) -> None:
             axes[0, col].plot(window, r["per_window"]["balancedness_after"], **style)
             if method != "static":
                 axes[1, col].plot(window, np.maximum(r["per_window"]["moved_per_layer"], 0.1), **style)
-        axes[0, col].set_title(f"{name}: balancedness after re-plan (mean over layers)")
-        axes[1, col].set_title(f"{name}: experts moved per layer per re-plan")
+        axes[0, col].set_title(f"{name}\nbalancedness after re-plan (mean over layers)", fontsize=10)
+        axes[1, col].set_title(f"{name}\nexperts moved per layer per re-plan", fontsize=10)
         axes[1, col].set_yscale("log")
         for ax in axes[:, col]:
             ax.set_xlabel("window")
@@ -226,8 +247,13 @@ def main() -> int:
     p.add_argument("--recorded", default=None, help='loads file {"load": [windows][layers][experts]}')
     p.add_argument("--servers", type=int, help="with --recorded: expert servers")
     p.add_argument("--slots-per-server", type=int, help="with --recorded: slots per server")
-    p.add_argument("--nodes", type=int, default=1, help="with --recorded: nodes (default 1)")
-    p.add_argument("--groups", type=int, default=1, help="with --recorded: expert groups (default 1)")
+    p.add_argument("--nodes", default="1", help="with --recorded: nodes, or a comma-separated list of node "
+                                                "counts, one scenario each (default 1)")
+    p.add_argument("--groups", type=int, default=None,
+                   help="with --recorded: expert groups (default the file's n_group, else 1)")
+    p.add_argument("--policy", default="auto",
+                   help="with --recorded: Tandem's policy for the migration-aware and static runs, auto, global "
+                        "or hierarchical, or a comma-separated list, one scenario each (default auto)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     args = p.parse_args()
     from tqdm import tqdm
@@ -236,13 +262,18 @@ def main() -> int:
     layers, windows = (8, 12) if args.quick else (args.layers, args.windows)
     rng = np.random.default_rng(args.seed)
     num_experts, num_groups = 256, 8
-    scenarios = []
+    scenarios, recorded_meta = [], None
     if args.recorded:
         if args.servers is None or args.slots_per_server is None:
             raise SystemExit("--recorded needs --servers and --slots-per-server")
-        recorded = read_recorded(args.recorded)
-        shape = ClusterShape(args.servers, args.slots_per_server, args.nodes, args.groups)
-        scenarios.append(Scenario("recorded", recorded, shape, shape.resolve_policy("auto", recorded.shape[2])))
+        recorded, recorded_meta = read_recorded(args.recorded)
+        try:
+            nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
+        except ValueError:
+            raise SystemExit(f"--nodes {args.nodes!r}: expected a node count or a comma-separated list") from None
+        groups = args.groups or int(recorded_meta.get("n_group", 1))
+        policies = [x.strip() for x in args.policy.split(",") if x.strip()]
+        scenarios += recorded_scenarios(recorded, args.servers, args.slots_per_server, nodes, groups, policies)
     else:
         loads = drifting_zipf(windows, layers, num_experts, args.zipf, args.drift, args.tokens, rng)
         scenarios += [Scenario("prefill", loads, ClusterShape(32, 9, 4, num_groups), "hierarchical"),
@@ -273,6 +304,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"config": {"quick": args.quick, "zipf": args.zipf, "drift": args.drift, "tokens": args.tokens,
                          "seed": args.seed, "margins": margins, "recorded": args.recorded,
+                         "recorded_from": recorded_meta and {k: recorded_meta.get(k) for k in (
+                             "model", "requests_per_window", "layer_ids", "new_tokens", "speculative_tokens")},
                          "machine": platform.platform(), "python": platform.python_version()},
               "scenarios": results}
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
