@@ -44,8 +44,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tandem.cluster.config import ControllerConfig, add_config_flags, build_config
 from tandem.cluster.discovery import PodWatcher, watch_pools
-from tandem.cluster.expert_fleet import GrpcExpertFleet, RedisLoad, placement_to_proto
+from tandem.cluster.expert_fleet import GrpcExpertFleet, RedisLoad
 from tandem.cluster.membership import Member, Membership, MembershipError, Role, RoleFullError, Shape, UnknownMember
+from tandem.cluster.placement_proto import placement_to_proto
 from tandem.cluster.placement_store import (PlacementError, PlacementStore, VersionNotFound, num_placement_layers,
                                             static_phy2log)
 from tandem.cluster.signals import stop_on_signals

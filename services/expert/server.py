@@ -55,6 +55,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tandem.cluster.config import ConfigError, add_config_flags, build_config, setting
+from tandem.cluster.placement_proto import placement_from_proto
 from tandem.cluster.signals import stop_on_signals
 from tandem.eplb.stats import ExpertLoadRecorder, connect
 from tandem.model.checkpoint import Checkpoint, CheckpointError
@@ -266,8 +267,7 @@ class ExpertServer:
         threading.Thread(target=self._heartbeat, args=(reply.heartbeat_interval_ms / 1000,), daemon=True,
                          name="heartbeat").start()
         proto = self.controller.GetPlacement(cpb.GetPlacementRequest(), timeout=RPC_TIMEOUT_S)
-        placement = Placement(torch.tensor([list(row.phy2log) for row in proto.layers], dtype=torch.int64),
-                              proto.num_logical_experts, proto.version)
+        placement = placement_from_proto(proto)
         roles = self._roles(reply.data_plane, placement, proto.num_slots_per_server)
         banks, phy2log = self._load_experts(placement, proto.num_slots_per_server)
         self._row_of_layer = {layer: row for row, layer in enumerate(banks)}
@@ -367,8 +367,7 @@ class ExpertServer:
         if worker is None or not self.is_ready:
             raise PlacementChangeError("the server is not serving yet (or shutting down)")
         current = self.placement
-        placement = Placement(torch.tensor([list(row.phy2log) for row in proto.layers], dtype=torch.int64),
-                              proto.num_logical_experts, proto.version)
+        placement = placement_from_proto(proto)
         if placement.phy2log.shape != current.phy2log.shape or placement.num_logical != current.num_logical:
             raise ValueError(f"placement version {placement.version} has shape {tuple(placement.phy2log.shape)} "
                              f"of {placement.num_logical} experts; this deployment's is "

@@ -26,20 +26,15 @@ import numpy as np
 import redis
 
 from tandem.cluster.membership import Member, Membership, Role
+from tandem.cluster.placement_proto import placement_to_proto
 from tandem.eplb import stats
 from tandem.moe.placement import Placement
-from tandem.v1 import controller_pb2 as pb
 from tandem.v1 import expert_pb2 as epb
 from tandem.v1 import expert_pb2_grpc as epb_grpc
 
 log = logging.getLogger(__name__)
 RELEASE_TIMEOUT_S = 30.0  # one UnloadExperts call (freeing memory is quick)
 REDIS_CHECK_INTERVAL_S = 5.0
-
-
-def placement_to_proto(p: Placement, num_slots_per_server: int) -> pb.Placement:
-    return pb.Placement(version=p.version, num_logical_experts=p.num_logical, num_slots_per_server=num_slots_per_server,
-                        layers=[pb.LayerPlacement(phy2log=row) for row in p.phy2log.tolist()])
 
 
 class FleetError(RuntimeError):

@@ -35,11 +35,11 @@ import torch
 
 from tandem.cluster.config import ConfigError, setting
 from tandem.cluster.metrics import EngineCollector, EngineTimings, ExchangeCollector, ServiceMetrics
+from tandem.cluster.placement_proto import placement_from_proto
 from tandem.cluster.signals import stop_on_signals
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.runner import EngineRunner
 from tandem.engine.sampling import SamplingParams
-from tandem.moe.placement import Placement
 from tandem.transport import DataPlane, Roles, TransportError, stop_expert_server
 from tandem.transport.expert_dispatch import ExchangeTime, time_exchanges
 from tandem.transport.expert_parallel import switch_placement, use_remote_experts
@@ -106,11 +106,6 @@ def sampling_params(sampling) -> SamplingParams:
     return SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k, seed=sampling.seed if sampling.HasField("seed") else None,
                           stop_token_ids=tuple(sampling.stop_token_ids))
-
-
-def placement_from_proto(p: cpb.Placement) -> Placement:
-    return Placement(torch.tensor([list(row.phy2log) for row in p.layers], dtype=torch.int64), p.num_logical_experts,
-                     p.version)
 
 
 class AttentionWorker:
