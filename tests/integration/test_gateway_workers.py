@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from conftest import free_port
 from services.gateway.server import GatewayConfig, GatewayServer
+from tandem.cluster.launcher import health_status
 from tandem.cluster.metrics import scrape
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.sampling import SamplingParams
@@ -31,7 +32,7 @@ from tandem.v1 import gateway_pb2 as gpb
 from tandem.v1 import gateway_pb2_grpc as gpb_grpc
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc as pb_grpc
-from worker_world import NUM_KV_BLOCKS, config, health, start_world, stop_gracefully, wait_serving
+from worker_world import NUM_KV_BLOCKS, config, start_world, stop_gracefully, wait_serving
 
 # (prompt, max_tokens, GenerateRequest.speculative_tokens: -1 none, 0 the server's default)
 REQUESTS = [([5, 9, 3, 11, 2], 12, 1), (list(range(1, 18)), 10, -1), ([7, 7, 7] + list(range(40, 60)), 14, 0),
@@ -88,7 +89,7 @@ def test_gateway_over_workers(cluster, gateway):
     expected = [c.token_ids for c in colocated.generate([r[0] for r in REQUESTS],
                                                         [SamplingParams(max_tokens=r[1]) for r in REQUESTS])]
     assert isinstance(server.runner, WorkerBackend) and server.runner.num_speculative_tokens == 1  # the MTP depth
-    assert health(f"127.0.0.1:{server.port}") == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(f"127.0.0.1:{server.port}") == health_pb2.HealthCheckResponse.SERVING
     info = stub.GetModelInfo(gpb.GetModelInfoRequest())
     assert info.max_context_tokens == config().max_position_embeddings
     with grpc.insecure_channel(f"127.0.0.1:{cluster.controller.port}") as ch:
@@ -260,7 +261,7 @@ def check_expert_kill(world, server: GatewayServer, stub) -> None:
                 pass
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
     assert time.monotonic() - killed < 30, "requests hung after the expert server died"
-    assert health(f"127.0.0.1:{server.port}") == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(f"127.0.0.1:{server.port}") == health_pb2.HealthCheckResponse.SERVING
     assert scrape(server.metrics_port)['tandem_requests_total{code="UNAVAILABLE"}'] == len(streams)
     with grpc.insecure_channel(f"127.0.0.1:{world.controller.port}") as channel:
         check_workers_stop_serving(world, cpb_grpc.ControllerStub(channel), stub)
@@ -303,7 +304,7 @@ def wait_not_serving(controller: cpb_grpc.ControllerStub, member: cpb.Member, ti
     while True:
         listed = [m for m in controller.ListMembers(cpb.ListMembersRequest(role=member.role)).members
                   if m.member_id == member.member_id]
-        status = health(member.address)
+        status = health_status(member.address)
         if status == health_pb2.HealthCheckResponse.NOT_SERVING and listed and not listed[0].is_ready:
             return
         assert time.monotonic() < deadline, (f"{member.address}: health {status}, listed {listed} "

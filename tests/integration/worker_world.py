@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from conftest import free_port
 from services.controller.server import ControllerServer
 from tandem.cluster.config import ControllerConfig
+from tandem.cluster.launcher import health_status
 from tandem.model.checkpoint import save_checkpoint
 from tandem.model.config import ModelConfig
 from tandem.model.loading import export_state_dict
@@ -96,20 +97,12 @@ def wait_serving(controller, procs, logs, timeout_s: float = 60.0) -> dict[int, 
                 assert p.poll() is None, f"{name} exited: {logs[name].read_text()[-3000:]}"
             members = {m.role: m for m in stub.ListMembers(cpb.ListMembersRequest()).members}
             if cpb.ROLE_PREFILL in members and cpb.ROLE_DECODE in members and all(
-                    members[r].is_ready and health(members[r].address) == health_pb2.HealthCheckResponse.SERVING
+                    members[r].is_ready and health_status(members[r].address) == health_pb2.HealthCheckResponse.SERVING
                     for r in (cpb.ROLE_PREFILL, cpb.ROLE_DECODE)):
                 return members
             time.sleep(0.2)
     raise AssertionError("workers not SERVING in time: " + "\n".join(
         f"--- {n}\n{logs[n].read_text()[-2000:]}" for n in logs))
-
-
-def health(address: str) -> int:
-    with grpc.insecure_channel(address) as ch:
-        try:
-            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-        except grpc.RpcError:
-            return -1
 
 
 def stop_gracefully(procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> None:
