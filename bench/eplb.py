@@ -18,6 +18,10 @@ Methods, each planning window t from window t's loads:
 - migration(m): Tandem's policy for the scenario given the placement it planned for window t-1, margin m;
 - static: Tandem's plan for window 0, never re-planned.
 
+With --smooth-windows N (and --decay D), every method plans window t, and is measured, on what the controller
+reads from Redis at that moment: the sum over windows t-N+1..t of loads x D**age (the controller's
+--rebalance-windows and --rebalance-decay, defaults 6 and 0.8). Without it each window's raw counts are used.
+
 Per re-plan (windows 1..): balancedness before (the previous plan on this window's loads), after (the new
 plan on the same loads), and experts moved (a server gaining an expert it did not hold). Writes results.json
 and eplb.png into --out (default bench/results/eplb/).
@@ -133,6 +137,16 @@ def read_recorded(path: str) -> tuple[np.ndarray, dict]:
         raise SystemExit(f"--recorded {path}: need {{\"load\": [windows][layers][experts]}} with >= 2 windows, "
                          f"got shape {loads.shape}")
     return loads, meta
+
+
+def controller_view(loads: np.ndarray, windows: int, decay: float) -> np.ndarray:
+    """[W, L, E] what the controller plans on at each window: the newest `windows` windows, each weighed
+    decay**age (as `tandem.eplb.stats.read_load`)."""
+    out = np.zeros_like(loads)
+    for t in range(loads.shape[0]):
+        for age in range(min(windows, t + 1)):
+            out[t] += loads[t - age] * decay ** age
+    return out
 
 
 # --- running ---------------------------------------------------------------------------------------------
@@ -254,6 +268,10 @@ def main() -> int:
     p.add_argument("--policy", default="auto",
                    help="with --recorded: Tandem's policy for the migration-aware and static runs, auto, global "
                         "or hierarchical, or a comma-separated list, one scenario each (default auto)")
+    p.add_argument("--smooth-windows", type=int, default=1,
+                   help="plan on the decayed sum of the newest N windows, as the controller does (default 1: raw)")
+    p.add_argument("--decay", type=float, default=1.0,
+                   help="with --smooth-windows: weight of a window relative to the next newer one (default 1.0)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     args = p.parse_args()
     from tqdm import tqdm
@@ -279,6 +297,12 @@ def main() -> int:
         scenarios += [Scenario("prefill", loads, ClusterShape(32, 9, 4, num_groups), "hierarchical"),
                       Scenario("decode", loads, ClusterShape(320, 1, 40, num_groups), "global")]
 
+    if args.smooth_windows < 1 or not 0 < args.decay <= 1:
+        raise SystemExit(f"--smooth-windows must be >= 1 and --decay in (0, 1], got {args.smooth_windows} and "
+                         f"{args.decay}")
+    for s in scenarios:
+        s.loads = controller_view(s.loads, args.smooth_windows, args.decay)
+
     results = {}
     total = sum(len(methods_for(s, margins)) * s.loads.shape[0] for s in scenarios)
     with tqdm(total=total, desc="planning", unit="plan", file=sys.stderr) as progress:
@@ -303,7 +327,8 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"config": {"quick": args.quick, "zipf": args.zipf, "drift": args.drift, "tokens": args.tokens,
-                         "seed": args.seed, "margins": margins, "recorded": args.recorded,
+                         "seed": args.seed, "margins": margins,
+                         "smooth_windows": args.smooth_windows, "decay": args.decay, "recorded": args.recorded,
                          "recorded_from": recorded_meta and {k: recorded_meta.get(k) for k in (
                              "model", "requests_per_window", "layer_ids", "new_tokens", "speculative_tokens")},
                          "machine": platform.platform(), "python": platform.python_version()},
