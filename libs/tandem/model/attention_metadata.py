@@ -36,10 +36,14 @@ class Paged:
     positions: torch.Tensor  # [T] int64, position of each new token in its sequence
     slot_mapping: torch.Tensor  # [T] int64, cache slot each new token's latent is written to
     query_index: torch.Tensor  # [B, Q] int64, index into the T new tokens (padding points at token 0)
-    query_mask: torch.Tensor  # [B, Q] bool, False on padding
-    key_slots: torch.Tensor  # [B, S] int64, cache slot of each context position (padding points at slot 0)
-    attend_mask: torch.Tensor  # [B, Q, S] bool, query may attend to key (causal and inside the context)
+    query_rows: torch.Tensor  # [T] int64, row of each new token in the flattened [B*Q] query grid
+    key_slots: torch.Tensor  # [B*S] int64, cache slot of each context position (padding points at slot 0)
+    attend_bias: torch.Tensor  # [B, 1, Q, S] float32, 0 where a query may attend to a key, else MASKED
     kv_cache: torch.Tensor
+
+    MASKED = torch.finfo(torch.float32).min
+    """Added to the scores a query must not see. Finite, so that the all-masked rows of padded queries give a
+    (discarded) uniform softmax instead of NaN, with no clean-up pass."""
 
     @classmethod
     def build(cls, *, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -63,9 +67,11 @@ class Paged:
         key_slots = tables.gather(1, key_block) * block_size + k_off[None, :] % block_size
         key_slots = torch.where(key_valid, key_slots, 0)
         slot_mapping = key_slots.gather(1, q_pos.clamp(max=S - 1))[query_mask]
-        attend_mask = (k_off[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :] & query_mask[:, :, None]
-        return cls(positions.to(device), slot_mapping.to(device), query_index.to(device), query_mask.to(device),
-                   key_slots.to(device), attend_mask.to(device), kv_cache)
+        attend = (k_off[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :] & query_mask[:, :, None]
+        attend_bias = torch.zeros(attend.shape, dtype=torch.float32).masked_fill_(~attend, cls.MASKED)[:, None]
+        query_rows = query_mask.view(-1).nonzero().view(-1)
+        return cls(positions.to(device), slot_mapping.to(device), query_index.to(device), query_rows.to(device),
+                   key_slots.view(-1).to(device), attend_bias.to(device), kv_cache)
 
 
 AttentionMetadata = DenseCausal | Paged

@@ -47,7 +47,7 @@ class ExpertBank(nn.Module):
             if not count:
                 continue
             tokens = token_of_pair[start:start + count]
-            h = x[tokens]
+            h = x.index_select(0, tokens)
             h = F.silu(F.linear(h, self.gate_proj[slot])) * F.linear(h, self.up_proj[slot])
             h = F.linear(h, self.down_proj[slot]) * weight_of_pair[start:start + count, None].to(x.dtype)
             out.index_add_(0, tokens, h)
