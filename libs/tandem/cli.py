@@ -30,6 +30,10 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
     p.add_argument("--stop-token-ids", default="", help="comma-separated token ids that end generation")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--no-token-healing", action="store_true",
+                   help="take a --prompt's last token as it is; by default a prompt that ends inside what would be one "
+                        "token (e.g. a trailing space) is backed up by that token and the first generated token "
+                        "must start with its text")
     p.add_argument("--speculative-tokens", type=int, default=None,
                    help="MTP drafts per step at most (default: the model's MTP depth; 0 = no speculation)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -128,6 +132,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.gateway is not None:
         return _generate_remote(args)
     from tandem.engine.engine import Engine, EngineConfig
+    from tandem.engine.token_healing import TokenHealer
     from tandem.model.config import ModelConfig
     from tandem.model.loading import load_model
     from tandem.model.tokenizer import load_tokenizer
@@ -143,6 +148,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise ValueError(f"--prompt needs {args.model}/tokenizer.json; pass --prompt-ids instead")
         prompt_ids = tokenizer.encode(args.prompt).ids
+        if not args.no_token_healing:
+            healed = TokenHealer(tokenizer).heal(prompt_ids)
+            prompt_ids, params = healed.prompt_ids, healed.apply(params)
     else:
         prompt_ids = _parse_ids(args.prompt_ids, "--prompt-ids")
     mtp_depth = ModelConfig.from_file(args.model).num_nextn_predict_layers
@@ -188,7 +196,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} is a setting of the cluster's workers, not of a request")
     request = pb.GenerateRequest(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                  top_k=args.top_k, stop=args.stop,
-                                 speculative_tokens=speculative_field(args.speculative_tokens))
+                                 speculative_tokens=speculative_field(args.speculative_tokens),
+                                 disable_token_healing=args.no_token_healing)
     if args.seed is not None:
         request.seed = args.seed
     if args.prompt is not None:

@@ -20,6 +20,7 @@ from tandem.cluster.metrics import ServiceMetrics
 from tandem.engine.engine import StepOutput
 from tandem.engine.runner import EngineFailed, QueueFull, RunnerClosed
 from tandem.engine.sampling import SamplingError, SamplingParams
+from tandem.engine.token_healing import TokenHealer
 from tandem.gateway.requests import RequestError, parse_generate_request
 from tandem.gateway.stream import TextStream
 from tandem.gateway.workers import WorkerError
@@ -63,6 +64,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                  cluster_shape: Callable[[], pb.ClusterShape] | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
+        self.healer = TokenHealer(tokenizer) if tokenizer is not None else None
         self.model_info = model_info
         self.metrics = metrics
         self.cluster_shape = cluster_shape
@@ -85,7 +87,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     def _generate(self, request, context):
         try:
-            req = parse_generate_request(request, self.tokenizer, self.model_info)
+            req = parse_generate_request(request, self.tokenizer, self.model_info, self.healer)
         except RequestError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         client_id = request.request_id or uuid.uuid4().hex
@@ -105,7 +107,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             self.backend.cancel(engine_id)  # the call ended before the callback could be registered
             return
         try:
-            yield from self._responses(stream, TextStream(self.tokenizer, req.stop), client_id, context)
+            yield from self._responses(stream, TextStream(self.tokenizer, req.stop, req.params.skip_text_prefix), client_id, context)
         finally:
             if not stream.is_finished:
                 self.backend.cancel(engine_id)

@@ -25,6 +25,7 @@ from tandem.cluster.metrics import scrape
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.runner import EngineRunner
 from tandem.engine.sampling import SamplingParams
+from tandem.engine.token_healing import TokenHealer
 from conftest import free_port
 from services.gateway.server import GatewayConfig, GatewayServer, add_gateway_parser, model_info
 from tandem.model.loading import load_model
@@ -110,11 +111,16 @@ def test_concurrent_greedy_streams_equal_the_engine(model_dir, tokenizer, gatewa
         results = list(pool.map(lambda r: collect(stub, r), requests))
 
     reference = Engine(load_model(model_dir), EngineConfig(max_num_seqs=8, num_speculative_tokens=MAX_DRAFTS))
+    healer = TokenHealer(tokenizer)
     for req, (ids, text, last) in zip(requests, results):
-        prompt = list(req.prompt_token_ids) or tokenizer.encode(req.prompt).ids
-        [want] = reference.generate([prompt], SamplingParams(max_tokens=req.max_tokens))
+        prompt, params = list(req.prompt_token_ids), SamplingParams(max_tokens=req.max_tokens)
+        if not prompt:  # a text prompt: healed as the gateway does
+            healed = healer.heal(tokenizer.encode(req.prompt).ids)
+            prompt, params = healed.prompt_ids, healed.apply(params)
+        [want] = reference.generate([prompt], params)
         assert ids == want.token_ids, req
-        assert text == tokenizer.decode(ids, skip_special_tokens=True)
+        decoded = tokenizer.decode(ids, skip_special_tokens=True)
+        assert text == decoded.removeprefix(params.skip_text_prefix)
         assert last.finish_reason == {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}[
             want.finish_reason]
         assert last.usage.num_prompt_tokens == len(prompt) and last.usage.num_completion_tokens == len(ids)
@@ -124,6 +130,21 @@ def test_concurrent_greedy_streams_equal_the_engine(model_dir, tokenizer, gatewa
         assert last.request_id == (req.request_id or last.request_id) and last.request_id
     assert sum(r[2].usage.num_draft_tokens for r in results) > 0, "no request drafted"
     wait_all_blocks_free(gateway)
+
+
+def test_a_prompt_ending_mid_token_is_healed_unless_disabled(tokenizer, stub):
+    prompt = "def "  # ends in a lone-space token: the first generated token must start with the space
+    healed_ids, healed_text, healed_last = collect(stub, pb.GenerateRequest(prompt=prompt, max_tokens=6))
+    first = tokenizer.decode(healed_ids[:1])
+    assert first.startswith(" "), first
+    assert healed_text == tokenizer.decode(healed_ids)[1:]  # the space is the prompt's, not sent twice
+    assert healed_last.usage.num_prompt_tokens == len(tokenizer.encode(prompt).ids) - 1
+    plain_ids, plain_text, plain_last = collect(stub, pb.GenerateRequest(prompt=prompt, max_tokens=6,
+                                                                         disable_token_healing=True))
+    assert plain_last.usage.num_prompt_tokens == len(tokenizer.encode(prompt).ids)
+    assert plain_text == tokenizer.decode(plain_ids)
+    ids_prompt = collect(stub, pb.GenerateRequest(prompt_token_ids=tokenizer.encode(prompt).ids, max_tokens=6))
+    assert ids_prompt[0] == plain_ids  # token-id prompts are never healed
 
 
 def test_seeded_sampling_replays(stub):

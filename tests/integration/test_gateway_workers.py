@@ -125,6 +125,21 @@ def test_gateway_over_workers(cluster, gateway):
     check_metrics_after_workload(ports, before, expected, drafts, accepted)
 
 
+def test_a_first_token_constraint_reaches_the_prefill_worker(cluster, gateway):
+    """Token healing's allowed first tokens travel gateway -> prefill worker, which samples the first token."""
+    server = gateway[0]
+    prompt, params = [5, 9, 3, 11, 2], SamplingParams(max_tokens=5, allowed_first_tokens=(17, 23, 61))
+    colocated = Engine(load_model(cluster.ckpt), EngineConfig(num_speculative_tokens=1, adaptive_speculation=False))
+    want, free = colocated.generate([prompt] * 2, [params, SamplingParams(max_tokens=5)])
+    assert want.token_ids[0] in params.allowed_first_tokens and free.token_ids[0] not in params.allowed_first_tokens
+    stream, tokens = server.runner.submit(prompt, params, "constrained"), []
+    while not stream.is_finished:
+        out = stream.get(timeout=60)
+        assert out is not None, "no output within 60 s"
+        tokens += out.new_token_ids
+    assert tokens == want.token_ids
+
+
 def check_metrics_after_workload(ports: dict[str, int], before: dict[str, dict], expected: list[list[int]],
                                  drafts: int, accepted: int) -> None:
     n, num_tokens = len(REQUESTS), sum(len(t) for t in expected)

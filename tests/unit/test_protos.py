@@ -49,6 +49,7 @@ def test_generate_request_has_the_public_fields():
         "stop": (F.TYPE_STRING, True),
         "speculative_tokens": (F.TYPE_INT32, False),
         "request_id": (F.TYPE_STRING, False),
+        "disable_token_healing": (F.TYPE_BOOL, False),
     }
     # unset differs from 0 where 0 is a real value (seed 0) or invalid (top_p 0)
     assert gateway_pb2.GenerateRequest().HasField("seed") is False

@@ -105,7 +105,8 @@ def sampling_params(sampling) -> SamplingParams:
     """tandem.v1.SamplingParams -> the engine's; raises SamplingError naming a bad field."""
     return SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k, seed=sampling.seed if sampling.HasField("seed") else None,
-                          stop_token_ids=tuple(sampling.stop_token_ids))
+                          stop_token_ids=tuple(sampling.stop_token_ids),
+                          allowed_first_tokens=tuple(sampling.allowed_first_tokens))
 
 
 class AttentionWorker:

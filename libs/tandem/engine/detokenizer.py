@@ -8,9 +8,11 @@ from __future__ import annotations
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_prefix: str = ""):
+        """`skip_prefix`: text the generated text starts with that is not to be returned (token healing)."""
         self.tokenizer = tokenizer
         self.stop = stop
+        self.skip_prefix = skip_prefix
         self.token_ids: list[int] = []
         self.text = ""  # decoded so far, cut at a stop string once one appears
         self.sent = 0  # characters of `text` already returned
@@ -19,7 +21,7 @@ class Detokenizer:
     def add(self, token_id: int) -> tuple[str, bool]:
         """Returns (text that is now final, whether a stop string appeared)."""
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = self.decoded()
         if text.endswith("\ufffd"):
             return "", False  # in the middle of a multi-byte character
         self.text = text
@@ -29,6 +31,11 @@ class Detokenizer:
             self.stopped = True
         hold = 0 if self.stopped else max((len(s) - 1 for s in self.stop), default=0)
         return self._release(len(self.text) - hold), self.stopped
+
+    def decoded(self) -> str:
+        """The text of every token added, less the skipped prefix."""
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        return text[len(self.skip_prefix):] if text.startswith(self.skip_prefix) else text
 
     def flush(self) -> str:
         return self._release(len(self.text))

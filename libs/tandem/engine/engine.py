@@ -125,7 +125,11 @@ class Engine:
             else min(num_speculative_tokens, self.policy.max_drafts)
         seq = Sequence(request_id, prompt_ids, params, max_drafts, len(self.model.mtp_layers))
         seq.prefill_only = prefill_only
-        detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        bad = next((t for t in params.allowed_first_tokens if t >= vocab), None)
+        if bad is not None:
+            raise SamplingError(f"allowed_first_tokens holds {bad}, outside the vocabulary [0, {vocab})")
+        detok = Detokenizer(self.tokenizer, params.stop, params.skip_text_prefix) \
+            if self.tokenizer is not None else None
         self._requests[request_id] = (seq, detok)
         if not prefilled:
             self.scheduler.add(seq)
@@ -252,6 +256,7 @@ class Engine:
             return {}
         counts = [len(s.draft_ids) + 1 for s, _ in sampling]
         logits = self.model.logits(torch.cat([h[-n:] for (_, h), n in zip(sampling, counts)]))
+        self._constrain_first_tokens(logits, [s.seq for s, _ in sampling], counts)
         probs = target_probs(logits, [s.seq.params for s, _ in sampling for _ in range(len(s.draft_ids) + 1)])
         per_seq = probs.split(counts)
         plain = [i for i, (s, _) in enumerate(sampling) if not s.draft_ids]
@@ -272,6 +277,19 @@ class Engine:
             self.policy.observe(len(s.draft_ids), accepted)
             out[id(seq)] = tokens[0, : accepted + 1].tolist()
         return out
+
+    @staticmethod
+    def _constrain_first_tokens(logits: torch.Tensor, seqs: list[Sequence], counts: list[int]) -> None:
+        """In place: a sequence's first generated token only from its `allowed_first_tokens` (token healing).
+        A first token is never drafted, so it is the sequence's only row."""
+        row = 0
+        for seq, n in zip(seqs, counts):
+            allowed = seq.params.allowed_first_tokens
+            if allowed and seq.num_output_tokens == 0:
+                keep = torch.tensor(allowed, dtype=torch.int64, device=logits.device)
+                masked = torch.full_like(logits[row], float("-inf"))
+                logits[row] = masked.index_copy_(0, keep, logits[row].index_select(0, keep))
+            row += n
 
     def _emit(self, seq: Sequence, new_tokens: list[int]) -> StepOutput:
         """Append tokens one by one until a stop condition; tokens after a stop are dropped."""

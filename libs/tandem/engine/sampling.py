@@ -34,6 +34,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # matched by the engine on decoded text
     ignore_eos: bool = False
+    # token healing (tandem.engine.token_healing): the first generated token is one of these (empty = any),
+    # and the generated text leaves out this prefix, which the prompt already shows
+    allowed_first_tokens: tuple[int, ...] = ()
+    skip_text_prefix: str = ""
 
     def __post_init__(self) -> None:
         self.max_tokens = _int("max_tokens", self.max_tokens)
@@ -55,6 +59,13 @@ class SamplingParams:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check(all(isinstance(s, str) and s for s in self.stop), f"stop must hold non-empty strings, got {self.stop!r}")
         _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        ids_ok = isinstance(self.allowed_first_tokens, (list, tuple))
+        _check(ids_ok, f"allowed_first_tokens must be a list, got {self.allowed_first_tokens!r}")
+        self.allowed_first_tokens = tuple(_int("allowed_first_tokens", t) for t in self.allowed_first_tokens)
+        _check(all(t >= 0 for t in self.allowed_first_tokens),
+               f"allowed_first_tokens must be >= 0, got {self.allowed_first_tokens}")
+        _check(isinstance(self.skip_text_prefix, str), f"skip_text_prefix must be a string, got "
+                                                       f"{self.skip_text_prefix!r}")
 
     @property
     def is_greedy(self) -> bool:

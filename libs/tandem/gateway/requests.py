@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from tandem.engine.sampling import SamplingError, SamplingParams
+from tandem.engine.token_healing import TokenHealer
 from tandem.v1 import gateway_pb2 as pb
 
 
@@ -30,9 +31,15 @@ class EngineRequest:
     num_speculative_tokens: int | None  # None: the server's default
 
 
-def parse_generate_request(request: pb.GenerateRequest, tokenizer, model_info: pb.ModelInfo) -> EngineRequest:
-    """Validate `request` against the served model; `tokenizer` may be None (token-id prompts only)."""
+def parse_generate_request(request: pb.GenerateRequest, tokenizer, model_info: pb.ModelInfo,
+                           healer: TokenHealer | None = None) -> EngineRequest:
+    """Validate `request` against the served model; `tokenizer` may be None (token-id prompts only). A text
+    prompt is healed by `healer` unless the request disables it (see tandem.engine.token_healing)."""
     prompt_field, prompt_ids = _prompt(request, tokenizer, model_info.vocab_size)
+    healed = None
+    if prompt_field == "prompt" and healer is not None and not request.disable_token_healing:
+        healed = healer.heal(prompt_ids)
+        prompt_ids = healed.prompt_ids
     context = model_info.max_context_tokens
     if len(prompt_ids) >= context:
         raise RequestError(prompt_field, f"{prompt_field}: {len(prompt_ids)} tokens leave no room to generate in "
@@ -63,6 +70,8 @@ def parse_generate_request(request: pb.GenerateRequest, tokenizer, model_info: p
                                 top_k=request.top_k, seed=request.seed if request.HasField("seed") else None)
     except SamplingError as e:  # the checks above cover every field; this keeps the two in step
         raise RequestError(str(e).split(" ", 1)[0], str(e)) from None
+    if healed is not None:
+        params = healed.apply(params)
     return EngineRequest(prompt_ids, params, stop, _speculative_tokens(request.speculative_tokens))
 
 

@@ -13,10 +13,10 @@ from tandem.engine.detokenizer import Detokenizer
 class TextStream:
     """Incremental text of one request. Without a tokenizer the text stays empty (and stop is not allowed)."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_prefix: str = ""):
         if stop and tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        self._detok = Detokenizer(tokenizer, stop) if tokenizer is not None else None
+        self._detok = Detokenizer(tokenizer, stop, skip_prefix) if tokenizer is not None else None
         self.stopped = False
 
     def add(self, token_ids: list[int]) -> tuple[list[int], str]:
@@ -42,7 +42,7 @@ class TextStream:
             return ""
         if d.stopped:
             return d.flush()
-        full = d.tokenizer.decode(d.token_ids, skip_special_tokens=True)
+        full = d.decoded()
         sent = d.text[: d.sent]
         if not full.startswith(sent):  # a decode that is not prefix-stable: send what is known to be clean
             return d.flush()

@@ -122,7 +122,7 @@ class WorkerBackend:
         spec = self.num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
         sampling = pb.SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                                      top_k=params.top_k, seed=params.seed, stop_token_ids=params.stop_token_ids,
-                                     num_speculative_tokens=spec)
+                                     num_speculative_tokens=spec, allowed_first_tokens=params.allowed_first_tokens)
         threading.Thread(target=self._run, args=(call, list(prompt_ids), sampling), daemon=True,
                          name=f"request-{request_id[:8]}").start()
         return stream
