@@ -142,10 +142,13 @@ def test_rebalance_balances_the_servers_without_failing_or_changing_a_request(tm
             redis_process.start()
             generate(stub, *SKEWED[0])
             deadline = time.monotonic() + 30
+            restarted = redis.Redis.from_url(redis_process.url)
+            while not restarted.keys("tandem:ckpt:expert_load:*"):  # the servers retry on their flush interval
+                assert time.monotonic() < deadline, "the expert servers never delivered their counts"
+                time.sleep(0.2)
             while "statistics unavailable" in (up := controller.Rebalance(cpb.RebalanceRequest(), timeout=60)).reason:
                 assert time.monotonic() < deadline, up.reason
                 time.sleep(0.5)
-            assert redis.Redis.from_url(redis_process.url).keys("tandem:ckpt:expert_load:*")
         finally:
             channel.close()
             controller_ch.close()
