@@ -460,12 +460,14 @@ def test_redis_outage_keeps_the_placement_and_statistics_resume(model_dir, redis
 
 
 class FakeExpertServer(epb_grpc.ExpertServerServicer):
-    """An expert server's gRPC API only: records LoadExperts and UnloadExperts; `fail_load` makes loads fail."""
+    """An expert server's gRPC API only: records LoadExperts and UnloadExperts; `fail_load` makes loads fail,
+    `fail_unload` the next unloads."""
 
     def __init__(self):
         self.loaded: list[pb.Placement] = []
         self.kept: list[int] = []
         self.fail_load: str | None = None
+        self.fail_unload = 0  # how many UnloadExperts calls fail before they work again
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         epb_grpc.add_ExpertServerServicer_to_server(self, self.server)
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
@@ -479,6 +481,9 @@ class FakeExpertServer(epb_grpc.ExpertServerServicer):
 
     def UnloadExperts(self, request, context):
         self.kept.append(request.keep_version)
+        if self.fail_unload:
+            self.fail_unload -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
         return epb.UnloadExpertsResponse(num_unloaded_experts=1)
 
 
@@ -528,12 +533,23 @@ def test_rebalance_stages_on_every_expert_server_publishes_and_frees_after_the_a
             assert experts[1].kept == [2, 2]
             assert metric(port, 'tandem_eplb_rebalances_total{outcome="failed"}') == 1.0
 
+            # the clean-up fails too: nothing new is planned until a retry, at the next re-plans, succeeds
+            experts[0].fail_unload = 2
+            reply = stub.Rebalance(pb.RebalanceRequest(force=True), timeout=30)
+            assert not reply.applied and "staging failed" in reply.reason and experts[0].kept == [2] * 3
+            reply = stub.Rebalance(pb.RebalanceRequest(force=True), timeout=30)  # the retry fails again
+            assert not reply.applied and "waiting until every worker routes with version 2" in reply.reason
+            assert experts[0].kept == [2] * 4 and [p.version for p in experts[0].loaded] == [2, 3, 3]
+            reply = stub.Rebalance(pb.RebalanceRequest(force=True), timeout=30)  # the retry works: planned again
+            assert [p.version for p in experts[0].loaded] == [2, 3, 3, 3] and "staging failed" in reply.reason
+            assert experts[0].kept == experts[1].kept == [2] * 6 and server.placements.version == 2
+
             # an expert server that is not ready: refused before anything is sent
             stub.Heartbeat(pb.HeartbeatRequest(member_id=_member_id(stub, pb.ROLE_EXPERT), is_ready=False), timeout=5)
             experts[1].fail_load = None
             reply = stub.Rebalance(pb.RebalanceRequest(force=True), timeout=30)
             assert not reply.applied and "expert server 0: " in reply.reason and "is not ready" in reply.reason
-            assert len(experts[0].loaded) == 2
+            assert len(experts[0].loaded) == 4
     finally:
         server.stop()
         for fake in experts:

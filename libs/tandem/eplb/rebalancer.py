@@ -13,7 +13,8 @@ One re-plan, `Rebalancer.rebalance()`:
 4. Publish version N+1 in the placement store; the attention workers switch at a step boundary and
    acknowledge it.
 5. Once every ready attention worker has acknowledged (or `ack_timeout_s` passes; then at the next re-plan),
-   the expert servers free the copies only the old version uses (`fleet.release(N+1)`).
+   the expert servers free the copies only the old version uses (`fleet.release(N+1)`). Until that is done no
+   new version is planned. A staging failure whose clean-up fails too is cleaned up the same way.
 
 Re-plans never overlap (a lock); a background thread runs one every `interval_s` seconds.
 """
@@ -101,6 +102,9 @@ class Rebalancer:
         s = self.settings
         self._release_pending()
         current = self.placements.current()
+        if self._unreleased is not None:  # never stack versions: a failed staging's clean-up would free copies in use
+            return RebalanceOutcome(False, f"waiting until every worker routes with version {self._unreleased} and "
+                                           "its old copies are freed", current.version)
         try:
             load = np.asarray(self.read_load(s.windows, s.decay), dtype=np.float64)
         except Exception as e:  # noqa: BLE001 - any statistics failure leaves the placement serving
@@ -129,8 +133,10 @@ class Rebalancer:
                       current.version, e)
             try:
                 self.fleet.release(current.version)
-            except Exception as cleanup:  # noqa: BLE001
-                log.warning("dropping the partly staged version %d failed: %s", staged.version, cleanup)
+            except Exception as cleanup:  # noqa: BLE001 - retried at the next re-plan
+                log.warning("dropping the partly staged version %d failed (retried at the next re-plan): %s",
+                            staged.version, cleanup)
+                self._unreleased = current.version
             return RebalanceOutcome(False, f"staging failed: {e}", current.version, before, after, moved)
         version = self.placements.publish(staged.phy2log)
         self.num_applied += 1
