@@ -66,7 +66,7 @@ WATCH_POLL_S = 0.5  # how soon a watch stream notices its client went away
 
 def member_to_proto(m: Member) -> pb.Member:
     return pb.Member(member_id=m.member_id, role=ROLE_TO_PROTO[m.role], address=m.address, index=m.index,
-                     rank=m.rank, is_ready=m.is_ready)
+                     rank=m.rank, is_ready=m.is_ready, node=m.node)
 
 
 class ControllerRebalancer(Rebalancer):
@@ -108,13 +108,13 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     def Register(self, request, context):
         role = _role(request.role, context, allow_unspecified=False)
         try:
-            member = self.membership.register(role, request.address)
+            member = self.membership.register(role, request.address, request.node)
         except RoleFullError as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except MembershipError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        log.info("registered %s %s at %s: index %d, rank %d", role.value, member.member_id, member.address,
-                 member.index, member.rank)
+        log.info("registered %s %s at %s%s: index %d, rank %d", role.value, member.member_id, member.address,
+                 f" on node {member.node}" if member.node else "", member.index, member.rank)
         return pb.RegisterResponse(member=member_to_proto(member),
                                    data_plane=self.data_plane if member.rank >= 0 else None,
                                    heartbeat_interval_ms=self.heartbeat_interval_ms)
@@ -234,7 +234,8 @@ class ControllerServer:
 
     def __init__(self, config: ControllerConfig):
         model = ModelConfig.from_file(config.model_dir)
-        shape = Shape(config.num_prefill, config.num_decode, config.num_expert_servers, config.num_gateways)
+        shape = Shape(config.num_prefill, config.num_decode, config.num_expert_servers, config.num_gateways,
+                      num_expert_nodes=config.num_nodes)
         self.config = config
         # 0 slots per server: just enough for each logical expert once (ceil(E / S))
         self.num_slots_per_server = (config.num_slots_per_server

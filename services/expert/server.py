@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -85,6 +86,9 @@ class ExpertServerConfig:
     port: int = setting(50060, help="gRPC port (0 = any free port)")
     advertise_host: str = setting("", help="host the other services reach this server at, as registered with "
                                            "the controller (empty: host, or 127.0.0.1 when host is a wildcard)")
+    node: str = setting("", help="the machine (Kubernetes node) this server runs on, sent at registration: a "
+                                 "controller that spreads expert servers over several nodes gives one node's "
+                                 "servers one block of indices (empty: this host's name)")
     # load statistics
     redis_url: str = setting("", help="Redis for the expert-load statistics, e.g. redis://127.0.0.1:6379/0 "
                                       "(empty: statistics off)")
@@ -233,6 +237,7 @@ class ExpertServer:
         self.address = f"{host}:{self.port}"
         self.channel = grpc.insecure_channel(config.controller)
         self.controller = cpb_grpc.ControllerStub(self.channel)
+        self.node = config.node or socket.gethostname()  # sent at registration
         # filled in by start()
         self.member: cpb.Member | None = None
         self.placement: Placement | None = None  # the newest version held
@@ -259,11 +264,12 @@ class ExpertServer:
             registry = CollectorRegistry()
             registry.register(_ExpertMetrics(self))
             self._metrics_http, _ = start_http_server(config.metrics_port, addr=config.host, registry=registry)
-        reply = self.controller.Register(cpb.RegisterRequest(role=cpb.ROLE_EXPERT, address=self.address),
+        reply = self.controller.Register(cpb.RegisterRequest(role=cpb.ROLE_EXPERT, address=self.address,
+                                                             node=self.node),
                                          timeout=config.startup_timeout_s, wait_for_ready=True)
         self.member = reply.member
-        log.info("registered as expert server %d (rank %d, %s) at %s", self.member.index, self.member.rank,
-                 self.member.member_id, self.address)
+        log.info("registered as expert server %d (rank %d, %s) at %s on node %s", self.member.index,
+                 self.member.rank, self.member.member_id, self.address, self.node)
         threading.Thread(target=self._heartbeat, args=(reply.heartbeat_interval_ms / 1000,), daemon=True,
                          name="heartbeat").start()
         proto = self.controller.GetPlacement(cpb.GetPlacementRequest(), timeout=RPC_TIMEOUT_S)
@@ -437,7 +443,8 @@ class ExpertServer:
     def _register_again(self) -> None:
         """The controller forgot this member (it restarted): register again under the same address."""
         try:
-            member = self.controller.Register(cpb.RegisterRequest(role=cpb.ROLE_EXPERT, address=self.address),
+            member = self.controller.Register(cpb.RegisterRequest(role=cpb.ROLE_EXPERT, address=self.address,
+                                                                  node=self.node),
                                               timeout=RPC_TIMEOUT_S).member
         except grpc.RpcError as e:
             log.warning("registering again failed: %s", e.details())

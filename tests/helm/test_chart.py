@@ -214,6 +214,9 @@ def test_pools_are_parallel_statefulsets_with_stable_names_shm_and_a_read_only_m
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env[f"TANDEM_{pool.upper()}_ADVERTISE_HOST"] == \
             f"$(POD_NAME).{service['metadata']['name']}.$(POD_NAMESPACE).svc.cluster.local"
+        node = [e for e in c["env"] if e["name"] == "TANDEM_EXPERT_NODE"]  # the controller groups a node's servers
+        assert node == ([{"name": "TANDEM_EXPERT_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+                        if pool == "expert" else [])
         mounts = {m["name"]: m for m in c["volumeMounts"]}
         assert mounts["model"]["readOnly"] is True and mounts["model"]["mountPath"] == "/models/tiny-code"
         assert mounts["dshm"]["mountPath"] == "/dev/shm"
@@ -369,7 +372,8 @@ def test_service_configs_load_into_the_services_own_config_classes(tmp_path):
             path = tmp_path / f"{preset}-{service}.yaml"
             path.write_text(yaml.safe_dump(service_config(objects, service)))
             container = tandem_container(objects, service)
-            env = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("TANDEM_")}
+            env = {e["name"]: e.get("value", "filled-in-by-kubernetes") for e in container["env"]
+                   if e["name"].startswith("TANDEM_")}  # valueFrom: the pod's fields
             config = build_config(cls, service, environ=env, yaml_path=path)
             assert config.port == next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
             assert config.metrics_port == next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
@@ -380,6 +384,8 @@ def test_service_configs_load_into_the_services_own_config_classes(tmp_path):
                 assert config.store_host == f"{RELEASE}-tandem-controller.{NAMESPACE}.svc.cluster.local"
             else:
                 assert config.controller == f"{RELEASE}-tandem-controller.{NAMESPACE}.svc.cluster.local:50050"
+            if service == "expert":
+                assert config.node == "filled-in-by-kubernetes"
 
 
 def notes(tmp_path: Path, *args: str) -> str:

@@ -130,6 +130,51 @@ def test_reregister_and_full_role(model_dir):
         server.stop()
 
 
+def test_expert_servers_of_one_node_get_one_block_of_indices(model_dir):
+    """num_nodes 2, 4 expert servers: a node's servers get indices 0-1 or 2-3 whatever order they register in."""
+    server = start(model_dir, num_prefill=1, num_decode=1, num_expert_servers=4, num_nodes=2,
+                   heartbeat_interval_s=0.1, heartbeat_timeout_s=0.4)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.ControllerStub(ch)
+
+            def expert(address: str, node: str) -> pb.Member:
+                return stub.Register(pb.RegisterRequest(role=pb.ROLE_EXPERT, address=address, node=node),
+                                     timeout=5).member
+
+            b1 = expert("10.0.3.1:7000", "node-b")
+            a1 = expert("10.0.3.2:7000", "node-a")
+            a2 = expert("10.0.3.3:7000", "node-a")
+            assert (b1.index, a1.index, a2.index) == (0, 2, 3) and a1.node == "node-a"
+            code, message = status_of(stub.Register, pb.RegisterRequest(role=pb.ROLE_EXPERT, address="10.0.3.4:7000",
+                                                                         node="node-a"))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "node 'node-a' already runs its 2 expert servers" \
+                in message
+            code, message = status_of(stub.Register, pb.RegisterRequest(role=pb.ROLE_EXPERT, address="10.0.3.5:7000"))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "must say which node it runs on" in message
+            code, message = status_of(stub.Register, pb.RegisterRequest(role=pb.ROLE_EXPERT, address="10.0.3.6:7000",
+                                                                         node="node-c"))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "held by live servers of another node" in message
+            assert expert("10.0.3.7:7000", "node-b").index == 1
+            assert expert("10.0.3.2:7000", "node-a").member_id == a1.member_id  # a restart keeps its slot
+
+            # only node-b's first server stays alive; a third node takes node-a's block over
+            b2 = expert("10.0.3.7:7000", "node-b")
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                stub.Heartbeat(pb.HeartbeatRequest(member_id=b1.member_id, is_ready=True), timeout=5)
+                time.sleep(0.05)
+            assert expert("10.0.3.6:7000", "node-c").index == 2
+            # node-a's other server comes back: its block is node-c's now and node-b's is in use
+            code, message = status_of(stub.Register, pb.RegisterRequest(role=pb.ROLE_EXPERT, address="10.0.3.3:7000",
+                                                                         node="node-a"))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "held by live servers of another node" in message
+            assert a2.member_id not in {m.member_id for m in stub.ListMembers(pb.ListMembersRequest()).members}
+            assert expert("10.0.3.7:7000", "node-b").member_id == b2.member_id  # node-b's block is still its own
+    finally:
+        server.stop()
+
+
 def test_missing_heartbeats_mark_a_member_down_and_a_replacement_takes_its_rank(model_dir):
     server = start(model_dir, num_prefill=2, heartbeat_interval_s=0.1, heartbeat_timeout_s=0.4)
     try:

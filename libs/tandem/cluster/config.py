@@ -231,8 +231,10 @@ class ControllerConfig:
                                             "inside a node), global (replicas anywhere) or auto (hierarchical when "
                                             "the model's n_group is a multiple of num_nodes)",
                                choices=("auto", "global", "hierarchical"))
-    num_nodes: int = setting(1, help="nodes the expert servers are spread over evenly (server i on node "
-                                     "i // (num_expert_servers / num_nodes)), for the hierarchical policy")
+    num_nodes: int = setting(1, help="nodes the expert servers are spread over evenly, for the hierarchical "
+                                     "policy; with more than 1 each expert server registers its node, and a "
+                                     "node's servers get one block of indices (server i on node "
+                                     "i // (num_expert_servers / num_nodes))")
     stage_timeout_s: float = setting(120.0, help="how long every expert server may take to load the experts of "
                                                  "a new placement beside the serving ones")
     ack_timeout_s: float = setting(30.0, help="how long a re-plan waits for every prefill and decode worker to "

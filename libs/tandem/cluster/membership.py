@@ -11,6 +11,10 @@ decode P .. P+D-1), expert servers after them. Gateways are not on the data plan
   so the old id's heartbeats are answered with `UnknownMember` (register again).
 - A member can be marked down at once (`mark_down`: its pod was deleted), with the same consequences.
 - A role whose slots are all held by live members refuses a new member (`RoleFullError`).
+- Expert servers spread over several nodes (`num_expert_nodes` > 1, for the hierarchical expert placement,
+  which puts server i on node i // servers_per_node) say which node they run on. A node's servers get the
+  indices of one block: the block its live servers already hold, else the lowest block without a live server
+  of another node. Kubernetes places pods where it likes, so ordinals alone could not promise this.
 
 Liveness is computed from the clock when asked, so no background thread is needed. Thread-safe.
 """
@@ -62,6 +66,7 @@ class Member:
     is_ready: bool
     is_alive: bool
     last_heartbeat: float
+    node: str = ""  # the machine it runs on, as it said at registration ("" = not said)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +77,19 @@ class Shape:
     num_decode: int
     num_expert_servers: int
     num_gateways: int = 1
+    num_expert_nodes: int = 1  # nodes the expert servers are spread over evenly, one block of indices each
 
     def __post_init__(self) -> None:
         Roles(self.num_prefill + self.num_decode, self.num_expert_servers)  # checks the counts
         if self.num_prefill < 0 or self.num_decode < 0 or self.num_gateways < 0:
             raise ValueError(f"negative counts in {self}")
+        if self.num_expert_nodes < 1 or self.num_expert_servers % self.num_expert_nodes:
+            raise ValueError(f"{self.num_expert_servers} expert servers cannot be spread evenly over "
+                             f"{self.num_expert_nodes} nodes")
+
+    @property
+    def expert_servers_per_node(self) -> int:
+        return self.num_expert_servers // self.num_expert_nodes
 
     @property
     def roles(self) -> Roles:
@@ -124,20 +137,29 @@ class Membership:
         self._by_id: dict[str, Member] = {}
         self._serial = itertools.count()
 
-    def register(self, role: Role, address: str) -> Member:
-        """Admit a member (or re-admit one with the same role and address); RoleFullError if no slot is free."""
-        address = check_address(address)
+    def register(self, role: Role, address: str, node: str = "") -> Member:
+        """Admit a member (or re-admit one with the same role and address); RoleFullError if no slot is free
+        (for an expert server on several nodes: none in its node's block)."""
+        address, node = check_address(address), node.strip()
+        by_node = role is Role.EXPERT and self.shape.num_expert_nodes > 1
+        if by_node and not node:
+            raise MembershipError(f"the expert servers are spread over {self.shape.num_expert_nodes} nodes: an expert "
+                                  "server must say which node it runs on (its --node setting)")
         with self._lock:
             now = self._clock()
-            for m in self._by_id.values():
-                if m.role is role and m.address == address:
-                    member = replace(m, is_ready=False, last_heartbeat=now)
-                    self._by_id[m.member_id] = member
-                    return self._view(member, now)
-            index = self._free_index(role, now)
+            for m in list(self._by_id.values()):
+                if m.role is not role or m.address != address:
+                    continue
+                if by_node and (m.node != node or self._block_taken(m, now)):
+                    del self._by_id[m.member_id]  # moved, or its block went to another node while it was down
+                    break
+                member = replace(m, is_ready=False, last_heartbeat=now)
+                self._by_id[m.member_id] = member
+                return self._view(member, now)
+            index = self._free_index_on_node(node, now) if by_node else self._free_index(role, now)
             member = Member(member_id=f"{role.value}-{next(self._serial)}-{uuid.uuid4().hex[:8]}", role=role,
                             address=address, index=index, rank=self.shape.rank(role, index), is_ready=False,
-                            is_alive=True, last_heartbeat=now)
+                            is_alive=True, last_heartbeat=now, node=node)
             self._by_id[member.member_id] = member
             return self._view(member, now)
 
@@ -186,11 +208,14 @@ class Membership:
         return replace(member, is_alive=self._alive(member, now),
                        is_ready=member.is_ready and self._alive(member, now))
 
-    def _free_index(self, role: Role, now: float) -> int:
-        """The lowest slot of `role` held by nobody or by a down member (who is then forgotten)."""
+    def _free_index(self, role: Role, now: float, indices: range | None = None) -> int:
+        """The lowest slot of `role` (among `indices`) held by nobody or by a down member (who is then
+        forgotten)."""
         holders = {m.index: m for m in self._by_id.values() if m.role is role}
         capacity = self.shape.capacity(role)
-        for index in itertools.count() if capacity is None else range(capacity):
+        if indices is None:
+            indices = itertools.count() if capacity is None else range(capacity)
+        for index in indices:
             holder = holders.get(index)
             if holder is None:
                 return index
@@ -199,3 +224,30 @@ class Membership:
                 return index
         raise RoleFullError(f"all {capacity} {role.value} slots are held by live members "
                             f"({', '.join(sorted(m.address for m in holders.values()))})")
+
+    def _block_taken(self, member: Member, now: float) -> bool:
+        """A live expert server of another node holds a slot in `member`'s block."""
+        per_node = self.shape.expert_servers_per_node
+        return any(m.role is Role.EXPERT and m.node != member.node and m.index // per_node == member.index // per_node
+                   and self._alive(m, now) for m in self._by_id.values())
+
+    def _free_index_on_node(self, node: str, now: float) -> int:
+        """An expert slot in `node`'s block of indices (see the module docstring)."""
+        per_node = self.shape.expert_servers_per_node
+        live = [m for m in self._by_id.values() if m.role is Role.EXPERT and self._alive(m, now)]
+        mine = {m.index // per_node for m in live if m.node == node}
+        taken = {m.index // per_node for m in live if m.node != node}
+        if len(mine) > 1:  # cannot happen through register; a block is one node's
+            raise MembershipError(f"node {node!r} holds expert slots in several blocks {sorted(mine)}")
+        free = [b for b in range(self.shape.num_expert_nodes) if b not in taken]
+        if not mine and not free:
+            raise RoleFullError(f"expert server on node {node!r}: each of the {self.shape.num_expert_nodes} node "
+                                "blocks of expert slots is held by live servers of another node (more nodes than "
+                                "num_nodes?)")
+        block = min(mine) if mine else free[0]
+        try:
+            return self._free_index(Role.EXPERT, now, range(block * per_node, (block + 1) * per_node))
+        except RoleFullError:
+            raise RoleFullError(f"node {node!r} already runs its {per_node} expert servers (slots "
+                                f"{block * per_node}..{(block + 1) * per_node - 1}); num_expert_servers / num_nodes "
+                                "servers per node are expected") from None
