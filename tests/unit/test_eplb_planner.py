@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tandem.eplb.planner import (ClusterShape, as_load, balancedness, count_moves, plan_placement,
@@ -25,7 +25,7 @@ README_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
                   [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
 README_SHAPE = ClusterShape(num_servers=8, slots_per_server=2, num_nodes=2, num_groups=4)
 
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)  # the same examples in every CI run
 
 
 def top_load(load, phy2log, k) -> np.ndarray:
@@ -127,6 +127,9 @@ def test_redundancy_never_worse_than_none(nodes, servers_per_node, slots, extra,
 @SETTINGS
 @given(problem=problems(hierarchical=False), hierarchical=st.booleans(), seed=st.integers(0, 2**32 - 1),
        margin=st.sampled_from([0.0, 0.01, 0.05]))
+@example(problem=(np.array([[44., 1076., 30., 36., 94., 262.], [1076., 257., 30., 103., 52., 24.],
+                            [42., 272., 70., 25., 97., 1027.]]), ClusterShape(4, 4, 2, 2)),
+         hierarchical=False, seed=2**32 - 1, margin=0.0)  # a peak equal to the target up to summation order
 def test_replanning_the_same_loads_moves_nothing(problem, hierarchical, seed, margin):
     load, shape = problem
     policy = "hierarchical" if hierarchical and shape.num_groups % shape.num_nodes == 0 else "global"

@@ -321,7 +321,7 @@ class _LayerPlanner:
         prev_map = self._infer_group_map(prev) if self.hierarchical else None
         new_map = self._relabel_map(fresh_map, prev_map) if self.hierarchical else None
         fresh = self._fresh(w, new_map)
-        target = _server_load(w, fresh, self.k).max()
+        target = _server_load(w, fresh, self.k).max() * (1 + _REL_EPS)  # equal up to summation order counts as met
         best = self._repair(w, self._sticky(w, prev, prev_map), prev_map, prev_holds, target)
         if self._top(w, best) <= target:
             return best
