@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem.eplb.planner import DEFAULT_MARGIN, POLICIES, ClusterShape, Plan, plan_placement, server_loads
+from tandem.cluster.placement_store import static_phy2log
+from tandem.eplb.planner import (DEFAULT_MARGIN, POLICIES, ClusterShape, Plan, balancedness, plan_placement,
+                                 server_loads)
 
 
 class EplbInputError(ValueError):
@@ -231,14 +233,14 @@ def _show(args: argparse.Namespace, command: str) -> int:
     previous = _read_previous(args)
     plan = _make_plan(load, previous, args)  # checks `previous` against the loads and shape
     shape = _shape(args)
-    if previous is None:
-        now = _static_server_loads(load, shape.num_servers)
+    if previous is None:  # what the controller serves before its first re-plan
+        previous = static_phy2log(*load.shape, shape.num_servers, shape.slots_per_server).numpy()
         current = "static"
     else:
-        now = server_loads(load, np.asarray(previous, dtype=np.int64), shape.slots_per_server)
         current = "previous"
-    now_balance = now.mean(1) / np.maximum(now.max(1), 1e-300)
-    now_balance[now.max(1) == 0] = 1.0
+    previous = np.asarray(previous, dtype=np.int64)
+    now = server_loads(load, previous, shape.slots_per_server)
+    now_balance = balancedness(load, previous, shape.slots_per_server)
     print(f"model {args.model}: {num_layers} MoE layers x {num_experts} experts, {int(load.sum())} tokens "
           f"(newest {args.windows} windows, decay {args.decay}); {shape.num_servers} servers x "
           f"{shape.slots_per_server} slots, policy {plan.policy}")
@@ -271,13 +273,6 @@ def _stats_extent(client, args: argparse.Namespace) -> tuple[int, int]:
             layer, expert = (int(x) for x in (field.decode() if isinstance(field, bytes) else field).split(":"))
             layers, experts = max(layers, layer + 1), max(experts, expert + 1)
     return args.num_layers or layers, args.num_experts or experts
-
-
-def _static_server_loads(load: np.ndarray, num_servers: int) -> np.ndarray:
-    """[L, S] server loads of the static placement: each expert once, in blocks of consecutive ids."""
-    num_experts = load.shape[1]
-    server = np.arange(num_experts) * num_servers // num_experts
-    return np.stack([np.bincount(server, weights=row, minlength=num_servers) for row in load])
 
 
 def plot_heatmaps(before: np.ndarray, after: np.ndarray, path: str, titles: tuple[str, str]) -> None:
