@@ -237,14 +237,12 @@ class Membership:
         live = [m for m in self._by_id.values() if m.role is Role.EXPERT and self._alive(m, now)]
         mine = {m.index // per_node for m in live if m.node == node}
         taken = {m.index // per_node for m in live if m.node != node}
-        if len(mine) > 1:  # cannot happen through register; a block is one node's
-            raise MembershipError(f"node {node!r} holds expert slots in several blocks {sorted(mine)}")
         free = [b for b in range(self.shape.num_expert_nodes) if b not in taken]
         if not mine and not free:
             raise RoleFullError(f"expert server on node {node!r}: each of the {self.shape.num_expert_nodes} node "
                                 "blocks of expert slots is held by live servers of another node (more nodes than "
                                 "num_nodes?)")
-        block = min(mine) if mine else free[0]
+        block = min(mine) if mine else free[0]  # a node's live servers share one block: register keeps it so
         try:
             return self._free_index(Role.EXPERT, now, range(block * per_node, (block + 1) * per_node))
         except RoleFullError:
