@@ -5,8 +5,10 @@
 
 Every run is greedy with EOS ignored, so each request generates exactly --new-tokens tokens. Tandem runs once per
 batch size and speculation setting (MTP drafts per step, adaptive), transformers once per batch size. Writes
-results.json and throughput.png into --out. Random weights make MTP acceptance meaningless (drafts are rarely
-accepted); with them the speculative rows measure what speculation costs, not what it gains.
+results.json and throughput.png into --out. A trained checkpoint (the default, models/tiny-code) gets prompts cut
+from the held-out stdlib code, so its speculative rows show what MTP gains on the code it serves. Random weights
+get random prompts and make MTP acceptance meaningless (drafts are rarely accepted); with them the speculative rows
+measure what speculation costs, not what it gains.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from tandem.model.checkpoint import save_checkpoint
 from tandem.model.config import ModelConfig
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM, Gate, MoE
 from tandem.model.loading import export_state_dict, load_model
+from tandem.model.tokenizer import load_tokenizer
+from tandem.train.data import encode_files, eval_windows, split_corpus
 
 DEFAULT_MODEL = Path("models/tiny-code")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -90,13 +94,6 @@ def random_model_on_device(config: ModelConfig, dtype: torch.dtype, device: torc
     model.init_buffers()
     init_random_(model, seed)
     return model.eval()
-
-
-def transformers_from_checkpoint(path: Path, dtype: torch.dtype, device: torch.device):
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # its load report lists the MTP layers it ignores, as expected
-    return transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 @torch.no_grad()
@@ -445,7 +442,22 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     else:
         path, name = args.model, str(args.model)
     model = load_model(path, dtype=dtype, device=device)
-    return model, name, lambda: transformers_from_checkpoint(path, dtype, device)
+    # from a second Tandem copy rather than from the files: transformers cannot run FP8 checkpoints on CPU
+    return model, name, lambda: transformers_from_tandem(load_model(path, dtype=dtype, device=device))
+
+
+def make_prompts(args: argparse.Namespace, vocab_size: int) -> dict[int, list[list[int]]]:
+    """Per batch size, the prompts: windows of the held-out stdlib code for a trained checkpoint (so that MTP
+    acceptance, and with it what speculation gains, is what serving code sees), random ids for random weights."""
+    if args.model is None:
+        g = torch.Generator().manual_seed(args.seed)
+        return {b: torch.randint(0, vocab_size, (b, args.prompt_len), generator=g).tolist() for b in args.batch_sizes}
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise SystemExit(f"{args.model} has no tokenizer.json: held-out code prompts need the model's tokenizer")
+    windows = eval_windows(encode_files(tokenizer, split_corpus().heldout), args.prompt_len,
+                           max(args.batch_sizes)).tolist()
+    return {b: windows[:b] for b in args.batch_sizes}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -460,9 +472,8 @@ def main(argv: list[str] | None = None) -> None:
         report["machine"]["copy_bandwidth_gb_s"] = bandwidth / 1e9
         step_bytes = StepBytes.of(model)
         context_len = args.prompt_len + args.new_tokens / 2  # the mean context over the decode
-        g = torch.Generator().manual_seed(args.seed)
-        prompts = {b: torch.randint(0, model.config.vocab_size, (b, args.prompt_len), generator=g).tolist()
-                   for b in args.batch_sizes}
+        prompts = make_prompts(args, model.config.vocab_size)
+        report["settings"]["prompts"] = "held-out code" if args.model else "random ids"
         results, tandem_tokens = [], {}
         spec_settings = args.spec_tokens if model.mtp_layers else [0]
         for b in args.batch_sizes:

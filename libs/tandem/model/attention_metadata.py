@@ -31,15 +31,19 @@ class Paged:
     """New tokens of B sequences over a paged MLA cache.
 
     kv_cache: [num_kv_layers, num_slots, kv_lora_rank + qk_rope_head_dim]; slot = block * block_size + offset.
+    When every sequence brings the same number of new tokens (decode, and verification of equal draft counts),
+    the T tokens already are the [B, Q] query grid, and `query_index` / `query_rows` are None.
     """
 
     positions: torch.Tensor  # [T] int64, position of each new token in its sequence
     slot_mapping: torch.Tensor  # [T] int64, cache slot each new token's latent is written to
-    query_index: torch.Tensor  # [B, Q] int64, index into the T new tokens (padding points at token 0)
-    query_rows: torch.Tensor  # [T] int64, row of each new token in the flattened [B*Q] query grid
+    query_index: torch.Tensor | None  # [B, Q] int64, index into the T new tokens (padding points at token 0)
+    query_rows: torch.Tensor | None  # [T] int64, row of each new token in the flattened [B*Q] query grid
     key_slots: torch.Tensor  # [B*S] int64, cache slot of each context position (padding points at slot 0)
-    attend_bias: torch.Tensor  # [B, 1, Q, S] float32, 0 where a query may attend to a key, else MASKED
+    attend_bias: torch.Tensor  # [B, Q, 1, S] float32, 0 where a query may attend to a key, else MASKED
     kv_cache: torch.Tensor
+    num_seqs: int
+    max_query_len: int  # Q
 
     MASKED = torch.finfo(torch.float32).min
     """Added to the scores a query must not see. Finite, so that the all-masked rows of padded queries give a
@@ -68,10 +72,14 @@ class Paged:
         key_slots = torch.where(key_valid, key_slots, 0)
         slot_mapping = key_slots.gather(1, q_pos.clamp(max=S - 1))[query_mask]
         attend = (k_off[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :] & query_mask[:, :, None]
-        attend_bias = torch.zeros(attend.shape, dtype=torch.float32).masked_fill_(~attend, cls.MASKED)[:, None]
-        query_rows = query_mask.view(-1).nonzero().view(-1)
-        return cls(positions.to(device), slot_mapping.to(device), query_index.to(device), query_rows.to(device),
-                   key_slots.view(-1).to(device), attend_bias.to(device), kv_cache)
+        attend_bias = torch.zeros(attend.shape, dtype=torch.float32).masked_fill_(~attend, cls.MASKED)[:, :, None]
+        if min(query_lens) == Q:
+            query_index = query_rows = None
+        else:
+            query_index = query_index.to(device)
+            query_rows = query_mask.view(-1).nonzero().view(-1).to(device)
+        return cls(positions.to(device), slot_mapping.to(device), query_index, query_rows,
+                   key_slots.view(-1).to(device), attend_bias.to(device), kv_cache, len(query_lens), Q)
 
 
 AttentionMetadata = DenseCausal | Paged

@@ -149,20 +149,25 @@ class MLA(nn.Module):
         return out.transpose(1, 2)  # [B, L, H, V]
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, meta: Paged) -> torch.Tensor:
+        # B sequences, Q query rows each, S context positions
         cache = meta.kv_cache[self.layer_idx]
-        cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype)
-        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        cache.index_copy_(0, meta.slot_mapping, torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype))
+        H, C = self.num_heads, self.kv_lora_rank
+        w_kv = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
-        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
-        q_full = torch.cat([q_latent, q_pe], dim=-1)[meta.query_index]  # [B, Q, H, C+R]
-        B, Q = meta.query_index.shape
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, C]
+        q_full = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, C+R]
+        if meta.query_index is not None:
+            q_full = q_full[meta.query_index]
+        B, Q = meta.num_seqs, meta.max_query_len
         # index_select, not cache[key_slots]: several times faster for whole rows on CPU
         keys = cache.index_select(0, meta.key_slots).view(B, -1, cache.shape[-1]).to(q_full.dtype)  # [B, S, C+R]
-        scores = torch.einsum("bqhc,bsc->bhqs", q_full, keys).float() * self.softmax_scale + meta.attend_bias
-        probs = scores.softmax(-1).to(keys.dtype)
-        out_latent = torch.einsum("bhqs,bsc->bqhc", probs, keys[..., : self.kv_lora_rank])
-        out = torch.einsum("bqhc,hvc->bqhv", out_latent, w_uv)
-        return out.reshape(B * Q, self.num_heads, -1).index_select(0, meta.query_rows)  # [T, H, V]
+        scores = torch.bmm(q_full.reshape(B, Q * H, -1), keys.transpose(1, 2)).float().view(B, Q, H, -1)
+        probs = (scores * self.softmax_scale + meta.attend_bias).softmax(-1).to(keys.dtype)
+        out_latent = torch.bmm(probs.view(B, Q * H, -1), keys[..., :C])  # [B, Q*H, C]
+        out = torch.bmm(out_latent.view(B * Q, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*Q, V]
+        out = out.transpose(0, 1)
+        return out if meta.query_rows is None else out.index_select(0, meta.query_rows)  # [T, H, V]
 
 
 # --- Feed-forward: dense MLP and DeepSeekMoE ---------------------------------------------------------------

@@ -34,25 +34,46 @@ class ExpertBank(nn.Module):
         return self.gate_proj.shape[0]
 
     def forward(self, x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over each token's experts. x [T, D], slot_ids [T, K] (local slots), weights [T, K]."""
+        """Weighted sum over each token's experts. x [T, D], slot_ids [T, K] (local slots), weights [T, K].
+
+        The (token, expert) pairs are sorted by slot so that each expert's tokens are one contiguous run; one
+        grouped matmul per projection then runs every expert, with no host sync and no per-expert launches.
+        """
         # T tokens, K active experts, D hidden, I expert intermediate
-        out = torch.zeros_like(x)
         flat_slots = slot_ids.reshape(-1)
         order = flat_slots.argsort(stable=True)
-        counts = torch.bincount(flat_slots, minlength=self.num_slots).tolist()
         token_of_pair = order // slot_ids.shape[1]
-        weight_of_pair = weights.reshape(-1)[order]
+        weight_of_pair = weights.reshape(-1)[order, None].to(x.dtype)
+        h = x.index_select(0, token_of_pair)
+        if _grouped_mm_runs_on(x):
+            ends = torch.bincount(flat_slots, minlength=self.num_slots).cumsum(0).to(torch.int32)
+            h = F.silu(F.grouped_mm(h, self.gate_proj.mT, offs=ends)) * F.grouped_mm(h, self.up_proj.mT, offs=ends)
+            h = F.grouped_mm(h, self.down_proj.mT, offs=ends)
+        else:
+            h = self._per_expert(h, flat_slots[order])
+        return torch.zeros_like(x).index_add_(0, token_of_pair, h * weight_of_pair)
+
+    def _per_expert(self, h: torch.Tensor, sorted_slots: torch.Tensor) -> torch.Tensor:
+        """The experts one at a time, for devices and dtypes without grouped-matmul kernels."""
+        out = torch.empty(h.shape[0], self.down_proj.shape[1], dtype=h.dtype, device=h.device)
         start = 0
-        for slot, count in enumerate(counts):
-            if not count:
-                continue
-            tokens = token_of_pair[start:start + count]
-            h = x.index_select(0, tokens)
-            h = F.silu(F.linear(h, self.gate_proj[slot])) * F.linear(h, self.up_proj[slot])
-            h = F.linear(h, self.down_proj[slot]) * weight_of_pair[start:start + count, None].to(x.dtype)
-            out.index_add_(0, tokens, h)
-            start += count
+        for slot, count in enumerate(torch.bincount(sorted_slots, minlength=self.num_slots).tolist()):
+            if count:
+                rows = h[start:start + count]
+                rows = F.silu(F.linear(rows, self.gate_proj[slot])) * F.linear(rows, self.up_proj[slot])
+                out[start:start + count] = F.linear(rows, self.down_proj[slot])
+                start += count
         return out
+
+
+def _grouped_mm_runs_on(x: torch.Tensor) -> bool:
+    """`F.grouped_mm` has CPU kernels for every float dtype, CUDA kernels for bfloat16 from compute capability 8.0
+    (Ampere) on. An empty batch goes the per-expert way, which does nothing."""
+    if x.shape[0] == 0:
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
 
 
 class LocalExperts(nn.Module):

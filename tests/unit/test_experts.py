@@ -1,0 +1,47 @@
+"""The expert bank's grouped execution against the definition: each token's experts run one by one."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tandem.moe.experts import ExpertBank
+
+NUM_SLOTS, HIDDEN, INTER, TOP_K = 6, 16, 8, 3
+
+
+def definition(bank: ExpertBank, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot, w in zip(slots[t].tolist(), weights[t]):
+            h = F.silu(F.linear(x[t], bank.gate_proj[slot])) * F.linear(x[t], bank.up_proj[slot])
+            out[t] += w * F.linear(h, bank.down_proj[slot])
+    return out
+
+
+@pytest.fixture
+def bank() -> ExpertBank:
+    torch.manual_seed(0)
+    bank = ExpertBank(NUM_SLOTS, HIDDEN, INTER)
+    for p in bank.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return bank
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 7, 40])
+def test_grouped_and_per_expert_paths_match_the_definition(bank, num_tokens):
+    x = torch.randn(num_tokens, HIDDEN)
+    # every token picks distinct slots; with 40 tokens every slot is used, with 1 most are empty
+    slots = torch.stack([torch.randperm(NUM_SLOTS)[:TOP_K] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, TOP_K)
+    expected = definition(bank, x, slots, weights)
+    with torch.no_grad():
+        torch.testing.assert_close(bank(x, slots, weights), expected, rtol=1e-5, atol=1e-5)
+        order = slots.reshape(-1).argsort(stable=True)
+        per_expert = bank._per_expert(x.index_select(0, order // TOP_K), slots.reshape(-1)[order])
+        grouped = torch.zeros_like(x).index_add_(0, order // TOP_K, per_expert * weights.reshape(-1)[order, None])
+        torch.testing.assert_close(grouped, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_no_tokens_give_an_empty_result(bank):
+    out = bank(torch.empty(0, HIDDEN), torch.empty(0, TOP_K, dtype=torch.int64), torch.empty(0, TOP_K))
+    assert out.shape == (0, HIDDEN)
