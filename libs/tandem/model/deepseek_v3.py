@@ -29,9 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # normalised in float32, scaled in the model's dtype, as DeepSeek's reference code does
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 # --- Rotary position embedding, with YaRN context extension ------------------------------------------------
@@ -74,17 +73,26 @@ class RotaryEmbedding(nn.Module):
         scale = config.rope.cos_sin_scale
         self.register_buffer("cos", freqs.cos() * scale, persistent=False)
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x [T, ..., R]; positions [T]
+        # x [T, heads, R]; positions [T]
         if self.interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:
             x1, x2 = x.chunk(2, dim=-1)
-        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        cos = self.cos[positions].view(shape).to(x.dtype)
-        sin = self.sin[positions].view(shape).to(x.dtype)
+        cos, sin = self._tables(positions, x.dtype)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, R/2] at `positions`; every layer of a pass asks for the same positions tensor,
+        so the lookup is done once per pass."""
+        last = self._last
+        if last is None or last[0] is not positions or last[1] != dtype:
+            cos = self.cos[positions][:, None].to(dtype)
+            sin = self.sin[positions][:, None].to(dtype)
+            self._last = last = (positions, dtype, cos, sin)
+        return last[2], last[3]
 
 
 # --- Multi-head Latent Attention ---------------------------------------------------------------------------
@@ -128,10 +136,11 @@ class MLA(nn.Module):
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, self.num_heads, -1)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = rope(q_pe, meta.positions)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        k_pe = rope(k_pe, meta.positions)
+        # the shared rope key rotates as one more head
+        q_pe, k_pe = rope(torch.cat([q_pe, k_pe[:, None]], dim=1), meta.positions).split([self.num_heads, 1], dim=1)
+        k_pe = k_pe.squeeze(1)
         if isinstance(meta, DenseCausal):
             out = self._attend_expanded(q_nope, q_pe, c_kv, k_pe, meta)
         else:
@@ -309,6 +318,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         device = self.lm_head.weight.device
         fresh = RotaryEmbedding(self.config).to(device)
         self.model.rotary.cos, self.model.rotary.sin = fresh.cos, fresh.sin
+        self.model.rotary._last = None
         table = Placement.identity(1, self.config.n_routed_experts).layer_table(0) if self.config.n_routed_experts \
             else None
         for layer in self.model.layers:

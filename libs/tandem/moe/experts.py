@@ -37,7 +37,8 @@ class ExpertBank(nn.Module):
         """Weighted sum over each token's experts. x [T, D], slot_ids [T, K] (local slots), weights [T, K].
 
         The (token, expert) pairs are sorted by slot so that each expert's tokens are one contiguous run; one
-        grouped matmul per projection then runs every expert, with no host sync and no per-expert launches.
+        grouped matmul per projection then runs every expert, with no host sync and no per-expert launches,
+        where that pays (see `_grouped_mm_pays`).
         """
         # T tokens, K active experts, D hidden, I expert intermediate
         flat_slots = slot_ids.reshape(-1)
@@ -45,7 +46,7 @@ class ExpertBank(nn.Module):
         token_of_pair = order // slot_ids.shape[1]
         weight_of_pair = weights.reshape(-1)[order, None].to(x.dtype)
         h = x.index_select(0, token_of_pair)
-        if _grouped_mm_runs_on(x):
+        if _grouped_mm_pays(h, self.num_slots):
             ends = torch.bincount(flat_slots, minlength=self.num_slots).cumsum(0).to(torch.int32)
             h = F.silu(F.grouped_mm(h, self.gate_proj.mT, offs=ends)) * F.grouped_mm(h, self.up_proj.mT, offs=ends)
             h = F.grouped_mm(h, self.down_proj.mT, offs=ends)
@@ -54,7 +55,7 @@ class ExpertBank(nn.Module):
         return torch.zeros_like(x).index_add_(0, token_of_pair, h * weight_of_pair)
 
     def _per_expert(self, h: torch.Tensor, sorted_slots: torch.Tensor) -> torch.Tensor:
-        """The experts one at a time, for devices and dtypes without grouped-matmul kernels."""
+        """The experts one at a time, each over its run of `h`; one host sync for the run lengths."""
         out = torch.empty(h.shape[0], self.down_proj.shape[1], dtype=h.dtype, device=h.device)
         start = 0
         for slot, count in enumerate(torch.bincount(sorted_slots, minlength=self.num_slots).tolist()):
@@ -66,14 +67,17 @@ class ExpertBank(nn.Module):
         return out
 
 
-def _grouped_mm_runs_on(x: torch.Tensor) -> bool:
-    """`F.grouped_mm` has CPU kernels for every float dtype, CUDA kernels for bfloat16 from compute capability 8.0
-    (Ampere) on. An empty batch goes the per-expert way, which does nothing."""
-    if x.shape[0] == 0:
+def _grouped_mm_pays(pairs: torch.Tensor, num_slots: int) -> bool:
+    """`F.grouped_mm` has CUDA kernels for bfloat16 from compute capability 8.0 (Ampere) on, and a CPU version for
+    every float dtype that runs one matmul per group, empty ones included: on CPU it beats one matmul per used
+    expert only when at least about half the slots have tokens. An empty batch goes the per-expert way, which
+    does nothing."""
+    if pairs.shape[0] == 0:
         return False
-    if x.device.type == "cpu":
-        return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+    if pairs.device.type == "cpu":
+        return 2 * pairs.shape[0] >= num_slots
+    return pairs.device.type == "cuda" and pairs.dtype == torch.bfloat16 \
+        and torch.cuda.get_device_capability(pairs.device)[0] >= 8
 
 
 class LocalExperts(nn.Module):
