@@ -69,13 +69,13 @@ def reference_drafts(model, tokens: list[int], k: int) -> list[int]:
 
 def record_drafts(engine: Engine) -> list[tuple[list[int], list[int]]]:
     seen = []
-    real = engine.drafter.draft
+    real = engine.drafter.advance
 
-    def draft(seqs, hidden, counts):
-        real(seqs, hidden, counts)
-        seen.extend((list(s.token_ids), list(s.draft_ids)) for s in seqs)
+    def advance(seqs, main_hidden, counts):
+        real(seqs, main_hidden, counts)
+        seen.extend((list(s.token_ids), list(s.draft_ids)) for s in seqs if s.draft_ids)
 
-    engine.drafter.draft = draft
+    engine.drafter.advance = advance
     return seen
 
 
@@ -99,17 +99,17 @@ def test_accepted_and_rejected_drafts_roll_back_exactly(model, k):
     expected = {tuple(p): greedy_reference(model, p, 16) for p in PROMPTS}
     engine = Engine(model, EngineConfig(num_speculative_tokens=k, adaptive_speculation=False, block_size=4))
     rng = random.Random(k)
-    real = engine.drafter.draft
+    real = engine.drafter.advance
 
-    def oracle_draft(seqs, hidden, counts):
-        real(seqs, hidden, counts)
+    def oracle_draft(seqs, main_hidden, counts):
+        real(seqs, main_hidden, counts)
         for seq in seqs:
             truth = expected[tuple(seq.token_ids[:seq.num_prompt_tokens])][seq.num_output_tokens:]
             good = rng.randint(0, len(seq.draft_ids))
             seq.draft_ids = truth[:good][: len(seq.draft_ids)] + [(t + 1) % 80 for t in truth[good:len(seq.draft_ids)]]
             seq.draft_ids = seq.draft_ids[: len(truth)] or seq.draft_ids
 
-    engine.drafter.draft = oracle_draft
+    engine.drafter.advance = oracle_draft
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=16))
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == expected[tuple(prompt)]
@@ -151,24 +151,62 @@ def test_preemption_recomputes_and_keeps_greedy_output(model):
         assert out.token_ids == greedy_reference(model, prompt, 20)
 
 
-def test_policy_turns_speculation_off_when_drafts_never_land():
+def measure(policy: SpeculationPolicy, batch_size: int, verify_seconds, draft_seconds) -> None:
+    """Feed the policy the step times it asks for until it has tried every draft count."""
+    for _ in range(100):
+        if not policy.exploring(batch_size):
+            return
+        k = policy.choose(batch_size)
+        policy.record_verify(k, batch_size, verify_seconds(k))
+        if k:
+            policy.record_draft(k, batch_size, draft_seconds(k))
+    raise AssertionError("the policy never stopped exploring")
+
+
+def test_policy_tries_every_draft_count_then_turns_speculation_off_when_drafts_never_land():
     policy = SpeculationPolicy(max_drafts=3)
-    for tokens in (8, 16, 32, 64):
-        policy.main_cost.record(tokens, 0.001 * tokens)  # cost proportional to tokens: verifying is not free
-        policy.mtp_cost.record(tokens, 0.0003 * tokens)
+    tried = []
+    for _ in range(100):
+        if not policy.exploring(32):
+            break
+        k = policy.choose(32)
+        tried.append(k)
+        policy.record_verify(k, 32, 0.001 * 32 * (k + 1))  # cost proportional to tokens: verifying is not free
+        if k:
+            policy.record_draft(k, 32, 0.0003 * 32 * k)
+    assert set(tried) == {0, 1, 2, 3}
     for _ in range(200):
         policy.observe(3, 0)
     assert policy.choose(batch_size=32) == 0
+    assert not policy.exploring(32)
 
 
 def test_policy_drafts_when_passes_are_nearly_free_and_drafts_land():
     policy = SpeculationPolicy(max_drafts=3)
-    for tokens in (1, 2, 4, 8):
-        policy.main_cost.record(tokens, 0.010 + 0.0001 * tokens)  # fixed cost dominates at batch 1
-        policy.mtp_cost.record(tokens, 0.001)
+    measure(policy, 1, lambda k: 0.010 + 0.0001 * (k + 1), lambda k: 0.001 * k)  # fixed cost dominates at batch 1
     for _ in range(200):
         policy.observe(3, 3)
     assert policy.choose(batch_size=1) == 3
+
+
+def test_policy_counts_what_drafting_costs_not_only_the_verification():
+    """Verifying drafts is free here, but producing each costs 60% of a step: with 80% acceptance one draft pays
+    (1.8 tokens in 1.6 steps' time), two do not (2.44 tokens in 2.2)."""
+    policy = SpeculationPolicy(max_drafts=3)
+    measure(policy, 1, lambda k: 0.010, lambda k: 0.006 * k)
+    policy.acceptance = [0.8, 0.8, 0.8]
+    assert policy.choose(batch_size=1) == 1
+
+
+def test_policy_measures_each_batch_size_bucket_on_its_own():
+    policy = SpeculationPolicy(max_drafts=2)
+    measure(policy, 1, lambda k: 0.010, lambda k: 0.001 * k)  # batch 1: drafting is cheap
+    policy.acceptance = [0.8, 0.8]
+    assert policy.choose(1) == 2
+    assert policy.exploring(32)  # a batch of 32 has not been measured: it is tried again from scratch
+    measure(policy, 32, lambda k: 0.010 * (k + 1), lambda k: 0.004 * k)  # batch 32: compute-bound
+    assert policy.choose(32) == 0
+    assert policy.choose(1) == 2
 
 
 @torch.no_grad()

@@ -85,7 +85,7 @@ class Engine:
         self.scheduler = Scheduler(self.cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         max_drafts = self.config.num_speculative_tokens if mc.num_nextn_predict_layers else 0
         self.policy = SpeculationPolicy(max_drafts, adaptive=self.config.adaptive_speculation)
-        self.drafter = MTPDrafter(model, self.cache, self.policy)
+        self.drafter = MTPDrafter(model, self.cache)
         self.stop_ids = set(mc.eos_token_id)
         self._requests: dict[str, tuple[Sequence, Detokenizer | None]] = {}
         self._ids = itertools.count()
@@ -183,7 +183,8 @@ class Engine:
         if seq.can_draft and seq.mtp[0].valid_len == seq.num_tokens - 1:
             # draft now, as the colocated engine does right after the first token: the first decode step
             # verifies drafts too, and a seeded request draws the same random numbers as it would colocated
-            self._draft([seq], [seq.mtp[0].tail], self.policy.choose(len(self.scheduler.running) + 1))
+            k = self.policy.choose(len(self.scheduler.running) + 1)
+            self.drafter.advance([seq], [(seq.mtp[0].valid_len, seq.mtp[0].tail[:0])], [self._draft_count(seq, k)])
         self.scheduler.add(seq, front=True)  # it already holds its blocks
         return request_id
 
@@ -216,8 +217,22 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        started = time.perf_counter()
+        timed_drafts = self._uniform_decode_drafts(batch)
         hidden = self._run_main(batch)
-        return self._postprocess(batch, hidden)
+        outputs, verified = self._postprocess(batch, hidden)
+        if timed_drafts is not None:
+            self.policy.record_verify(timed_drafts, len(batch), time.perf_counter() - started)
+        self._speculate(verified, timed=timed_drafts is not None)
+        return outputs
+
+    @staticmethod
+    def _uniform_decode_drafts(batch: list[ScheduledSeq]) -> int | None:
+        """The drafts each sequence verifies when this is a pure decode step with one draft count for all (a step
+        whose time tells the speculation policy what that count costs), else None."""
+        counts = {len(s.draft_ids) for s in batch}
+        pure = len(counts) == 1 and all(s.num_new == 1 and s.samples for s in batch)
+        return counts.pop() if pure else None
 
     def _run_main(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         ids = [t for s in batch for t in s.seq.token_ids[s.seq.num_cached:s.seq.num_cached + s.num_new] + s.draft_ids]
@@ -225,13 +240,12 @@ class Engine:
                            context_lens=[s.seq.num_cached + s.num_fed for s in batch],
                            block_tables=[s.seq.block_table for s in batch],
                            block_size=self.cache.block_size, kv_cache=self.cache.tensor)
-        started = time.perf_counter()
-        hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=self.device), meta)
-        if any(s.draft_ids for s in batch) or all(s.num_new == 1 for s in batch):
-            self.policy.main_cost.record(len(ids), time.perf_counter() - started)
-        return hidden
+        return self.model(torch.tensor(ids, dtype=torch.int64, device=self.device), meta)
 
-    def _postprocess(self, batch: list[ScheduledSeq], hidden: torch.Tensor) -> list[StepOutput]:
+    def _postprocess(self, batch: list[ScheduledSeq], hidden: torch.Tensor) \
+            -> tuple[list[StepOutput], list[tuple[Sequence, int, torch.Tensor]]]:
+        """Sample or verify, emit; returns the outputs and, per unfinished sequence, what the main pass verified
+        (first new position, hidden rows) for the MTP modules to catch up on."""
         rows = torch.split(hidden, [s.num_fed for s in batch])
         new_tokens = self._accept([(s, h) for s, h in zip(batch, rows) if s.samples])
         outputs: list[StepOutput] = []
@@ -246,25 +260,42 @@ class Engine:
             seq.num_cached += s.num_new + len(tokens) - 1  # the fed tokens whose successors are now known
             verified.append((seq, start, h[: s.num_new + len(tokens) - 1]))
             outputs.append(self._emit(seq, tokens))
-        self._speculate([v for v in verified if not v[0].is_finished])
-        return outputs
+        return outputs, [v for v in verified if not v[0].is_finished]
 
     def _accept(self, sampling: list[tuple[ScheduledSeq, torch.Tensor]]) -> dict[int, list[int]]:
         """New tokens per sequence: a sample from the last logits, or the accepted drafts plus one token from
-        the main model. Sampling is batched; verification runs per sequence."""
+        the main model. Greedy sequences take the argmax and keep their drafts up to the first that differs from
+        it; sampled ones are sampled in one batch, or rejection-sampled per sequence when they drafted."""
         if not sampling:
             return {}
         counts = [len(s.draft_ids) + 1 for s, _ in sampling]
         logits = self.model.logits(torch.cat([h[-n:] for (_, h), n in zip(sampling, counts)]))
         self._constrain_first_tokens(logits, [s.seq for s, _ in sampling], counts)
-        probs = target_probs(logits, [s.seq.params for s, _ in sampling for _ in range(len(s.draft_ids) + 1)])
-        per_seq = probs.split(counts)
-        plain = [i for i, (s, _) in enumerate(sampling) if not s.draft_ids]
         out: dict[int, list[int]] = {}
+        rows = list(itertools.accumulate(counts, initial=0))
+        greedy = [i for i, (s, _) in enumerate(sampling) if s.seq.params.is_greedy]
+        if greedy:
+            # argmax: the lowest index on ties, as target_probs' one-hot rows
+            best = logits.argmax(-1).tolist()
+            for i in greedy:
+                s = sampling[i][0]
+                target = best[rows[i]:rows[i + 1]]
+                accepted = next((j for j, d in enumerate(s.draft_ids) if d != target[j]), len(s.draft_ids))
+                out[id(s.seq)] = target[: accepted + 1]
+                if s.draft_ids:
+                    self._record_acceptance(s.seq, len(s.draft_ids), accepted)
+        sampled = [i for i, (s, _) in enumerate(sampling) if not s.seq.params.is_greedy]
+        if not sampled:
+            return out
+        probs = target_probs(logits[torch.cat([torch.arange(rows[i], rows[i + 1]) for i in sampled])],
+                             [sampling[i][0].seq.params for i in sampled for _ in range(counts[i])])
+        per_seq = dict(zip(sampled, probs.split([counts[i] for i in sampled])))
+        plain = [i for i in sampled if not sampling[i][0].draft_ids]
         if plain:
             tokens = sample(torch.cat([per_seq[i] for i in plain]), [sampling[i][0].seq.generator for i in plain])
             out.update((id(sampling[i][0].seq), [t]) for i, t in zip(plain, tokens.tolist()))
-        for (s, _), p in zip(sampling, per_seq):
+        for i in sampled:
+            s, p = sampling[i][0], per_seq[i]
             if not s.draft_ids:
                 continue
             seq = s.seq
@@ -272,11 +303,14 @@ class Engine:
             q = seq.draft_probs[None] if seq.draft_probs is not None else None
             num_accepted, tokens = verify_drafts(p[None], q, draft, [seq.generator])
             accepted = int(num_accepted[0])
-            seq.spec.record(len(s.draft_ids), accepted)
-            self.spec_totals.record(len(s.draft_ids), accepted)
-            self.policy.observe(len(s.draft_ids), accepted)
+            self._record_acceptance(seq, len(s.draft_ids), accepted)
             out[id(seq)] = tokens[0, : accepted + 1].tolist()
         return out
+
+    def _record_acceptance(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
+        seq.spec.record(num_drafts, num_accepted)
+        self.spec_totals.record(num_drafts, num_accepted)
+        self.policy.observe(num_drafts, num_accepted)
 
     @staticmethod
     def _constrain_first_tokens(logits: torch.Tensor, seqs: list[Sequence], counts: list[int]) -> None:
@@ -326,17 +360,20 @@ class Engine:
             self.scheduler.running.remove(seq)
         return StepOutput(seq.request_id, emitted, text, False, None, is_prefilled=seq.prefill_only)
 
-    def _speculate(self, verified: list[tuple[Sequence, int, torch.Tensor]]) -> None:
-        """Catch the MTP modules up on what the main model verified, then draft for the next step."""
+    def _speculate(self, verified: list[tuple[Sequence, int, torch.Tensor]], timed: bool) -> None:
+        """Catch the MTP modules up on what the main model verified, then draft for the next step. `timed`: this
+        was a pure decode step, whose MTP work tells the policy what drafting costs."""
         if self.policy.max_drafts == 0:
             return
-        k = self.policy.choose(len(self.scheduler.running))
+        started = time.perf_counter()
+        batch_size = len(self.scheduler.running)
+        k = self.policy.choose(batch_size)
         if k > 0:
             self._resync_stale()
         verified = [v for v in verified if v[0].can_draft]
         if not verified:
             return
-        keep_warm = k > 0 or self.policy.exploring
+        keep_warm = k > 0 or self.policy.exploring(batch_size)
         for seq, _, _ in verified:
             if not (keep_warm or seq.pins_drafts or seq.prefill_only):
                 seq.mtp_stale = True  # skipping the MTP pass saves its cost; see _resync_stale
@@ -344,24 +381,19 @@ class Engine:
         if not verified:
             return
         seqs = [v[0] for v in verified]
-        first = self.drafter.catch_up(seqs, [(start, h) for _, start, h in verified])
-        self._draft(seqs, first, k)
+        self.drafter.advance(seqs, [(start, h) for _, start, h in verified], [self._draft_count(s, k) for s in seqs])
+        if timed and k > 0:
+            self.policy.record_draft(k, batch_size, time.perf_counter() - started)
 
-    def _draft(self, seqs: list[Sequence], first: list[torch.Tensor | None], k: int) -> None:
-        """Draft up to k tokens per sequence (a pinned one: its own count) from module 0's state at n-2."""
-        ready, hidden, counts = [], [], []
-        for seq, h in zip(seqs, first):
-            wanted = seq.max_drafts if seq.pins_drafts else min(k, seq.max_drafts)
-            wanted = min(wanted, self.drafter.max_drafts or wanted)
-            n = min(wanted, seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
-            if h is None or n <= 0 or seq.prefill_only \
-                    or not self.cache.ensure_capacity(seq.block_table, seq.num_tokens + n):
-                continue
-            ready.append(seq)
-            hidden.append(h)
-            counts.append(n)
-        if ready:
-            self.drafter.draft(ready, hidden, counts)
+    def _draft_count(self, seq: Sequence, k: int) -> int:
+        """Drafts for seq this step: k (a pinned sequence: its own count), within what it may still generate and
+        what its KV blocks can hold."""
+        wanted = seq.max_drafts if seq.pins_drafts else min(k, seq.max_drafts)
+        wanted = min(wanted, self.drafter.max_drafts or wanted)
+        n = min(wanted, seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
+        if n <= 0 or seq.prefill_only or not self.cache.ensure_capacity(seq.block_table, seq.num_tokens + n):
+            return 0
+        return n
 
     def _resync_stale(self) -> None:
         """Speculation pays again: stale sequences draft again if recomputing their lag costs no more than the

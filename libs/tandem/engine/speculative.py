@@ -18,7 +18,6 @@ catches up to n-2 from it, and draft j is module j-1's prediction there: at most
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -42,50 +41,76 @@ class MTPWork:
 
 
 class StepCostModel:
-    """Seconds per forward pass as a linear function of its token count, fitted on recent passes."""
+    """Seconds per step as a linear function of the batch size, fitted on recent steps."""
 
-    def __init__(self, window: int = 64):
+    def __init__(self, window: int = 16):
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
 
-    def record(self, num_tokens: int, seconds: float) -> None:
-        self.samples.append((num_tokens, seconds))
+    def record(self, batch_size: int, seconds: float) -> None:
+        self.samples.append((batch_size, seconds))
 
-    @property
-    def calibrated(self) -> bool:
-        return len({t for t, _ in self.samples}) >= 2
+    def __len__(self) -> int:
+        return len(self.samples)
 
-    def predict(self, num_tokens: int) -> float:
-        xs = torch.tensor([t for t, _ in self.samples], dtype=torch.float64)
+    def predict(self, batch_size: int) -> float:
+        xs = torch.tensor([b for b, _ in self.samples], dtype=torch.float64)
         ys = torch.tensor([s for _, s in self.samples], dtype=torch.float64)
-        if not self.calibrated:
+        if len({b for b, _ in self.samples}) < 2:
             return float(ys.mean()) if len(ys) else 0.0
         x_mean, y_mean = xs.mean(), ys.mean()
         slope = max(float(((xs - x_mean) * (ys - y_mean)).sum() / ((xs - x_mean) ** 2).sum()), 0.0)
-        return max(float(y_mean + slope * (num_tokens - x_mean)), 1e-9)
+        return max(float(y_mean + slope * (batch_size - x_mean)), 1e-9)
 
 
 class SpeculationPolicy:
-    """Picks the number of drafts per step that maximises expected tokens per second.
+    """Picks the number of drafts per step that maximises measured tokens per second.
 
     Expected tokens per sequence with k drafts: 1 + sum_j prod_{i<=j} a_i, a_i being the measured acceptance
-    of draft i given the earlier ones were accepted. Cost: the main pass over B*(k+1) tokens plus the MTP
-    passes, both from measured pass times. At large batch a pass costs in proportion to its tokens, so k
-    falls to 0 and speculation switches itself off; at small batch passes are nearly free and k grows.
+    of draft i given the earlier ones were accepted. The cost of k is measured, not modelled, as two wall times
+    of whole decode steps: verifying k drafts (the main pass over B*(k+1) tokens, sampling and verification)
+    and producing them (the MTP catch-up and drafting passes, with their output heads). Both are kept per batch
+    size bucket (powers of two), as a function of the batch size within it. Each draft count is first tried a
+    few times in a bucket; after that k = 0 costs nothing on the MTP side, since the engine then skips the MTP
+    passes. So speculation is only chosen when it measurably pays, at this batch size, on this machine, for
+    this model: at large batch a pass costs in proportion to its tokens and k falls to 0; at small batch passes
+    are nearly free and k grows.
     """
+
+    SAMPLES_TO_TRUST = 3
 
     def __init__(self, max_drafts: int, adaptive: bool = True, prior_acceptance: float = 0.7, decay: float = 0.05):
         self.max_drafts = max_drafts
         self.adaptive = adaptive
         self.acceptance = [prior_acceptance] * max_drafts
         self.decay = decay
-        self.main_cost = StepCostModel()
-        self.mtp_cost = StepCostModel()
-        self._explored = 0
+        self.verify_cost: dict[tuple[int, int], StepCostModel] = {}  # (drafts, bucket) -> cost model
+        self.draft_cost: dict[tuple[int, int], StepCostModel] = {}
 
-    @property
-    def exploring(self) -> bool:
-        """Still measuring pass costs: a step without drafts keeps the MTP caches warm instead of going stale."""
-        return self.adaptive and not (self.main_cost.calibrated and self.mtp_cost.calibrated)
+    @staticmethod
+    def bucket(batch_size: int) -> int:
+        return batch_size.bit_length()
+
+    def _model(self, table: dict, k: int, batch_size: int) -> StepCostModel:
+        return table.setdefault((k, self.bucket(batch_size)), StepCostModel())
+
+    def record_verify(self, num_drafts: int, batch_size: int, seconds: float) -> None:
+        """A decode step in which every one of `batch_size` sequences verified `num_drafts` drafts."""
+        self._model(self.verify_cost, num_drafts, batch_size).record(batch_size, seconds)
+
+    def record_draft(self, num_drafts: int, batch_size: int, seconds: float) -> None:
+        """The MTP work after a decode step that drafted `num_drafts` tokens for `batch_size` sequences."""
+        self._model(self.draft_cost, num_drafts, batch_size).record(batch_size, seconds)
+
+    def _untried(self, batch_size: int) -> list[int]:
+        """Draft counts not yet measured often enough at this batch size, largest first."""
+        return [k for k in range(self.max_drafts, -1, -1)
+                if len(self._model(self.verify_cost, k, batch_size)) < self.SAMPLES_TO_TRUST
+                or (k and len(self._model(self.draft_cost, k, batch_size)) < self.SAMPLES_TO_TRUST)]
+
+    def exploring(self, batch_size: int) -> bool:
+        """Still measuring at this batch size: a step without drafts keeps the MTP caches warm instead of letting
+        them go stale, so that the other draft counts can still be tried."""
+        return self.adaptive and self.max_drafts > 0 and bool(self._untried(batch_size))
 
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         for j in range(min(num_drafts, num_accepted + 1)):
@@ -98,17 +123,19 @@ class SpeculationPolicy:
             total += run
         return total
 
+    def seconds_per_step(self, k: int, batch_size: int) -> float:
+        verify = self._model(self.verify_cost, k, batch_size).predict(batch_size)
+        return verify + (self._model(self.draft_cost, k, batch_size).predict(batch_size) if k else 0.0)
+
     def choose(self, batch_size: int) -> int:
         if not self.adaptive or self.max_drafts == 0:
             return self.max_drafts
-        if self.exploring:
-            # vary the drafts, 0 included, so the pass costs are measured at several sizes
-            self._explored += 1
-            return self.max_drafts - self._explored % (self.max_drafts + 1)
-        best_k, best_rate = 0, batch_size / self.main_cost.predict(batch_size)
+        untried = self._untried(batch_size)
+        if untried:
+            return untried[0]
+        best_k, best_rate = 0, 1.0 / self.seconds_per_step(0, batch_size)
         for k in range(1, self.max_drafts + 1):
-            cost = self.main_cost.predict(batch_size * (k + 1)) + k * self.mtp_cost.predict(batch_size)
-            rate = batch_size * self.expected_tokens(k) / cost
+            rate = self.expected_tokens(k) / self.seconds_per_step(k, batch_size)
             if rate > best_rate * 1.02:  # a draft must pay clearly, or it is not worth the risk
                 best_k, best_rate = k, rate
         return best_k
@@ -117,10 +144,9 @@ class SpeculationPolicy:
 class MTPDrafter:
     """Runs the MTP modules for a batch: catch-up after the main pass, then drafting."""
 
-    def __init__(self, model: DeepseekV3ForCausalLM, cache: PagedKVCache, policy: SpeculationPolicy):
+    def __init__(self, model: DeepseekV3ForCausalLM, cache: PagedKVCache):
         self.model = model
         self.cache = cache
-        self.policy = policy
         self.num_modules = len(model.mtp_layers)
         self.parallel = model.config.mtp_head_type == "meta"
 
@@ -139,79 +165,103 @@ class MTPDrafter:
         device = self.cache.tensor.device
         ids = torch.tensor([t for w in work for t in w.token_ids], dtype=torch.int64, device=device)
         hidden = torch.cat([w.hidden for w in work])
-        started = time.perf_counter()
         out = self.model.mtp_forward(module, ids, hidden, meta)
-        self.policy.mtp_cost.record(len(ids), time.perf_counter() - started)
         return list(out.split([len(w.token_ids) for w in work]))
 
-    def catch_up(self, seqs: list[Sequence], main_hidden: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor | None]:
-        """Advance every module's verified entries; main_hidden[i] = (first position, hidden rows) the main pass
-        verified for seqs[i]. Returns module 0's output at n-2 for sequences ready to draft, else None."""
+    def advance(self, seqs: list[Sequence], main_hidden: list[tuple[int, torch.Tensor]], num_drafts: list[int]) -> None:
+        """Catch every module up on what the main pass verified (main_hidden[i] = (first position, hidden rows)
+        for seqs[i]) and draft up to num_drafts[i] tokens into seq.draft_ids (and seq.draft_probs when sampling).
+
+        Chained modules make one pass each: module m >= 1 runs its new verified positions and, for a sequence
+        drafting more than m tokens, its draft positions n-1-m..n-2 in the same pass, since draft m (from module
+        m-1) is known by then. Drafts past the last module take one more pass each. A sequence whose module 0 is
+        not caught up to n-2 (it went stale) drafts nothing.
+        """
+        for seq in seqs:
+            seq.draft_ids, seq.draft_probs = [], None
+        wants = list(num_drafts)
+        probs_by_seq: dict[int, list[torch.Tensor]] = {id(s): [] for s in seqs}
         main_sources = [(start, self.model.mtp_hidden_from_main(h)) for start, h in main_hidden]
         sources = main_sources
+        last_draft_out: dict[int, torch.Tensor] = {}  # the latest pass's output at a sequence's last draft position
         for m in range(self.num_modules):
-            lag = 0 if self.parallel else m
-            work, owners = [], []
+            drafts_here = 0 if self.parallel else m  # draft positions this module runs
+            work, owners, reached_n2 = [], [], {}
             # what module m+1 can read if module m gains nothing this time: module m's last verified output
             next_sources = [(s.mtp[m].valid_len - 1, s.mtp[m].tail) if s.mtp[m].tail is not None
                             else (s.mtp[m].valid_len, sources[0][1][:0]) for s in seqs]
             for i, seq in enumerate(seqs):
                 src_start, src = sources[i]
-                state = seq.mtp[m]
-                start, end = state.valid_len, min(src_start + len(src), seq.num_tokens - 1 - lag)
+                start, n = seq.mtp[m].valid_len, seq.num_tokens
                 if start < src_start:
                     seq.mtp_stale = True  # the hidden states this module needs are gone
+                    wants[i] = 0
                     continue
+                end = min(src_start + len(src), n - 1 - (0 if wants[i] > m else drafts_here))
                 if end <= start:
                     continue
-                tokens = seq.token_ids[start + lag + 1:end + lag + 1]
+                tokens = (seq.token_ids + seq.draft_ids)[start + drafts_here + 1:end + drafts_here + 1]
                 work.append(MTPWork(seq, start, tokens, src[start - src_start:end - src_start]))
                 owners.append(i)
             for i, w, out in zip(owners, work, self._run(m, work) if work else []):
                 state = seqs[i].mtp[m]
-                prev_tail = state.tail
                 # the next module reads this one's outputs from the position before the new ones on
-                next_sources[i] = (w.start - 1, torch.cat([prev_tail, out])) if prev_tail is not None \
+                next_sources[i] = (w.start - 1, torch.cat([state.tail, out])) if state.tail is not None \
                     else (w.start, out)
-                state.valid_len, state.tail = w.start + len(w.token_ids), out[-1:]
-            sources = main_sources if self.parallel else next_sources
-        return [seq.mtp[0].tail if seq.mtp and seq.mtp[0].valid_len == seq.num_tokens - 1 and not seq.mtp_stale
-                else None for seq in seqs]
-
-    def draft(self, seqs: list[Sequence], first_hidden: list[torch.Tensor], num_drafts: list[int]) -> None:
-        """Fill seq.draft_ids (and draft_probs when sampling) with num_drafts[i] tokens each."""
-        for seq in seqs:
-            seq.draft_ids, seq.draft_probs = [], None
-        probs_by_seq: dict[int, list[torch.Tensor]] = {id(s): [] for s in seqs}
-        prev = dict(zip(map(id, seqs), first_hidden))  # previous draft step's outputs per sequence
-        self._sample_drafts(seqs, first_hidden, 0, probs_by_seq)
-        for j in range(2, max(num_drafts, default=0) + 1):
-            active = [s for s, k in zip(seqs, num_drafts) if k >= j]
-            m = min(j, self.num_modules) - 1
-            if self.parallel:  # every head already predicted from the main model's state at n-2
-                self._sample_drafts(active, [s.mtp[m].tail for s in active], m, probs_by_seq)
-                continue
-            work = []
-            for seq in active:
-                if j <= self.num_modules:  # module m re-fills positions n-1-m..n-2, whose tokens are drafts
-                    tail = seq.mtp[m - 1].tail
-                    hidden = tail if m == 1 else torch.cat([tail, prev[id(seq)]])
-                    work.append(MTPWork(seq, seq.num_tokens - 1 - m, seq.draft_ids[:m], hidden))
-                else:  # reuse the last module one position further on
-                    start = seq.num_tokens - 2 + (j - self.num_modules)
-                    work.append(MTPWork(seq, start, seq.draft_ids[-1:], prev[id(seq)][-1:]))
-            outs = self._run(m, work)
-            for seq, out in zip(active, outs):
-                prev[id(seq)] = out
-            self._sample_drafts(active, [o[-1:] for o in outs], m, probs_by_seq)
-        for seq, k in zip(seqs, num_drafts):
+                verified = min(len(out), seqs[i].num_tokens - 1 - drafts_here - w.start)
+                if verified > 0:
+                    state.valid_len, state.tail = w.start + verified, out[verified - 1:verified]
+                if w.start + len(out) == seqs[i].num_tokens - 1:
+                    reached_n2[id(seqs[i])] = out[-1:]
+            if not self.parallel:
+                sources = next_sources
+            # draft m+1: module m's output at n-2 (for module 0 and parallel heads, the verified tail there)
+            active, hidden = [], []
+            for i, seq in enumerate(seqs):
+                if wants[i] <= m:
+                    continue
+                if self.parallel or m == 0:
+                    at_n2 = seq.mtp[m].tail if seq.mtp[m].valid_len == seq.num_tokens - 1 else None
+                else:
+                    at_n2 = reached_n2.get(id(seq))
+                if at_n2 is None or seq.mtp_stale:
+                    wants[i] = m
+                    continue
+                active.append(seq)
+                hidden.append(at_n2)
+                last_draft_out[id(seq)] = at_n2
+            if active:
+                self._sample_drafts(active, hidden, m, probs_by_seq)
+        if not self.parallel:
+            self._draft_past_last_module(seqs, wants, last_draft_out, probs_by_seq)
+        for seq, k in zip(seqs, wants):
             del seq.draft_ids[k:]
             if not seq.params.is_greedy and seq.draft_ids:
                 seq.draft_probs = torch.cat(probs_by_seq[id(seq)][:k])
 
+    def _draft_past_last_module(self, seqs: list[Sequence], wants: list[int], last_out: dict[int, torch.Tensor],
+                                probs_by_seq: dict[int, list[torch.Tensor]]) -> None:
+        """Drafts beyond the modules the checkpoint has reuse the last one, one position further on each time, fed
+        its own previous output (as vLLM and SGLang do with one MTP layer)."""
+        last = self.num_modules - 1
+        for j in range(self.num_modules + 1, max(wants, default=0) + 1):
+            active = [s for s, k in zip(seqs, wants) if k >= j and len(s.draft_ids) == j - 1]
+            if not active:
+                return
+            work = [MTPWork(s, s.num_tokens - 2 + (j - self.num_modules), s.draft_ids[-1:], last_out[id(s)])
+                    for s in active]
+            outs = self._run(last, work)
+            for seq, out in zip(active, outs):
+                last_out[id(seq)] = out
+            self._sample_drafts(active, outs, last, probs_by_seq)
+
     def _sample_drafts(self, seqs: list[Sequence], hidden: list[torch.Tensor], module: int,
                        probs_by_seq: dict[int, list[torch.Tensor]]) -> None:
         logits = self.model.mtp_logits(module, torch.cat(hidden))
+        if all(s.params.is_greedy for s in seqs):  # a greedy drafter needs no probabilities
+            for seq, token in zip(seqs, logits.argmax(-1).tolist()):
+                seq.draft_ids.append(token)
+            return
         probs = target_probs(logits, [s.params for s in seqs])
         tokens = sample(probs, [s.generator for s in seqs])
         for i, seq in enumerate(seqs):
