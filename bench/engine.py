@@ -4,7 +4,8 @@
     python bench/engine.py --random-preset moonlight --device cuda        # Moonlight-16B-A3B's shape, random bf16
 
 Every run is greedy with EOS ignored, so each request generates exactly --new-tokens tokens. Tandem runs once per
-batch size and speculation setting (MTP drafts per step, adaptive), transformers once per batch size. Writes
+batch size and speculation setting (MTP drafts per step, adaptive), each on one engine that a full-length warm-up run
+has calibrated (as a server's engine is after its first requests), transformers once per batch size. Writes
 results.json and throughput.png into --out. A trained checkpoint (the default, models/tiny-code) gets prompts cut
 from the held-out stdlib code, so its speculative rows show what MTP gains on the code it serves. Random weights
 get random prompts and make MTP acceptance meaningless (drafts are rarely accepted); with them the speculative rows
@@ -27,6 +28,7 @@ import torch
 
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.sampling import SamplingParams
+from tandem.engine.sequence import SpecStats
 from tandem.model.checkpoint import save_checkpoint
 from tandem.model.config import ModelConfig
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM, Gate, MoE
@@ -205,15 +207,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_tandem(model: DeepseekV3ForCausalLM, prompts: list[list[int]], new_tokens: int, spec_tokens: int,
-               adaptive: bool) -> dict:
-    """One timed generate on a fresh engine; the first-token time is when every request has its first token."""
-    batch, device = len(prompts), model.lm_head.weight.device
-    engine = Engine(model, EngineConfig(
+def make_engine(model: DeepseekV3ForCausalLM, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int,
+                adaptive: bool) -> Engine:
+    return Engine(model, EngineConfig(
         max_num_seqs=batch, num_speculative_tokens=spec_tokens, adaptive_speculation=adaptive,
-        max_model_len=len(prompts[0]) + new_tokens + spec_tokens + 1,
+        max_model_len=prompt_len + new_tokens + spec_tokens + 1,
         # the whole batch prefills in one pass, as transformers does
-        max_num_batched_tokens=max(2048, batch * len(prompts[0]))))
+        max_num_batched_tokens=max(2048, batch * prompt_len)))
+
+
+def run_tandem(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """One timed generate; the first-token time is when every request has its first token. The engine is reused
+    across runs, as a server's is across requests: its speculation policy keeps what it measured."""
+    batch, device = len(prompts), engine.device
+    engine.spec_totals = SpecStats()
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     sync(device)
     started = time.perf_counter()
@@ -233,7 +240,7 @@ def run_tandem(model: DeepseekV3ForCausalLM, prompts: list[list[int]], new_token
     return {"seconds": finished - started, "first_token_seconds": first_token_at - started,
             "decode_seconds": finished - first_token_at, "decode_steps": steps - first_token_step,
             "token_ids": [tokens[rid] for rid in ids],
-            "spec": spec_summary(engine, outputs - batch) if spec_tokens else None}
+            "spec": spec_summary(engine, outputs - batch) if engine.policy.max_drafts else None}
 
 
 def spec_summary(engine: Engine, decode_seq_steps: int) -> dict:
@@ -480,8 +487,11 @@ def main(argv: list[str] | None = None) -> None:
             for k in spec_settings:
                 log(f"tandem  B={b:<3} spec={k} ...")
                 adaptive = not args.fixed_speculation
-                warm = lambda: run_tandem(model, prompts[b], min(4, args.new_tokens), k, adaptive)  # noqa: E731
-                r = timed(lambda: run_tandem(model, prompts[b], args.new_tokens, k, adaptive), args.repeats, warm)
+                engine = make_engine(model, b, args.prompt_len, args.new_tokens, k, adaptive)
+                # a full-length warm-up run: the adaptive policy measures its draft counts there, as a server's
+                # does in its first requests
+                r = timed(lambda: run_tandem(engine, prompts[b], args.new_tokens), args.repeats,
+                          lambda: run_tandem(engine, prompts[b], args.new_tokens))
                 tandem_tokens[b, k] = r.pop("token_ids")
                 if k and (b, 0) in tandem_tokens:
                     r["greedy_vs_tandem_no_spec"] = compare(tandem_tokens[b, k], tandem_tokens[b, 0])

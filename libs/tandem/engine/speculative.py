@@ -7,9 +7,10 @@ Positions, for a sequence with n known tokens x_0..x_{n-1} (after a step, the ma
   n-2-m, since later ones would need draft tokens.
 - Catch-up: after each step, module m computes its new verified positions (one pass per module, batched).
   Module 0's output at n-2 gives the first draft.
-- Draft j <= D (D = modules in the checkpoint) comes from module j-1 at position n-2; it first fills that
-  module's positions n-j..n-2, whose tokens are drafts 1..j-1. Draft j > D reuses the last module one
-  position further on, fed its own previous output (as vLLM and SGLang do with one MTP layer).
+- Draft j <= D (D = modules in the checkpoint) comes from module j-1 at position n-2; that module's positions
+  n-j..n-2 read drafts 1..j-1 as tokens, and run in the same pass as its catch-up, right after them.
+  Draft j > D reuses the last module one position further on, fed its own previous output (as vLLM and
+  SGLang do with one MTP layer), one pass each.
 Entries written from drafts are overwritten by the next catch-up.
 
 Meta-style parallel heads (`mtp_head_type = "meta"`) all read the main model's hidden state, so every module
@@ -41,25 +42,28 @@ class MTPWork:
 
 
 class StepCostModel:
-    """Seconds per step as a linear function of the batch size, fitted on recent steps."""
+    """Seconds per step as a linear function of the batch size, fitted on recent steps. The fit is redone on
+    each record, not on each prediction: the policy predicts every step."""
 
     def __init__(self, window: int = 16):
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._fit = (0.0, 0.0, 0.0)  # (mean batch size, mean seconds, slope)
 
     def record(self, batch_size: int, seconds: float) -> None:
         self.samples.append((batch_size, seconds))
+        n = len(self.samples)
+        x_mean = sum(b for b, _ in self.samples) / n
+        y_mean = sum(t for _, t in self.samples) / n
+        spread = sum((b - x_mean) ** 2 for b, _ in self.samples)
+        slope = sum((b - x_mean) * (t - y_mean) for b, t in self.samples) / spread if spread else 0.0
+        self._fit = (x_mean, y_mean, max(slope, 0.0))
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def predict(self, batch_size: int) -> float:
-        xs = torch.tensor([b for b, _ in self.samples], dtype=torch.float64)
-        ys = torch.tensor([s for _, s in self.samples], dtype=torch.float64)
-        if len({b for b, _ in self.samples}) < 2:
-            return float(ys.mean()) if len(ys) else 0.0
-        x_mean, y_mean = xs.mean(), ys.mean()
-        slope = max(float(((xs - x_mean) * (ys - y_mean)).sum() / ((xs - x_mean) ** 2).sum()), 0.0)
-        return max(float(y_mean + slope * (batch_size - x_mean)), 1e-9)
+        x_mean, y_mean, slope = self._fit
+        return max(y_mean + slope * (batch_size - x_mean), 1e-9) if self.samples else 0.0
 
 
 class SpeculationPolicy:
