@@ -198,6 +198,22 @@ def test_policy_counts_what_drafting_costs_not_only_the_verification():
     assert policy.choose(batch_size=1) == 1
 
 
+def test_policy_stops_trying_a_draft_count_it_can_never_measure():
+    """Requests that all ask for fewer drafts than the engine's maximum never verify that maximum: the policy
+    gives up on it instead of exploring (and keeping the MTP caches warm) for ever."""
+    policy = SpeculationPolicy(max_drafts=3)
+    for _ in range(100):
+        if not policy.exploring(4):
+            break
+        k = min(policy.choose(4), 1)  # every request drafts at most 1
+        policy.record_verify(k, 4, 0.010 * (1 + k))
+        if k:
+            policy.record_draft(k, 4, 0.001)
+    assert not policy.exploring(4)
+    policy.acceptance = [0.1, 0.1, 0.1]
+    assert policy.choose(4) == 0
+
+
 def test_policy_measures_each_batch_size_bucket_on_its_own():
     policy = SpeculationPolicy(max_drafts=2)
     measure(policy, 1, lambda k: 0.010, lambda k: 0.001 * k)  # batch 1: drafting is cheap

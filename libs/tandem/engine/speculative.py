@@ -19,7 +19,7 @@ catches up to n-2 from it, and draft j is module j-1's prediction there: at most
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +81,7 @@ class SpeculationPolicy:
     """
 
     SAMPLES_TO_TRUST = 3
+    MAX_TRIES = 12  # a count tried this often without being measured (say every request drafts fewer) is let be
 
     def __init__(self, max_drafts: int, adaptive: bool = True, prior_acceptance: float = 0.7, decay: float = 0.05):
         self.max_drafts = max_drafts
@@ -89,6 +90,7 @@ class SpeculationPolicy:
         self.decay = decay
         self.verify_cost: dict[tuple[int, int], StepCostModel] = {}  # (drafts, bucket) -> cost model
         self.draft_cost: dict[tuple[int, int], StepCostModel] = {}
+        self._tries: Counter[tuple[int, int]] = Counter()  # (drafts, bucket) -> times chosen to be measured
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -105,11 +107,15 @@ class SpeculationPolicy:
         """The MTP work after a decode step that drafted `num_drafts` tokens for `batch_size` sequences."""
         self._model(self.draft_cost, num_drafts, batch_size).record(batch_size, seconds)
 
+    def _samples(self, k: int, batch_size: int) -> int:
+        verified = len(self._model(self.verify_cost, k, batch_size))
+        return min(verified, len(self._model(self.draft_cost, k, batch_size))) if k else verified
+
     def _untried(self, batch_size: int) -> list[int]:
         """Draft counts not yet measured often enough at this batch size, largest first."""
+        bucket = self.bucket(batch_size)
         return [k for k in range(self.max_drafts, -1, -1)
-                if len(self._model(self.verify_cost, k, batch_size)) < self.SAMPLES_TO_TRUST
-                or (k and len(self._model(self.draft_cost, k, batch_size)) < self.SAMPLES_TO_TRUST)]
+                if self._samples(k, batch_size) < self.SAMPLES_TO_TRUST and self._tries[k, bucket] < self.MAX_TRIES]
 
     def exploring(self, batch_size: int) -> bool:
         """Still measuring at this batch size: a step without drafts keeps the MTP caches warm instead of letting
@@ -136,11 +142,14 @@ class SpeculationPolicy:
             return self.max_drafts
         untried = self._untried(batch_size)
         if untried:
+            self._tries[untried[0], self.bucket(batch_size)] += 1
             return untried[0]
-        best_k, best_rate = 0, 1.0 / self.seconds_per_step(0, batch_size)
-        for k in range(1, self.max_drafts + 1):
+        best_k, best_rate = 0, 0.0
+        for k in range(self.max_drafts + 1):
+            if not self._samples(k, batch_size):
+                continue
             rate = self.expected_tokens(k) / self.seconds_per_step(k, batch_size)
-            if rate > best_rate * 1.02:  # a draft must pay clearly, or it is not worth the risk
+            if rate > best_rate * 1.02:  # a larger count must pay clearly, or it is not worth the risk
                 best_k, best_rate = k, rate
         return best_k
 
