@@ -449,8 +449,10 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     else:
         path, name = args.model, str(args.model)
     model = load_model(path, dtype=dtype, device=device)
-    # from a second Tandem copy rather than from the files: transformers cannot run FP8 checkpoints on CPU
-    return model, name, lambda: transformers_from_tandem(load_model(path, dtype=dtype, device=device))
+    # from a second Tandem copy rather than from the files: transformers cannot run FP8 checkpoints on CPU. Its
+    # weights row-major, as transformers lays them out itself.
+    return model, name, lambda: transformers_from_tandem(load_model(path, dtype=dtype, device=device,
+                                                                    column_major=False))
 
 
 def make_prompts(args: argparse.Namespace, vocab_size: int) -> dict[int, list[list[int]]]:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from tandem.model.checkpoint import Checkpoint, CheckpointError
 from tandem.model.config import ModelConfig
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM
+from tandem.model.layout import use_column_major_weights_
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,13 @@ def _mtp_layers_present(ckpt: Checkpoint) -> int:
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                mtp_input: str = "post_norm", load_routed_experts: bool = True,
-               show_progress: bool = False) -> DeepseekV3ForCausalLM:
+               show_progress: bool = False, column_major: bool = True) -> DeepseekV3ForCausalLM:
     """Build the model of a checkpoint directory and fill it.
 
     With `load_routed_experts=False` the expert banks stay empty (an attention worker whose experts live on
-    expert servers). Router weights and correction biases stay float32 whatever `dtype` is.
+    expert servers). Router weights and correction biases stay float32 whatever `dtype` is. `column_major`:
+    CPU weights in the layout decoding reads fastest (`tandem.model.layout`); training turns it off, since a
+    resumed run must repeat an uninterrupted one bit for bit and matmuls round differently per layout.
     """
     ckpt = Checkpoint(path)
     config = ckpt.config
@@ -91,6 +94,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         _set_param(model, name, value)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if column_major:
+        use_column_major_weights_(model)
     model.eval()
     return model
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.model.layout import column_major
 from tandem.moe.placement import LayerPlacement
 
 
@@ -22,11 +23,13 @@ class ExpertBank(nn.Module):
 
     @classmethod
     def from_weights(cls, weights: dict[str, torch.Tensor]) -> "ExpertBank":
-        """A bank holding the given stacked weights ({"gate_proj", "up_proj", "down_proj"})."""
+        """A bank holding the given stacked weights ({"gate_proj", "up_proj", "down_proj"}), column-major on the
+        CPU (see `tandem.model.layout`)."""
         _, inter, hidden = weights["gate_proj"].shape
         bank = cls(0, hidden, inter)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(bank, name, nn.Parameter(weights[name], requires_grad=False))
+            w = weights[name]
+            setattr(bank, name, nn.Parameter(column_major(w) if w.device.type == "cpu" else w, requires_grad=False))
         return bank
 
     @property

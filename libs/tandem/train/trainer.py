@@ -113,11 +113,11 @@ class Trainer:
         self.heldout_stream = encode_files(self.tokenizer, split.heldout)
 
         if resume_dir is not None:
-            self.model = load_model(resume_dir, device=self.device)
+            self.model = load_model(resume_dir, device=self.device, column_major=False)
         elif cfg.stage == "main":
             self.model = self._new_model()
         else:
-            self.model = load_model(cfg.init_from, device=self.device)
+            self.model = load_model(cfg.init_from, device=self.device, column_major=False)
             if cfg.stage == "extend":
                 self.model = extend_mtp_modules(self.model)
         self.model.train()
