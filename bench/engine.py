@@ -185,6 +185,55 @@ class StepBytes:
         return main + drafts_per_seq * mtp
 
 
+@dataclass(slots=True)
+class StepFlops:
+    """Multiply-adds x 2 of one forward pass: every weight read does one per token, plus absorbed attention's
+    products with the cached latents."""
+
+    main_per_token: int  # weights each main-pass token multiplies: dense parts, top-k experts, output head
+    mtp_per_token: int
+    attention_per_key: int  # per token, layer and context position: scores and weighted sum over the latent
+    num_main_layers: int
+
+    @classmethod
+    def of(cls, model: DeepseekV3ForCausalLM) -> "StepFlops":
+        c = model.config
+
+        def per_token(layer) -> int:
+            params = sum(p.numel() for p in layer.parameters() if p.dim() >= 2)
+            if isinstance(layer.mlp, MoE):
+                bank = sum(p.numel() for p in layer.mlp.experts.bank.parameters())
+                params += bank * c.num_experts_per_tok // c.n_routed_experts - bank
+            return params
+
+        head = model.lm_head.weight.numel()
+        return cls(main_per_token=sum(per_token(layer) for layer in model.main_layers) + head,
+                   mtp_per_token=(per_token(model.mtp_layers[0]) + head) if model.mtp_layers else 0,
+                   attention_per_key=c.num_attention_heads * (c.kv_cache_dim + c.kv_lora_rank),
+                   num_main_layers=c.num_hidden_layers)
+
+    def decode_step(self, batch: int, context_len: float, drafts_per_seq: float = 0.0) -> float:
+        tokens = batch * (1 + drafts_per_seq)
+        main = tokens * (self.main_per_token + self.num_main_layers * context_len * self.attention_per_key)
+        mtp = batch * (self.mtp_per_token + context_len * self.attention_per_key)
+        return 2 * (main + drafts_per_seq * mtp)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in `dtype`: what the compute-bound part of a step can hope for."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    sync(device)
+    iters = 20 if device.type == "cuda" else 5
+    started = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - started)
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes/s of a large on-device copy, counting the read and the write."""
     nbytes = (1 << 30) if device.type == "cuda" else (1 << 28)
@@ -293,8 +342,8 @@ def timed(run, repeats: int, warmup) -> dict:
     return best
 
 
-def with_rates(result: dict, batch: int, new_tokens: int, step_bytes: StepBytes, context_len: float,
-               bandwidth: float) -> dict:
+def with_rates(result: dict, batch: int, new_tokens: int, step_bytes: StepBytes, step_flops: StepFlops,
+               context_len: float, bandwidth: float, flops: float) -> dict:
     result["tokens_per_s"] = batch * new_tokens / result["seconds"]
     decode = result["decode_seconds"]
     result["decode_tokens_per_s"] = batch * (new_tokens - 1) / decode if decode > 0 else None
@@ -305,6 +354,8 @@ def with_rates(result: dict, batch: int, new_tokens: int, step_bytes: StepBytes,
     result["bytes_per_step"] = bound
     result["bandwidth_bound_step_ms"] = 1e3 * bound / bandwidth
     result["step_over_bound"] = result["step_ms"] / result["bandwidth_bound_step_ms"] if steps else None
+    result["flops_per_step"] = step_flops.decode_step(batch, context_len, drafts)
+    result["compute_bound_step_ms"] = 1e3 * result["flops_per_step"] / flops
     return result
 
 
@@ -479,6 +530,9 @@ def main(argv: list[str] | None = None) -> None:
                   "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
         bandwidth = copy_bandwidth(device)
         report["machine"]["copy_bandwidth_gb_s"] = bandwidth / 1e9
+        flops = matmul_flops(device, dtype)
+        report["machine"]["matmul_tflops"] = flops / 1e12
+        step_flops = StepFlops.of(model)
         step_bytes = StepBytes.of(model)
         context_len = args.prompt_len + args.new_tokens / 2  # the mean context over the decode
         prompts = make_prompts(args, model.config.vocab_size)
@@ -498,7 +552,8 @@ def main(argv: list[str] | None = None) -> None:
                 if k and (b, 0) in tandem_tokens:
                     r["greedy_vs_tandem_no_spec"] = compare(tandem_tokens[b, k], tandem_tokens[b, 0])
                 results.append({"engine": "tandem", "batch": b, "spec_tokens": k,
-                                **with_rates(r, b, args.new_tokens, step_bytes, context_len, bandwidth)})
+                                **with_rates(r, b, args.new_tokens, step_bytes, step_flops, context_len, bandwidth,
+                                             flops)})
                 log(f"tandem  B={b:<3} spec={k}: {results[-1]['tokens_per_s']:.1f} tok/s, "
                     f"decode {results[-1]['decode_tokens_per_s'] or 0:.1f} tok/s, {r['seconds']:.2f} s")
         if not args.skip_transformers:
@@ -515,7 +570,8 @@ def main(argv: list[str] | None = None) -> None:
                     if t["batch"] == b:
                         t["greedy_vs_transformers"] = compare(tandem_tokens[b, t["spec_tokens"]], reference)
                 results.append({"engine": "transformers", "batch": b, "spec_tokens": 0,
-                                **with_rates(r, b, args.new_tokens, step_bytes, context_len, bandwidth)})
+                                **with_rates(r, b, args.new_tokens, step_bytes, step_flops, context_len, bandwidth,
+                                             flops)})
                 log(f"transformers B={b:<3}: {results[-1]['tokens_per_s']:.1f} tok/s, "
                     f"decode {results[-1]['decode_tokens_per_s'] or 0:.1f} tok/s, {r['seconds']:.2f} s")
     # other processes on the machine skew every number: a load average above the core count says so
