@@ -22,6 +22,9 @@ exchanges' `ExchangeTime`). The engine thread touches one metric itself: it obse
   tandem_spec_draft_tokens_by_position_total{position},
   tandem_spec_accepted_tokens_by_position_total{position}               the same per draft position (from 0;
                                                                         where an engine runs)
+  tandem_spec_policy_drafts{batch_from}         drafts per step the speculation policy chose last in a batch-size
+                                                bucket (batch_from = its smallest size: 1, 2, 4, 8, ...), once it
+                                                measured every draft count there; 0 = speculation off
   tandem_engine_step_seconds{phase}             one engine step (schedule, forward with its expert exchanges,
                                                 sampling, MTP drafting); phase: prefill or decode (the worker's
                                                 role), colocated (a gateway's own engine)
@@ -202,6 +205,12 @@ class EngineCollector:
             accepted.add_metric([str(position)], a)
         yield drafts
         yield accepted
+        policy = GaugeMetricFamily("tandem_spec_policy_drafts", "MTP drafts per step the speculation policy chose "
+                                   "last, by batch-size bucket (batch_from: its smallest batch size), once measured "
+                                   "there; 0 = speculation off", labels=["batch_from"])
+        for batch_from, k in s.spec_policy_drafts:
+            policy.add_metric([str(batch_from)], k)
+        yield policy
 
 
 class WorkerBackendCollector:

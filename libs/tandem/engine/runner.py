@@ -49,6 +49,8 @@ class RunnerStats:
     num_accepted_draft_tokens: int = 0
     num_drafts_by_position: tuple[int, ...] = ()
     num_accepted_by_position: tuple[int, ...] = ()
+    # (smallest batch size of a bucket, drafts per step the speculation policy chose there once it had measured)
+    spec_policy_drafts: tuple[tuple[int, int], ...] = ()
 
 
 class RequestStream:
@@ -337,4 +339,6 @@ class EngineRunner:
                            num_blocks=self.engine.cache.allocator.num_blocks, num_draft_tokens=spec.draft_tokens,
                            num_accepted_draft_tokens=spec.accepted_tokens,
                            num_drafts_by_position=tuple(spec.proposed_by_position),
-                           num_accepted_by_position=tuple(spec.accepted_by_position))
+                           num_accepted_by_position=tuple(spec.accepted_by_position),
+                           spec_policy_drafts=tuple((1 << (bucket - 1), k) for bucket, k
+                                                    in sorted(self.engine.policy.choices.items())))

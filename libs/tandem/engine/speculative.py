@@ -91,9 +91,11 @@ class SpeculationPolicy:
         self.verify_cost: dict[tuple[int, int], StepCostModel] = {}  # (drafts, bucket) -> cost model
         self.draft_cost: dict[tuple[int, int], StepCostModel] = {}
         self._tries: Counter[tuple[int, int]] = Counter()  # (drafts, bucket) -> times chosen to be measured
+        self.choices: dict[int, int] = {}  # bucket -> drafts last chosen there once measured (for operators)
 
     @staticmethod
     def bucket(batch_size: int) -> int:
+        """Batch sizes 1, 2-3, 4-7, 8-15, ... are buckets 1, 2, 3, 4, ...; bucket b starts at 2**(b-1)."""
         return batch_size.bit_length()
 
     def _model(self, table: dict, k: int, batch_size: int) -> StepCostModel:
@@ -151,6 +153,7 @@ class SpeculationPolicy:
             rate = self.expected_tokens(k) / self.seconds_per_step(k, batch_size)
             if rate > best_rate * 1.02:  # a larger count must pay clearly, or it is not worth the risk
                 best_k, best_rate = k, rate
+        self.choices[self.bucket(batch_size)] = best_k
         return best_k
 
 
