@@ -71,8 +71,8 @@ def record_drafts(engine: Engine) -> list[tuple[list[int], list[int]]]:
     seen = []
     real = engine.drafter.advance
 
-    def advance(seqs, main_hidden, counts):
-        real(seqs, main_hidden, counts)
+    def advance(seqs, main_hidden, counts, num_modules=None):
+        real(seqs, main_hidden, counts, num_modules)
         seen.extend((list(s.token_ids), list(s.draft_ids)) for s in seqs if s.draft_ids)
 
     engine.drafter.advance = advance
@@ -101,8 +101,8 @@ def test_accepted_and_rejected_drafts_roll_back_exactly(model, k):
     rng = random.Random(k)
     real = engine.drafter.advance
 
-    def oracle_draft(seqs, main_hidden, counts):
-        real(seqs, main_hidden, counts)
+    def oracle_draft(seqs, main_hidden, counts, num_modules=None):
+        real(seqs, main_hidden, counts, num_modules)
         for seq in seqs:
             truth = expected[tuple(seq.token_ids[:seq.num_prompt_tokens])][seq.num_output_tokens:]
             good = rng.randint(0, len(seq.draft_ids))
@@ -247,6 +247,24 @@ def test_meta_parallel_heads_draft_from_the_main_hidden_state():
             out = model.mtp_forward(m, torch.tensor(tokens[1:n]), main, DenseCausal.for_batch(1, n - 1))
             expected.append(int(model.mtp_logits(m, out[-1:]).argmax()))
         assert drafts == expected
+
+
+def test_one_draft_a_step_skips_the_second_module_which_resyncs_when_two_are_wanted_again():
+    model = random_model(tiny_config(2), seed=2, std=0.3)
+    engine = Engine(model, EngineConfig(num_speculative_tokens=2, adaptive_speculation=False, block_size=4))
+    script = iter([2, 2, 1, 1, 1, 1, 1] + [2] * 100)
+    engine.policy.choose = lambda batch_size: next(script)
+    rid = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=24))
+    seq = engine._requests[rid][0]
+    module_1_lagged = drafted_two_after = False
+    while engine.has_unfinished:
+        engine.step()
+        if seq.is_finished:
+            break
+        module_1_lagged |= seq.mtp[1].valid_len < seq.mtp[0].valid_len - 1
+        drafted_two_after |= module_1_lagged and len(seq.draft_ids) == 2
+    assert module_1_lagged and drafted_two_after
+    assert seq.output_ids == greedy_reference(model, PROMPTS[1], 24)
 
 
 def test_sequences_skipped_by_the_policy_resync_and_draft_again(model):

@@ -373,15 +373,22 @@ class Engine:
         verified = [v for v in verified if v[0].can_draft]
         if not verified:
             return
-        keep_warm = k > 0 or self.policy.exploring(batch_size)
+        # the modules k drafts need; all of them while a larger count is still to be measured. Skipping a module's
+        # pass saves its cost; a sequence that needs it again resyncs (see _resync_stale).
+        num_modules = self.drafter.num_modules
+        warm = num_modules if self.policy.untried_above(k, batch_size) else min(k, num_modules)
         for seq, _, _ in verified:
-            if not (keep_warm or seq.pins_drafts or seq.prefill_only):
-                seq.mtp_stale = True  # skipping the MTP pass saves its cost; see _resync_stale
+            if not (warm or seq.pins_drafts or seq.prefill_only):
+                seq.mtp_stale = True
         verified = [v for v in verified if not v[0].mtp_stale]
         if not verified:
             return
         seqs = [v[0] for v in verified]
-        self.drafter.advance(seqs, [(start, h) for _, start, h in verified], [self._draft_count(s, k) for s in seqs])
+        counts = [self._draft_count(s, k) for s in seqs]
+        # a prefill worker hands every module over caught up; a pinned sequence drafts its own count
+        needed = max([warm] + [min(c, num_modules) for c in counts]
+                     + [num_modules for s in seqs if s.prefill_only])
+        self.drafter.advance(seqs, [(start, h) for _, start, h in verified], counts, needed)
         if timed and k > 0:
             self.policy.record_draft(k, batch_size, time.perf_counter() - started)
 

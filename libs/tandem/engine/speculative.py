@@ -119,6 +119,11 @@ class SpeculationPolicy:
         return [k for k in range(self.max_drafts, -1, -1)
                 if self._samples(k, batch_size) < self.SAMPLES_TO_TRUST and self._tries[k, bucket] < self.MAX_TRIES]
 
+    def untried_above(self, k: int, batch_size: int) -> bool:
+        """A draft count above k is still to be measured at this batch size (so the MTP modules it needs must stay
+        caught up)."""
+        return self.adaptive and any(u > k for u in self._untried(batch_size))
+
     def exploring(self, batch_size: int) -> bool:
         """Still measuring at this batch size: a step without drafts keeps the MTP caches warm instead of letting
         them go stale, so that the other draft counts can still be tried."""
@@ -184,15 +189,22 @@ class MTPDrafter:
         out = self.model.mtp_forward(module, ids, hidden, meta)
         return list(out.split([len(w.token_ids) for w in work]))
 
-    def advance(self, seqs: list[Sequence], main_hidden: list[tuple[int, torch.Tensor]], num_drafts: list[int]) -> None:
-        """Catch every module up on what the main pass verified (main_hidden[i] = (first position, hidden rows)
-        for seqs[i]) and draft up to num_drafts[i] tokens into seq.draft_ids (and seq.draft_probs when sampling).
+    def advance(self, seqs: list[Sequence], main_hidden: list[tuple[int, torch.Tensor]], num_drafts: list[int],
+                num_modules: int | None = None) -> None:
+        """Catch the first `num_modules` modules (default all) up on what the main pass verified (main_hidden[i] =
+        (first position, hidden rows) for seqs[i]) and draft up to num_drafts[i] tokens into seq.draft_ids (and
+        seq.draft_probs when sampling). Modules past `num_modules` fall behind; a sequence that needs one of them
+        again finds its sources gone, goes stale and resyncs (see Sequence.resync_mtp).
 
         Chained modules make one pass each: module m >= 1 runs its new verified positions and, for a sequence
         drafting more than m tokens, its draft positions n-1-m..n-2 in the same pass, since draft m (from module
         m-1) is known by then. Drafts past the last module take one more pass each. A sequence whose module 0 is
         not caught up to n-2 (it went stale) drafts nothing.
         """
+        num_modules = self.num_modules if num_modules is None else num_modules
+        if max(num_drafts, default=0) > num_modules < self.num_modules:
+            raise ValueError(f"{max(num_drafts)} drafts need {min(max(num_drafts), self.num_modules)} MTP modules, "
+                             f"not {num_modules}")
         for seq in seqs:
             seq.draft_ids, seq.draft_probs = [], None
         wants = list(num_drafts)
@@ -200,7 +212,7 @@ class MTPDrafter:
         main_sources = [(start, self.model.mtp_hidden_from_main(h)) for start, h in main_hidden]
         sources = main_sources
         last_draft_out: dict[int, torch.Tensor] = {}  # the latest pass's output at a sequence's last draft position
-        for m in range(self.num_modules):
+        for m in range(num_modules):
             drafts_here = 0 if self.parallel else m  # draft positions this module runs
             work, owners, reached_n2 = [], [], {}
             # what module m+1 can read if module m gains nothing this time: module m's last verified output
@@ -248,7 +260,7 @@ class MTPDrafter:
                 last_draft_out[id(seq)] = at_n2
             if active:
                 self._sample_drafts(active, hidden, m, probs_by_seq)
-        if not self.parallel:
+        if not self.parallel and num_modules == self.num_modules:
             self._draft_past_last_module(seqs, wants, last_draft_out, probs_by_seq)
         for seq, k in zip(seqs, wants):
             del seq.draft_ids[k:]
