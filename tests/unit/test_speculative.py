@@ -198,6 +198,21 @@ def test_policy_counts_what_drafting_costs_not_only_the_verification():
     assert policy.choose(batch_size=1) == 1
 
 
+def test_policy_turns_speculation_back_on_only_for_a_clear_gain():
+    """Where it settled on no drafts, the policy needs 10% more tokens/s, not 2%, to draft again: the sequences
+    whose MTP modules it skipped must recompute what they missed first."""
+    policy = SpeculationPolicy(max_drafts=1)
+    measure(policy, 8, lambda k: 0.010 * (1 + 0.8 * k), lambda k: 0.0)  # a step with a draft: 1.8x the time
+    policy.acceptance = [0.5]  # 1.5 tokens in 1.8 steps' time
+    assert policy.choose(8) == 0
+    policy.acceptance = [0.85]  # 1.85 tokens: 2.8% more, not enough to switch back on
+    assert policy.choose(8) == 0
+    policy.acceptance = [1.0]  # 2 tokens: 11% more
+    assert policy.choose(8) == 1
+    policy.acceptance = [0.85]  # once on, 2% suffices to stay on
+    assert policy.choose(8) == 1
+
+
 def test_policy_stops_trying_a_draft_count_it_can_never_measure():
     """Requests that all ask for fewer drafts than the engine's maximum never verify that maximum: the policy
     gives up on it instead of exploring (and keeping the MTP caches warm) for ever."""

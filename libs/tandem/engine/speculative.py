@@ -77,10 +77,13 @@ class SpeculationPolicy:
     few times in a bucket; after that k = 0 costs nothing on the MTP side, since the engine then skips the MTP
     passes. So speculation is only chosen when it measurably pays, at this batch size, on this machine, for
     this model: at large batch a pass costs in proportion to its tokens and k falls to 0; at small batch passes
-    are nearly free and k grows.
+    are nearly free and k grows. Choices have hysteresis (GAIN, SWITCH_ON_GAIN), so noise in the timings does
+    not flip them back and forth.
     """
 
     SAMPLES_TO_TRUST = 3
+    GAIN = 1.02  # how much more tokens/s a larger draft count must promise to be chosen
+    SWITCH_ON_GAIN = 1.10  # the same, for any draft at all where the last choice was none
     MAX_TRIES = 12  # a count tried this often without being measured (say every request drafts fewer) is let be
 
     def __init__(self, max_drafts: int, adaptive: bool = True, prior_acceptance: float = 0.7, decay: float = 0.05):
@@ -151,14 +154,18 @@ class SpeculationPolicy:
         if untried:
             self._tries[untried[0], self.bucket(batch_size)] += 1
             return untried[0]
+        bucket = self.bucket(batch_size)
+        # a larger count must pay clearly, or it is not worth the risk; turning speculation back on must pay
+        # more, since sequences whose MTP modules were skipped first recompute what they missed
+        factor = self.SWITCH_ON_GAIN if self.choices.get(bucket) == 0 else self.GAIN
         best_k, best_rate = 0, 0.0
         for k in range(self.max_drafts + 1):
             if not self._samples(k, batch_size):
                 continue
             rate = self.expected_tokens(k) / self.seconds_per_step(k, batch_size)
-            if rate > best_rate * 1.02:  # a larger count must pay clearly, or it is not worth the risk
+            if rate > best_rate * (factor if best_k == 0 else self.GAIN):
                 best_k, best_rate = k, rate
-        self.choices[self.bucket(batch_size)] = best_k
+        self.choices[bucket] = best_k
         return best_k
 
 
