@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tandem.engine.cpu_threads import single_thread_if_small
 from tandem.engine.detokenizer import Detokenizer
 from tandem.engine.kv_cache import PagedKVCache
 from tandem.engine.sampling import SamplingError, SamplingParams, sample, target_probs, verify_drafts
@@ -38,11 +39,14 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_speculative_tokens: int = 0  # drafts per step at most (per request it may be lower)
     adaptive_speculation: bool = True  # pick 0..num_speculative_tokens drafts per step from measured gains
+    single_thread_max_tokens: int = 16  # CPU steps feeding at most this many tokens run on one thread (0: never)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.single_thread_max_tokens < 0:
+            raise ValueError(f"single_thread_max_tokens must be >= 0, got {self.single_thread_max_tokens}")
         if self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
 
@@ -219,11 +223,13 @@ class Engine:
             return []
         started = time.perf_counter()
         timed_drafts = self._uniform_decode_drafts(batch)
-        hidden = self._run_main(batch)
-        outputs, verified = self._postprocess(batch, hidden)
-        if timed_drafts is not None:
-            self.policy.record_verify(timed_drafts, len(batch), time.perf_counter() - started)
-        self._speculate(verified, timed=timed_drafts is not None)
+        with single_thread_if_small(sum(s.num_fed for s in batch), self.config.single_thread_max_tokens,
+                                    self.device):
+            hidden = self._run_main(batch)
+            outputs, verified = self._postprocess(batch, hidden)
+            if timed_drafts is not None:
+                self.policy.record_verify(timed_drafts, len(batch), time.perf_counter() - started)
+            self._speculate(verified, timed=timed_drafts is not None)
         return outputs
 
     @staticmethod
