@@ -73,7 +73,7 @@ class RotaryEmbedding(nn.Module):
         scale = config.rope.cos_sin_scale
         self.register_buffer("cos", freqs.cos() * scale, persistent=False)
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
-        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, torch.dtype, bool, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x [T, heads, R]; positions [T]
@@ -86,13 +86,14 @@ class RotaryEmbedding(nn.Module):
 
     def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, 1, R/2] at `positions`; every layer of a pass asks for the same positions tensor,
-        so the lookup is done once per pass."""
-        last = self._last
-        if last is None or last[0] is not positions or last[1] != dtype:
+        so the lookup is done once per pass. (Tables made under inference mode are not reused outside it:
+        autograd refuses inference tensors.)"""
+        last, inference = self._last, torch.is_inference_mode_enabled()
+        if last is None or last[0] is not positions or last[1] != dtype or last[2] != inference:
             cos = self.cos[positions][:, None].to(dtype)
             sin = self.sin[positions][:, None].to(dtype)
-            self._last = last = (positions, dtype, cos, sin)
-        return last[2], last[3]
+            self._last = last = (positions, dtype, inference, cos, sin)
+        return last[3], last[4]
 
 
 # --- Multi-head Latent Attention ---------------------------------------------------------------------------
