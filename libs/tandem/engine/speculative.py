@@ -209,7 +209,7 @@ class MTPDrafter:
         not caught up to n-2 (it went stale) drafts nothing.
         """
         num_modules = self.num_modules if num_modules is None else num_modules
-        if max(num_drafts, default=0) > num_modules < self.num_modules:
+        if num_modules < self.num_modules and max(num_drafts, default=0) > num_modules:
             raise ValueError(f"{max(num_drafts)} drafts need {min(max(num_drafts), self.num_modules)} MTP modules, "
                              f"not {num_modules}")
         for seq in seqs:
