@@ -213,6 +213,10 @@ def test_policy_turns_speculation_back_on_only_for_a_clear_gain():
     assert policy.choose(8) == 1
 
 
+def test_an_empty_batch_counts_as_batch_one():
+    assert [SpeculationPolicy.bucket(b) for b in (0, 1, 2, 3, 4, 7, 8)] == [1, 1, 2, 2, 3, 3, 4]
+
+
 def test_policy_stops_trying_a_draft_count_it_can_never_measure():
     """Requests that all ask for fewer drafts than the engine's maximum never verify that maximum: the policy
     gives up on it instead of exploring (and keeping the MTP caches warm) for ever."""

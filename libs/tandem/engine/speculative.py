@@ -98,8 +98,9 @@ class SpeculationPolicy:
 
     @staticmethod
     def bucket(batch_size: int) -> int:
-        """Batch sizes 1, 2-3, 4-7, 8-15, ... are buckets 1, 2, 3, 4, ...; bucket b starts at 2**(b-1)."""
-        return batch_size.bit_length()
+        """Batch sizes 1, 2-3, 4-7, 8-15, ... are buckets 1, 2, 3, 4, ...; bucket b starts at 2**(b-1). (A prefill
+        worker, whose sequences leave the batch after their first token, asks for none: bucket 1 too.)"""
+        return max(batch_size, 1).bit_length()
 
     def _model(self, table: dict, k: int, batch_size: int) -> StepCostModel:
         return table.setdefault((k, self.bucket(batch_size)), StepCostModel())
