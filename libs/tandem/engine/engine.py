@@ -372,8 +372,9 @@ class Engine:
         if self.policy.max_drafts == 0:
             return
         started = time.perf_counter()
-        batch_size = len(self.scheduler.running)
-        k = self.policy.choose(batch_size)
+        # a prefill worker's sequences never draft here: the policy is for decoding batches
+        batch_size = sum(not s.prefill_only for s in self.scheduler.running)
+        k = self.policy.choose(batch_size) if batch_size else 0
         if k > 0:
             self._resync_stale()
         verified = [v for v in verified if v[0].can_draft]
@@ -382,7 +383,7 @@ class Engine:
         # the modules k drafts need; all of them while a larger count is still to be measured. Skipping a module's
         # pass saves its cost; a sequence that needs it again resyncs (see _resync_stale).
         num_modules = self.drafter.num_modules
-        warm = num_modules if self.policy.untried_above(k, batch_size) else min(k, num_modules)
+        warm = num_modules if batch_size and self.policy.untried_above(k, batch_size) else min(k, num_modules)
         for seq, _, _ in verified:
             if not (warm or seq.pins_drafts or seq.prefill_only):
                 seq.mtp_stale = True
