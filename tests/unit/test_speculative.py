@@ -268,36 +268,39 @@ def test_meta_parallel_heads_draft_from_the_main_hidden_state():
         assert drafts == expected
 
 
-def test_one_draft_a_step_skips_the_second_module_which_resyncs_when_two_are_wanted_again():
-    model = random_model(tiny_config(2), seed=2, std=0.3)
+def run_with_scripted_policy(model, choices: list[int], watch) -> None:
+    """Generate 24 tokens for PROMPTS[1] with the policy's choices scripted (then 2 drafts a step), calling
+    watch(seq) after every step it is still running; the output must be plain greedy's."""
     engine = Engine(model, EngineConfig(num_speculative_tokens=2, adaptive_speculation=False, block_size=4))
-    script = iter([2, 2, 1, 1, 1, 1, 1] + [2] * 100)
+    script = iter(choices + [2] * 100)
     engine.policy.choose = lambda batch_size: next(script)
-    rid = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=24))
-    seq = engine._requests[rid][0]
-    module_1_lagged = drafted_two_after = False
+    seq = engine._requests[engine.add_request(PROMPTS[1], SamplingParams(max_tokens=24))][0]
     while engine.has_unfinished:
         engine.step()
-        if seq.is_finished:
-            break
-        module_1_lagged |= seq.mtp[1].valid_len < seq.mtp[0].valid_len - 1
-        drafted_two_after |= module_1_lagged and len(seq.draft_ids) == 2
-    assert module_1_lagged and drafted_two_after
+        if not seq.is_finished:
+            watch(seq)
     assert seq.output_ids == greedy_reference(model, PROMPTS[1], 24)
+
+
+def test_one_draft_a_step_skips_the_second_module_which_resyncs_when_two_are_wanted_again():
+    seen = {"lagged": False, "drafted_two_after": False}
+
+    def watch(seq):
+        seen["lagged"] |= seq.mtp[1].valid_len < seq.mtp[0].valid_len - 1
+        seen["drafted_two_after"] |= seen["lagged"] and len(seq.draft_ids) == 2
+
+    run_with_scripted_policy(random_model(tiny_config(2), seed=2, std=0.3), [2, 2, 1, 1, 1, 1, 1], watch)
+    assert seen == {"lagged": True, "drafted_two_after": True}
 
 
 def test_sequences_skipped_by_the_policy_resync_and_draft_again(model):
     """The policy turns drafting off for a while (sequences go stale), then on: output stays greedy and the
     stale sequences draft again after recomputing their lag."""
-    engine = Engine(model, EngineConfig(num_speculative_tokens=2, adaptive_speculation=False, block_size=4))
-    script = iter([2, 2, 0, 0, 0, 0] + [2] * 100)
-    engine.policy.choose = lambda batch_size: next(script)
-    rid = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=24))
-    seq = engine._requests[rid][0]
-    became_stale = drafted_after = False
-    while engine.has_unfinished:
-        engine.step()
-        became_stale |= seq.mtp_stale
-        drafted_after |= became_stale and bool(seq.draft_ids)
-    assert became_stale and drafted_after
-    assert seq.output_ids == greedy_reference(model, PROMPTS[1], 24)
+    seen = {"stale": False, "drafted_after": False}
+
+    def watch(seq):
+        seen["stale"] |= seq.mtp_stale
+        seen["drafted_after"] |= seen["stale"] and bool(seq.draft_ids)
+
+    run_with_scripted_policy(model, [2, 2, 0, 0, 0, 0], watch)
+    assert seen == {"stale": True, "drafted_after": True}
