@@ -501,7 +501,7 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         path, name = args.model, str(args.model)
     model = load_model(path, dtype=dtype, device=device)
     # from a second Tandem copy rather than from the files: transformers cannot run FP8 checkpoints on CPU. Its
-    # weights row-major, as transformers lays them out itself.
+    # weights stay row-major, as transformers lays them out itself.
     return model, name, lambda: transformers_from_tandem(load_model(path, dtype=dtype, device=device,
                                                                     column_major=False))
 
