@@ -1,6 +1,7 @@
 """MTP speculative decoding in the colocated engine: drafts, verification, rollback, policy."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -163,6 +164,25 @@ def measure(policy: SpeculationPolicy, batch_size: int, verify_seconds, draft_se
     raise AssertionError("the policy never stopped exploring")
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_any_sequence_of_draft_counts_keeps_greedy_output(seed):
+    """Whatever the policy picks each step (drafts on, off, fewer modules than before, more than the checkpoint
+    has), with chunked prefill and several requests: the output is plain greedy's and every block comes back."""
+    rng = random.Random(seed)
+    config = tiny_config(rng.choice([1, 2]))
+    if seed % 3 == 2:
+        config = replace(config, mtp_head_type="meta")
+    model = random_model(config, seed=seed, std=0.3)
+    max_drafts = config.num_nextn_predict_layers if config.mtp_head_type == "meta" else rng.choice([2, 3, 4])
+    engine = Engine(model, EngineConfig(num_speculative_tokens=max_drafts, adaptive_speculation=False, block_size=4,
+                                        max_num_batched_tokens=rng.choice([6, 12, 64])))
+    engine.policy.choose = lambda batch_size: rng.randint(0, max_drafts)
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=16))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == greedy_reference(model, prompt, 16)
+    assert engine.num_free_blocks == engine.cache.allocator.num_blocks
+
+
 def test_policy_tries_every_draft_count_then_turns_speculation_off_when_drafts_never_land():
     policy = SpeculationPolicy(max_drafts=3)
     tried = []
@@ -247,7 +267,6 @@ def test_policy_measures_each_batch_size_bucket_on_its_own():
 
 @torch.no_grad()
 def test_meta_parallel_heads_draft_from_the_main_hidden_state():
-    from dataclasses import replace
     config = replace(tiny_config(2), mtp_head_type="meta")
     model = random_model(config, seed=5, std=0.3)
     for layer in model.mtp_layers:
