@@ -222,7 +222,7 @@ class Engine:
         if not batch:
             return []
         started = time.perf_counter()
-        timed_drafts = self._uniform_decode_drafts(batch)
+        timed_drafts = self._uniform_decode_drafts(batch) if self.policy.measures else None
         with single_thread_if_small(sum(s.num_fed for s in batch), self.config.single_thread_max_tokens,
                                     self.device):
             hidden = self._run_main(batch)

@@ -96,6 +96,11 @@ class SpeculationPolicy:
         self._tries: Counter[tuple[int, int]] = Counter()  # (drafts, bucket) -> times chosen to be measured
         self.choices: dict[int, int] = {}  # bucket -> drafts last chosen there once measured (for operators)
 
+    @property
+    def measures(self) -> bool:
+        """Whether step times matter: only an adaptive policy with drafts to choose from reads them."""
+        return self.adaptive and self.max_drafts > 0
+
     @staticmethod
     def bucket(batch_size: int) -> int:
         """Batch sizes 1, 2-3, 4-7, 8-15, ... are buckets 1, 2, 3, 4, ...; bucket b starts at 2**(b-1). (A prefill
