@@ -322,9 +322,8 @@ def test_metrics_of_the_colocated_gateway(model_dir):
         spec.proposed_by_position
     assert [m[f'tandem_spec_accepted_tokens_by_position_total{{position="{j}"}}'] for j in positions] == \
         spec.accepted_by_position
-    choices = server.runner.engine.policy.choices
     assert {int(name.split('"')[1]): v for name, v in m.items() if name.startswith("tandem_spec_policy_drafts{")} \
-        == {1 << (bucket - 1): k for bucket, k in choices.items()}
+        == dict(server.runner.engine.policy.settled_choices())
 
 
 def test_gateway_flags(model_dir):

@@ -262,7 +262,7 @@ def test_policy_measures_each_batch_size_bucket_on_its_own():
     measure(policy, 32, lambda k: 0.010 * (k + 1), lambda k: 0.004 * k)  # batch 32: compute-bound
     assert policy.choose(32) == 0
     assert policy.choose(1) == 2
-    assert policy.choices == {1: 2, 6: 0}  # what operators see: batch 1 drafts 2, batches 32-63 none
+    assert policy.settled_choices() == ((1, 2), (32, 0))  # what operators see: batch 1 drafts 2, 32-63 none
 
 
 @torch.no_grad()

@@ -340,5 +340,4 @@ class EngineRunner:
                            num_accepted_draft_tokens=spec.accepted_tokens,
                            num_drafts_by_position=tuple(spec.proposed_by_position),
                            num_accepted_by_position=tuple(spec.accepted_by_position),
-                           spec_policy_drafts=tuple((1 << (bucket - 1), k) for bucket, k
-                                                    in sorted(self.engine.policy.choices.items())))
+                           spec_policy_drafts=self.engine.policy.settled_choices())

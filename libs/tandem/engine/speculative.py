@@ -134,9 +134,12 @@ class SpeculationPolicy:
         return self.adaptive and any(u > k for u in self._untried(batch_size))
 
     def exploring(self, batch_size: int) -> bool:
-        """Still measuring at this batch size: a step without drafts keeps the MTP caches warm instead of letting
-        them go stale, so that the other draft counts can still be tried."""
-        return self.adaptive and self.max_drafts > 0 and bool(self._untried(batch_size))
+        """Some draft count is still to be measured at this batch size."""
+        return self.measures and self.untried_above(-1, batch_size)
+
+    def settled_choices(self) -> tuple[tuple[int, int], ...]:
+        """(smallest batch size of a bucket, drafts chosen there) for every bucket measured, smallest first."""
+        return tuple((1 << (bucket - 1), k) for bucket, k in sorted(self.choices.items()))
 
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         for j in range(min(num_drafts, num_accepted + 1)):
