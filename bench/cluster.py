@@ -302,8 +302,13 @@ def main() -> int:
     p.add_argument("--speculative-tokens", type=int, default=None, help="MTP drafts per step at most (default: the "
                                                                         "model's depth) for the MTP targets")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
+    p.add_argument("--warmup-runs", type=int, default=1,
+                   help="times the whole load runs unmeasured first, so that each target is measured as a server is "
+                        "after its first requests (its speculation policy calibrated); 0: two short requests only")
     p.add_argument("--out", type=Path, default=Path("bench/results/cluster"), help="output directory")
     args = p.parse_args()
+    if args.warmup_runs < 0:
+        p.error(f"--warmup-runs must be >= 0, got {args.warmup_runs}")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - set(TARGETS)
     if unknown:
@@ -321,6 +326,8 @@ def main() -> int:
         address, stop, engines = start_target(name, args.model, args.out / "logs", args.speculative_tokens)
         try:
             run_load(address, prompts[:2], [4, 4], 0, args.seed, f"{name} warm-up")
+            for i in range(args.warmup_runs):
+                run_load(address, prompts, outputs, args.rate, args.seed + 1 + i, f"{name} warm-up {i + 1}")
             before = [e.scrape() for e in engines]
             samples, wall = run_load(address, prompts, outputs, args.rate, args.seed, name)
             # a worker publishes a step's times once the step ended, before its tokens went out: all in by now

@@ -170,7 +170,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         runner, _ = self._ready(context)
         stats = runner.stats()
         return pb.WorkerLoad(num_running_sequences=stats.num_running, num_free_kv_blocks=stats.num_free_blocks,
-                             num_kv_blocks=stats.num_blocks)
+                             num_kv_blocks=stats.num_blocks, num_mtp_modules_wanted=stats.mtp_modules_for_arrival)
 
     def _ready(self, context):
         if not self.worker.ready.is_set():

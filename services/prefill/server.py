@@ -72,8 +72,9 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         self._count(len(prompt))
         try:
             try:
+                modules = request.num_mtp_modules if request.HasField("num_mtp_modules") else None
                 stream = runner.submit(prompt, params, engine_id, request.sampling.num_speculative_tokens,
-                                       prefill_only=True)
+                                       prefill_only=True, mtp_modules=modules)
             except QueueFull as e:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
             except SamplingError as e:

@@ -81,6 +81,8 @@ def test_prefill_and_decode_workers(cluster):
 
     load = decode.GetLoad(pb.GetLoadRequest())
     assert (load.num_free_kv_blocks, load.num_kv_blocks, load.num_running_sequences) == (NUM_KV_BLOCKS,) * 2 + (0,)
+    assert load.HasField("num_mtp_modules_wanted")
+    assert 0 <= load.num_mtp_modules_wanted <= len(colocated.model.mtp_layers)
     assert prefill.GetLoad(pb.GetLoadRequest()).num_queued_prompt_tokens == 0
 
     # cancelling the call mid-way, and the Cancel RPC, each free the sequence's KV blocks at once
@@ -118,6 +120,24 @@ def test_prefill_and_decode_workers(cluster):
     # the receive left posted by that orphan takes the next handoff and hands it to its caller
     first, stream = generate(prefill, decode, members, "after-orphan", *REQUESTS[0][:1], sampling(12, 1))
     assert [first] + [t for m in stream for t in m.token_ids] == expected[0]
+
+    # a decode worker that drafts nothing at its batch size asks for no MTP module: prefill hands none over, the
+    # request decodes without drafts and its tokens do not change
+    transfer_id = next(transfer_ids)
+    prompt, params = REQUESTS[0][0], sampling(12, 1)
+    stream = decode.Decode(pb.DecodeRequest(request_id="no-mtp", prompt_token_ids=prompt, sampling=params,
+                                            kv_transfer_id=transfer_id, prefill_rank=members[cpb.ROLE_PREFILL].rank),
+                           timeout=60)
+    first = prefill.Prefill(pb.PrefillRequest(request_id="no-mtp", prompt_token_ids=prompt, sampling=params,
+                                              kv_transfer_id=transfer_id, decode_rank=members[cpb.ROLE_DECODE].rank,
+                                              num_mtp_modules=0), timeout=60).first_token_id
+    messages = list(stream)
+    assert [first] + [t for m in messages for t in m.token_ids] == expected[0]
+    assert sum(m.num_draft_tokens for m in messages) == 0
+    with pytest.raises(grpc.RpcError) as err:
+        prefill.Prefill(pb.PrefillRequest(request_id="bad", prompt_token_ids=[1], sampling=sampling(4, 1),
+                                          decode_rank=members[cpb.ROLE_DECODE].rank, num_mtp_modules=-1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mtp_modules" in err.value.details()
     prefill_ch.close()
     decode_ch.close()
 

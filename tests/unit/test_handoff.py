@@ -14,18 +14,24 @@ def model(request):
     return random_model(tiny_config(request.param), seed=10 + request.param, std=0.3)
 
 
-def disaggregated(model, prompts, params, k):
+def disaggregated(model, prompts, params, k, mtp_modules=None):
     prefill = Engine(model, EngineConfig(num_speculative_tokens=k, adaptive_speculation=False, block_size=4,
                                          max_num_batched_tokens=10))
     decode = Engine(model, EngineConfig(num_speculative_tokens=k, adaptive_speculation=False, block_size=4))
-    decode.add_request([1, 2, 3], SamplingParams(max_tokens=30), "other")  # occupies blocks: layouts differ
-    ids = [prefill.add_request(p, sp, prefill_only=True) for p, sp in zip(prompts, params)]
+    # occupies blocks, so the layouts differ; drafts nothing, so the decode engine's draft totals are the handed-over
+    # requests'
+    decode.add_request([1, 2, 3], SamplingParams(max_tokens=30), "other", num_speculative_tokens=0)
+    ids = [prefill.add_request(p, sp, prefill_only=True, mtp_modules=mtp_modules) for p, sp in zip(prompts, params)]
     first = {}
     while prefill.has_unfinished:
         for out in prefill.step():
             assert not out.finished and out.is_prefilled and len(out.new_token_ids) == 1
             first[out.request_id] = out.new_token_ids[0]
-            decode.add_prefilled(prefill.take_prefilled(out.request_id), params[ids.index(out.request_id)])
+            handoff = prefill.take_prefilled(out.request_id)
+            sp = params[ids.index(out.request_id)]
+            kept = len(model.mtp_layers) if mtp_modules is None or sp.seed is not None else mtp_modules
+            assert len(handoff.mtp_valid_lens) == kept
+            decode.add_prefilled(handoff, sp)
     assert prefill.num_free_blocks == prefill.cache.allocator.num_blocks
     rest = {rid: [] for rid in ids}
     while decode.has_unfinished:
@@ -45,6 +51,53 @@ def test_greedy_disaggregated_equals_colocated(model, k):
     assert got == expected
     if k:
         assert decode.spec_totals.draft_tokens > 0, "the decode engine drafts from the handed-over MTP state"
+
+
+@pytest.mark.parametrize("mtp_modules", [0, 1])
+def test_prefill_catches_up_only_the_modules_decode_asks_for(model, mtp_modules):
+    """A decode worker whose policy drafts fewer tokens than the checkpoint has modules asks the prefill worker for
+    fewer modules: the handoff carries just those, the sequence drafts at most that many tokens a step, and the
+    output is still plain greedy."""
+    params = [SamplingParams(max_tokens=14)] * len(PROMPTS)
+    colocated = Engine(model, EngineConfig())
+    expected = [c.token_ids for c in colocated.generate(PROMPTS, params)]
+    got, decode = disaggregated(model, PROMPTS, params, 3, mtp_modules)
+    assert got == expected
+    spec = decode.spec_totals
+    # all of the checkpoint's modules (mtp1 asked for 1) is no limit: drafts past the last one reuse it
+    assert len(spec.proposed_by_position) == (3 if mtp_modules == len(model.mtp_layers) else mtp_modules)
+    assert (spec.draft_tokens > 0) == (mtp_modules > 0)
+
+
+def test_seeded_sampling_keeps_every_module(model):
+    """Seeded sampling replays only with the same draft counts: a prefill worker asked for no modules still hands
+    them all over, and the stream is the colocated one."""
+    params = [SamplingParams(max_tokens=12, temperature=0.8, seed=s) for s in (3, 4, 5, 6)]
+    colocated = Engine(model, EngineConfig(num_speculative_tokens=2, adaptive_speculation=False))
+    expected = [c.token_ids for c in colocated.generate(PROMPTS, params)]
+    got, _ = disaggregated(model, PROMPTS, params, 2, mtp_modules=0)
+    assert got == expected
+
+
+def test_modules_asked_of_prefill_follow_the_policy(model):
+    fixed = Engine(model, EngineConfig(num_speculative_tokens=1, adaptive_speculation=False))
+    assert fixed.mtp_modules_for_arrival() == 1
+    assert Engine(model, EngineConfig()).mtp_modules_for_arrival() == 0  # no speculation
+    engine = Engine(model, EngineConfig(num_speculative_tokens=3))
+    modules = len(model.mtp_layers)
+    assert engine.mtp_modules_for_arrival() == modules  # nothing measured yet: every module
+    policy = engine.policy
+    for _ in range(policy.SAMPLES_TO_TRUST):  # a machine on which drafting costs more than it gains
+        for k in range(4):
+            policy.record_verify(k, 1, 0.01 * (1 + k))
+            if k:
+                policy.record_draft(k, 1, 0.01)
+    assert policy.choose(1) == 0
+    assert engine.mtp_modules_for_arrival() == 0
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=4))
+    assert engine.mtp_modules_for_arrival() == modules, "batch size 2 is a bucket still to be measured"
+    with pytest.raises(SamplingError, match="mtp_modules"):
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=4), mtp_modules=-1)
 
 
 def test_seeded_sampling_continues_the_same_stream(model):

@@ -101,12 +101,14 @@ class Engine:
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     num_speculative_tokens: int | None = None, prefill_only: bool = False,
-                    prefilled: bool = False) -> str:
+                    prefilled: bool = False, mtp_modules: int | None = None) -> str:
         """Queue a request; raises SamplingError naming the bad field.
 
         A `prefill_only` request stops after its first token and keeps its KV cache for `take_prefilled`
         (a prefill worker handing the sequence to a decode worker); `prefilled` registers a request that
-        `add_prefilled` queues itself."""
+        `add_prefilled` queues itself. `mtp_modules` (None: all) keeps only the first that many MTP modules for
+        the request (`Sequence.keep_mtp_modules`): a prefill worker catches only those up on the prompt. A seeded
+        sampled request prefilled here keeps them all, since it drafts the same counts wherever it runs."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise SamplingError(f"request_id {request_id!r} is already running")
@@ -125,10 +127,14 @@ class Engine:
             raise SamplingError("stop strings need a tokenizer; this model directory has no tokenizer.json")
         if num_speculative_tokens is not None and num_speculative_tokens < 0:
             raise SamplingError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
+        if mtp_modules is not None and mtp_modules < 0:
+            raise SamplingError(f"mtp_modules must be >= 0, got {mtp_modules}")
         max_drafts = self.policy.max_drafts if num_speculative_tokens is None \
             else min(num_speculative_tokens, self.policy.max_drafts)
         seq = Sequence(request_id, prompt_ids, params, max_drafts, len(self.model.mtp_layers))
         seq.prefill_only = prefill_only
+        if mtp_modules is not None and not (prefill_only and seq.pins_drafts):
+            seq.keep_mtp_modules(mtp_modules)
         bad = next((t for t in params.allowed_first_tokens if t >= vocab), None)
         if bad is not None:
             raise SamplingError(f"allowed_first_tokens holds {bad}, outside the vocabulary [0, {vocab})")
@@ -171,7 +177,7 @@ class Engine:
         if params.max_tokens <= 1:
             raise SamplingError("a prefilled request has its first token already; max_tokens must be > 1")
         request_id = self.add_request(handoff.prompt_ids, params, handoff.request_id, num_speculative_tokens,
-                                      prefilled=True)
+                                      prefilled=True, mtp_modules=len(handoff.mtp_valid_lens))
         seq = self._requests[request_id][0]
         seq.token_ids.append(handoff.first_token)
         if not self.cache.ensure_capacity(seq.block_table, seq.num_tokens):
@@ -179,7 +185,7 @@ class Engine:
             raise OutOfBlocks(f"no room for the {seq.num_tokens} tokens of prefilled request {request_id}")
         self.cache.write(seq.block_table, handoff.kv)
         seq.num_cached = num_prompt
-        if handoff.mtp_tails is not None and len(handoff.mtp_valid_lens) >= len(seq.mtp):
+        if handoff.mtp_tails is not None:  # the modules the prefill worker caught up (seq keeps no more)
             tails = handoff.mtp_tails.to(self.device, self.dtype).split(1)
             seq.mtp = [MTPState(v, t if v else None) for v, t in zip(handoff.mtp_valid_lens, tails)][: len(seq.mtp)]
         if seq.generator is not None and handoff.rng_state is not None:
@@ -392,12 +398,26 @@ class Engine:
             return
         seqs = [v[0] for v in verified]
         counts = [self._draft_count(s, k) for s in seqs]
-        # a prefill worker hands every module over caught up; a pinned sequence drafts its own count
-        needed = max([warm] + [min(c, num_modules) for c in counts]
-                     + [num_modules for s in seqs if s.prefill_only])
+        # a prefill worker hands every module its sequence keeps over caught up; a pinned sequence drafts its own
+        # count
+        needed = max([warm] + [min(c, num_modules) for c in counts] + [len(s.mtp) for s in seqs if s.prefill_only])
         self.drafter.advance(seqs, [(start, h) for _, start, h in verified], counts, needed)
         if timed and k > 0:
             self.policy.record_draft(k, batch_size, time.perf_counter() - started)
+
+    def mtp_modules_for_arrival(self) -> int:
+        """MTP modules a request joining the batch now should arrive with caught up on its prompt (what a decode
+        worker asks of the prefill worker): those the drafts the policy takes at the batch size it joins need; all
+        the drafts may need while that batch size is still being measured, or without an adaptive policy."""
+        policy = self.policy
+        most = min(policy.max_drafts, self.drafter.num_modules)
+        if not policy.measures:
+            return most
+        batch_size = len(self.scheduler.running) + len(self.scheduler.waiting) + 1
+        k = policy.choices.get(policy.bucket(batch_size))
+        if k is None or policy.untried_above(k, batch_size):
+            return most
+        return min(k, most)
 
     def _draft_count(self, seq: Sequence, k: int) -> int:
         """Drafts for seq this step: k (a pinned sequence: its own count), within what it may still generate and

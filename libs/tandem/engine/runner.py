@@ -51,6 +51,8 @@ class RunnerStats:
     num_accepted_by_position: tuple[int, ...] = ()
     # (smallest batch size of a bucket, drafts per step the speculation policy chose there once it had measured)
     spec_policy_drafts: tuple[tuple[int, int], ...] = ()
+    # MTP modules a request joining now should arrive with caught up (Engine.mtp_modules_for_arrival)
+    mtp_modules_for_arrival: int = 0
 
 
 class RequestStream:
@@ -139,13 +141,15 @@ class EngineRunner:
 
     # --- callers' side ----------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-               num_speculative_tokens: int | None = None, prefill_only: bool = False) -> RequestStream:
+               num_speculative_tokens: int | None = None, prefill_only: bool = False,
+               mtp_modules: int | None = None) -> RequestStream:
         """Admit a request; raises QueueFull, RunnerClosed, EngineFailed, or SamplingError naming the field.
 
         A `prefill_only` request's stream yields one output (is_prefilled, or finished if the first token ended
-        it); the request then waits for `take_prefilled`."""
+        it); the request then waits for `take_prefilled`. `mtp_modules`: as `Engine.add_request`."""
         stream = RequestStream(request_id, len(prompt_ids), self.stream_timeout_s)
-        self._admit(stream, "add", (stream, list(prompt_ids), params, num_speculative_tokens, prefill_only))
+        self._admit(stream, "add", (stream, list(prompt_ids), params, num_speculative_tokens, prefill_only,
+                                    mtp_modules))
         return stream
 
     def submit_prefilled(self, handoff: PrefilledSequence, params: SamplingParams,
@@ -266,9 +270,9 @@ class EngineRunner:
             stream = args[0]
             try:
                 if kind == "add":
-                    _, prompt_ids, params, num_speculative_tokens, prefill_only = args
+                    _, prompt_ids, params, num_speculative_tokens, prefill_only, mtp_modules = args
                     self.engine.add_request(prompt_ids, params, stream.request_id, num_speculative_tokens,
-                                            prefill_only=prefill_only)
+                                            prefill_only=prefill_only, mtp_modules=mtp_modules)
                 else:
                     self.engine.add_prefilled(*args[1:])
             except Exception as e:  # noqa: BLE001 - re-raised in the submitter's thread
@@ -340,4 +344,5 @@ class EngineRunner:
                            num_accepted_draft_tokens=spec.accepted_tokens,
                            num_drafts_by_position=tuple(spec.proposed_by_position),
                            num_accepted_by_position=tuple(spec.accepted_by_position),
-                           spec_policy_drafts=self.engine.policy.settled_choices())
+                           spec_policy_drafts=self.engine.policy.settled_choices(),
+                           mtp_modules_for_arrival=self.engine.mtp_modules_for_arrival())

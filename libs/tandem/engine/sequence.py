@@ -130,6 +130,14 @@ class Sequence:
         """Positions the main model must recompute before a stale sequence can draft again."""
         return self.num_cached - min((m.valid_len for m in self.mtp), default=self.num_cached)
 
+    def keep_mtp_modules(self, num_modules: int) -> None:
+        """Keep only the first `num_modules` MTP modules for this sequence: the others are never run for it, so it
+        drafts at most that many tokens (none with 0). A prefill worker catches only the modules its decode worker
+        will draft from up on the prompt. Keeping them all changes nothing: drafts past the last module reuse it."""
+        if num_modules < len(self.mtp):
+            del self.mtp[num_modules:]
+            self.max_drafts = min(self.max_drafts, num_modules)
+
     def resync_mtp(self) -> None:
         """Let a stale sequence draft again: roll the main cache back to where every MTP module is still valid, so
         the next step re-feeds those tokens (their KV entries are rewritten unchanged) and its hidden states

@@ -178,6 +178,15 @@ class SpeculationPolicy:
         return best_k
 
 
+def _last_verified(seq: Sequence, module: int, empty: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(position, hidden rows) of `module`'s last verified output for `seq`; an empty source where it has none
+    (or the sequence does not keep that module)."""
+    if module >= len(seq.mtp):
+        return 0, empty
+    state = seq.mtp[module]
+    return (state.valid_len - 1, state.tail) if state.tail is not None else (state.valid_len, empty)
+
+
 class MTPDrafter:
     """Runs the MTP modules for a batch: catch-up after the main pass, then drafting."""
 
@@ -232,9 +241,10 @@ class MTPDrafter:
             drafts_here = 0 if self.parallel else m  # draft positions this module runs
             work, owners, reached_n2 = [], [], {}
             # what module m+1 can read if module m gains nothing this time: module m's last verified output
-            next_sources = [(s.mtp[m].valid_len - 1, s.mtp[m].tail) if s.mtp[m].tail is not None
-                            else (s.mtp[m].valid_len, sources[0][1][:0]) for s in seqs]
+            next_sources = [_last_verified(s, m, sources[0][1][:0]) for s in seqs]
             for i, seq in enumerate(seqs):
+                if m >= len(seq.mtp):  # a module this sequence does not keep (it drafts fewer tokens)
+                    continue
                 src_start, src = sources[i]
                 start, n = seq.mtp[m].valid_len, seq.num_tokens
                 if start < src_start:

@@ -60,10 +60,11 @@ class _Call:
     """One request in flight on a chosen prefill and decode worker."""
 
     def __init__(self, stream: RequestStream, prefill: pb_grpc.PrefillWorkerStub, prefill_rank: int,
-                 decode: pb_grpc.DecodeWorkerStub, decode_rank: int):
+                 decode: pb_grpc.DecodeWorkerStub, decode_rank: int, mtp_modules: int | None):
         self.stream = stream
         self.prefill, self.prefill_rank = prefill, prefill_rank
         self.decode, self.decode_rank = decode, decode_rank
+        self.mtp_modules = mtp_modules  # what the decode worker asks the prefill worker to catch up; None: all
         self.cancelled = threading.Event()
         self.is_decoding = False  # the first token came: the decode worker streams the rest
         self.lock = threading.Lock()
@@ -108,15 +109,16 @@ class WorkerBackend:
             stream = RequestStream(request_id, len(prompt_ids), timeout_s=None)
             self._calls[request_id] = None  # holds the place while the workers are picked
         try:
-            prefill, prefill_member = self._pick(cpb.ROLE_PREFILL, lambda load: -load.num_queued_prompt_tokens)
-            decode, decode_member = self._pick(cpb.ROLE_DECODE, lambda load: load.num_free_kv_blocks)
+            prefill, prefill_member, _ = self._pick(cpb.ROLE_PREFILL, lambda load: -load.num_queued_prompt_tokens)
+            decode, decode_member, decode_load = self._pick(cpb.ROLE_DECODE, lambda load: load.num_free_kv_blocks)
         except BaseException:
             with self._cond:
                 del self._calls[request_id]
                 self._cond.notify_all()
             raise
         call = _Call(stream, pb_grpc.PrefillWorkerStub(prefill), prefill_member.rank,
-                     pb_grpc.DecodeWorkerStub(decode), decode_member.rank)
+                     pb_grpc.DecodeWorkerStub(decode), decode_member.rank,
+                     decode_load.num_mtp_modules_wanted if decode_load.HasField("num_mtp_modules_wanted") else None)
         with self._cond:
             self._calls[request_id] = call
         spec = self.num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
@@ -200,7 +202,7 @@ class WorkerBackend:
                                                          kv_transfer_id=transfer_id, prefill_rank=call.prefill_rank))
             prefill = call.prefill.Prefill.future(pb.PrefillRequest(
                 request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling, kv_transfer_id=transfer_id,
-                decode_rank=call.decode_rank))
+                decode_rank=call.decode_rank, num_mtp_modules=call.mtp_modules))
             with call.lock:
                 call.rpcs += [decode, prefill]
             if call.cancelled.is_set():  # cancel() ran before these calls existed
@@ -260,9 +262,9 @@ class WorkerBackend:
         return WorkerError(e.code(), f"{role} worker: {e.details()}")
 
     # --- picking workers --------------------------------------------------------------------------------------
-    def _pick(self, role: int, score) -> tuple[grpc.Channel, cpb.Member]:
+    def _pick(self, role: int, score) -> tuple[grpc.Channel, cpb.Member, pb.WorkerLoad]:
         """The member of `role` whose WorkerLoad scores highest, among those the controller lists as ready that
-        answer GetLoad; WorkerError(UNAVAILABLE) saying why when there is none."""
+        answer GetLoad, with that load; WorkerError(UNAVAILABLE) saying why when there is none."""
         name = cpb.Role.Name(role).removeprefix("ROLE_").lower()
         try:
             members = self._controller.ListMembers(cpb.ListMembersRequest(role=role),
@@ -280,7 +282,7 @@ class WorkerBackend:
                 refused.append(f"{member.address}: {e.code().name}: {e.details()}")
                 continue
             if best is None or score(load) > best[0]:
-                best = (score(load), channel, member)
+                best = (score(load), channel, member, load)
         if best is None:
             if not members:
                 why = "none is registered with the controller"
@@ -289,7 +291,7 @@ class WorkerBackend:
             else:
                 why = f"{len(members)} registered, {len(refused)} of them not serving: {'; '.join(refused)}"
             raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"no {name} worker is ready ({why})")
-        return best[1], best[2]
+        return best[1], best[2], best[3]
 
     def _channel(self, address: str) -> grpc.Channel:
         with self._cond:
