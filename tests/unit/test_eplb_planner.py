@@ -175,8 +175,9 @@ def test_migration_moves_only_what_pays(replan):
     for layer in range(load.shape[0]):
         if np.array_equal(plan.phy2log[layer], previous[layer]):
             assert plan.moved[layer] == 0
-        else:  # any change (even a second copy where one was: no move) lowered the worst by the margin
-            assert after[layer] < before[layer] * (1 - margin)
+        else:  # any change (even a second copy where one was: no move) lowered the worst by the margin, once
+            # for each expert moved: a larger margin never buys more moves
+            assert after[layer] < before[layer] * (1 - margin) ** max(int(plan.moved[layer]), 1)
         if before[layer] <= fresh[layer]:  # already as good as planning from scratch: nothing pays
             assert np.array_equal(plan.phy2log[layer], previous[layer])
 

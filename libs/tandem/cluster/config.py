@@ -222,7 +222,8 @@ class ControllerConfig:
                                                    "/ max expert-server load, averaged over MoE layers) by more "
                                                    "than this, in [0, 1)")
     rebalance_margin: float = setting(0.0, help="keep an expert where it is unless moving it lowers the most "
-                                                "loaded server's load by more than this fraction, in [0, 1)")
+                                                "loaded server's load by more than this fraction (once for "
+                                                "each expert a change moves), in [0, 1)")
     rebalance_windows: int = setting(6, help="newest statistics windows (of the expert servers' "
                                              "stats_window_s) a re-plan reads")
     rebalance_decay: float = setting(0.8, help="weight of a statistics window relative to the next newer one, in "

@@ -91,8 +91,8 @@ def _add_shape_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--previous", default=None,
                    help="plan JSON now serving (as `plan --json` writes): re-plan moving few experts")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                   help="with --previous: fraction of the worst server's load a move must save "
-                        f"(default {DEFAULT_MARGIN})")
+                   help="with --previous: fraction of the worst server's load a change must save for each "
+                        f"expert it moves (default {DEFAULT_MARGIN})")
 
 
 def run_eplb(args: argparse.Namespace) -> int:

@@ -23,13 +23,16 @@ Migration-aware re-planning (whenever a previous placement is given, on top of e
 the previous placement and let `_repair` change it one move at a time. A move changes one slot's expert
 (one more copy of an expert of the worst server, paid by a copy of an expert that has several) or swaps the
 experts of two slots; it is taken only if it lowers the worst server's load by more than `margin` (a
-fraction of that load) while no server it adds load to reaches that lowered level. Among such moves the one
+fraction of that load) for each expert it moves, while no server it adds load to reaches that lowered level. Among such moves the one
 that moves fewest experts wins (moving an expert back to where it was is free), then the one leaving the
 lowest peak. Repair stops once the layer is as balanced as the plan from scratch (moving on would buy balance
 a full re-plan does not). Where single moves get stuck short of that, two larger steps are weighed, each
-taken only if it lowers the worst server by more than the margin: under hierarchical, regrouping the nodes
-as the plan from scratch does (then repairing); and, by more than `REPLAN_GAIN` too, the plan from scratch
-for the worst node (or the whole layer under global), its servers renamed to keep most experts in place.
+taken only if it lowers the worst server by more than the margin for each expert it moves: under
+hierarchical, regrouping the nodes as the plan from scratch does (then repairing); and, by more than
+`REPLAN_GAIN` too, the plan from scratch for the worst node (or the whole layer under global), its servers
+renamed to keep most experts in place. So every step pays per expert moved, and a larger margin never buys
+more moves (with a margin m, a layer whose plan moved n experts has its worst server below (1 - m)^n times
+where it was).
 Re-planning on the loads a plan was made for moves nothing. (A previous placement that breaks the
 hierarchical rule, copies of a group on several nodes, is first made to keep it, whatever the margin.)
 
@@ -145,7 +148,8 @@ def plan_placement(load, shape: ClusterShape, policy: str = "auto", previous=Non
 
     load: [L, E] tokens per logical expert (array, tensor or nested lists; finite, >= 0).
     previous: [L, P] phy2log now serving (array, tensor, nested lists or a Placement), or None.
-    margin: with `previous`, the fraction of the worst server's load a move must save to be made (>= 0).
+    margin: with `previous`, the fraction of the worst server's load a change must save, for each expert it
+        moves, to be made (>= 0).
     Raises ValueError naming the problem on any invalid input.
     """
     # L layers, E logical experts, P physical slots, S servers, k slots per server
@@ -327,11 +331,10 @@ class _LayerPlanner:
             return best
         if self.hierarchical and not np.array_equal(new_map, prev_map):  # regroup where the groups moved
             regrouped = self._repair(w, self._sticky(w, prev, new_map), new_map, prev_holds, target)
-            if self._top(w, regrouped) < self._top(w, best) * (1 - self.margin) - _REL_EPS * target:
+            if self._pays(w, best, regrouped, prev, self.margin):
                 best = regrouped
         # single moves can get stuck (a hot expert's copies on every server of a node, say): take the plan
         # from scratch for the worst domain, its servers renamed to keep what they hold, if that pays
-        gain = max(self.margin, REPLAN_GAIN)
         for _ in range(self.num_domains):
             top = self._top(w, best)
             if top <= target:
@@ -342,10 +345,19 @@ class _LayerPlanner:
                 break  # its groups differ: the regrouping above was the chance for that
             spliced = best.copy()
             spliced[slots] = self._keep_in_place(fresh[slots], prev[slots])
-            if not self._top(w, spliced) < top * (1 - gain) - _REL_EPS * top:
+            if not self._pays(w, best, spliced, prev, REPLAN_GAIN):
                 break
             best = spliced
         return best
+
+    def _pays(self, w: np.ndarray, current: np.ndarray, step: np.ndarray, prev: np.ndarray, floor: float) -> bool:
+        """Whether `step` (a placement several moves from `current`) lowers the worst server by more than the
+        margin for each expert it moves beyond `current`'s moves, and by more than `floor` in any case: as
+        single moves must, so that a larger margin never buys more moves."""
+        top = self._top(w, current)
+        extra = int(count_moves(prev[None], step[None], self.k)[0] - count_moves(prev[None], current[None], self.k)[0])
+        need = max(floor, self.margin * max(extra, 1))
+        return self._top(w, step) < top * (1 - need) - _REL_EPS * top
 
     def _top(self, w: np.ndarray, phy: np.ndarray) -> float:
         return float(_server_load(w, phy, self.k).max())
@@ -537,26 +549,27 @@ class _LayerPlanner:
         cost_of = np.zeros_like(holds) if prev_holds is None else (~prev_holds).astype(np.int64)
         expert_domain = self._expert_domain(group_map)
         eligible = np.ones(self.num_servers, bool) if domain is None else self.server_domain == domain
-        # moves that lower the worst server but not (yet) the layer's worst load by the margin, as with two
-        # servers tied at the top, count only once a later move completes them: else they are undone
-        kept, kept_top = phy.copy(), np.inf
+        # moves that lower the worst server but not (yet) the layer's worst load by the margin for each expert
+        # they moved, as with two servers tied at the top, count only once later moves complete them: else
+        # they are undone
+        kept, kept_top, spent = phy.copy(), np.inf, 0
         for step in range(phy.shape[0] + 1):
             per_copy = w / counts
             load = np.bincount(self.slot_server, weights=per_copy[phy], minlength=self.num_servers)
             worst = int(np.argmax(np.where(eligible, load, -np.inf)))
             top = load[worst]
-            if top < kept_top * (1 - margin) - _REL_EPS * kept_top or step == 0:
-                kept, kept_top = phy.copy(), top
+            if top < kept_top * (1 - margin * max(spent, 1)) - _REL_EPS * kept_top or step == 0:
+                kept, kept_top, spent = phy.copy(), top, 0
             if top <= target or top <= 0 or step == phy.shape[0]:
                 break
-            limit = top * (1 - margin) - _REL_EPS * top  # every load a move raises must end below this
             lo = self.server_domain[worst] * self.servers_per_domain
             hi = lo + self.servers_per_domain
-            move = _best_move(w, phy, counts, holds, cost_of, load, per_copy, worst, limit, k, lo, hi,
+            move = _best_move(w, phy, counts, holds, cost_of, load, per_copy, worst, margin, k, lo, hi,
                               np.flatnonzero(expert_domain == self.server_domain[worst]), _REL_EPS * top)
             if move is None:
                 break
-            slot, expert, other_slot = move
+            slot, expert, other_slot, cost = move
+            spent += cost
             old = phy[slot]
             if other_slot is None:  # one slot changes expert
                 counts[expert] += 1
@@ -571,11 +584,18 @@ class _LayerPlanner:
         return kept
 
 
-def _best_move(w, phy, counts, holds, cost_of, load, per_copy, worst, limit, k, lo, hi, domain_experts, tiny):
-    """The best single move that takes the worst server below `limit` and raises no server to `limit` or
-    above, as (slot, new expert, None) for a change of one slot or (slot, new expert, other slot) for a swap;
-    None when there is none. Only servers lo..hi-1 (the worst one's domain) take part. Best = fewest experts
-    moved (cost_of), then the lowest peak among the servers involved, then the lowest slots."""
+def _best_move(w, phy, counts, holds, cost_of, load, per_copy, worst, margin, k, lo, hi, domain_experts, tiny):
+    """The best single move that lowers the worst server by more than `margin` of its load for each expert it
+    moves (at least once), and raises no server to that lowered level, as (slot, new expert, None, cost) for
+    a change of one slot or (slot, new expert, other slot, cost) for a swap; None when there is none. cost =
+    experts it moves (cost_of; moving one back where it was is negative). Only servers lo..hi-1 (the worst
+    one's domain) take part. Best = fewest experts moved, then the lowest peak among the servers involved,
+    then the lowest slots."""
+    top = load[worst]
+
+    def limit(cost):  # every load a move of this cost raises must end below this
+        return top * (1 - margin * np.maximum(cost, 1)) - tiny
+
     # R candidate moves, D servers of the domain
     own = np.arange(worst * k, (worst + 1) * k)
     domain_slots = np.arange(lo * k, hi * k)
@@ -588,10 +608,10 @@ def _best_move(w, phy, counts, holds, cost_of, load, per_copy, worst, limit, k, 
         a, b, t = phy[own][:, None], phy[other][None, :], (other // k)[None, :]
         new_worst = load[worst] - per_copy[a] + per_copy[b]
         new_other = load[t] + per_copy[a] - per_copy[b]
-        valid = (a != b) & (new_worst < limit) & (new_other < limit)
+        cost = ((holds[worst, b] == 0) * cost_of[worst, b] + (holds[t, a] == 0) * cost_of[t, a]
+                - (holds[worst, a] == 1) * cost_of[worst, a] - (holds[t, b] == 1) * cost_of[t, b])
+        valid = (a != b) & (new_worst < limit(cost)) & (new_other < limit(cost))
         if valid.any():
-            cost = ((holds[worst, b] == 0) * cost_of[worst, b] + (holds[t, a] == 0) * cost_of[t, a]
-                    - (holds[worst, a] == 1) * cost_of[worst, a] - (holds[t, b] == 1) * cost_of[t, b])
             i, j = np.nonzero(valid)
             candidates.append((cost[i, j], np.maximum(new_worst, new_other)[i, j], own[i], phy[other][j], other[j]))
 
@@ -625,12 +645,13 @@ def _best_move(w, phy, counts, holds, cost_of, load, per_copy, worst, limit, k, 
         delta[rows, t - lo] += gain_copy - lose_copy
         new = load[lo:hi][None, :] + delta
         raised = delta > tiny
-        valid = (new[:, worst - lo] < limit) & ~(raised & (new >= limit)).any(1)
+        cost = (holds[t, experts] == 0) * cost_of[t, experts] - (holds[t, olds] == 1) * cost_of[t, olds]
+        below = limit(cost)
+        valid = (new[:, worst - lo] < below) & ~(raised & (new >= below[:, None])).any(1)
         if valid.any():
             involved = raised.copy()
             involved[:, worst - lo] = True
             peak = np.where(involved, new, -np.inf).max(1)
-            cost = (holds[t, experts] == 0) * cost_of[t, experts] - (holds[t, olds] == 1) * cost_of[t, olds]
             candidates.append((cost[valid], peak[valid], slots[valid], experts[valid],
                                np.full(int(valid.sum()), -1)))
 
@@ -638,7 +659,8 @@ def _best_move(w, phy, counts, holds, cost_of, load, per_copy, worst, limit, k, 
         return None
     cost, peak, slot, expert, other_slot = (np.concatenate(parts) for parts in zip(*candidates))
     best = np.lexsort((other_slot, slot, expert, peak, cost))[0]
-    return int(slot[best]), int(expert[best]), None if other_slot[best] < 0 else int(other_slot[best])
+    return (int(slot[best]), int(expert[best]), None if other_slot[best] < 0 else int(other_slot[best]),
+            int(cost[best]))
 
 
 def _server_load_partial(w, counts, phy, k, num_servers) -> np.ndarray:
