@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -52,34 +53,42 @@ class Paged:
     @classmethod
     def build(cls, *, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
               block_size: int, kv_cache: torch.Tensor) -> "Paged":
-        """query_lens[b] new tokens of sequence b occupy its last positions; context_lens[b] counts them too."""
+        """query_lens[b] new tokens of sequence b occupy its last positions; context_lens[b] counts them too.
+
+        Built in numpy: for the few sequences of a decode step, each of these small operations costs a fraction
+        of a torch call (70-120 µs a pass in torch, on every step and MTP pass)."""
+        # B sequences, Q query rows, S context positions
         device = kv_cache.device
         Q, S = max(query_lens), max(context_lens)
-        ql = torch.tensor(query_lens, dtype=torch.int64)
-        cl = torch.tensor(context_lens, dtype=torch.int64)
-        starts = torch.cumsum(ql, 0) - ql
-        q_off = torch.arange(Q)
+        ql = np.asarray(query_lens, dtype=np.int64)
+        cl = np.asarray(context_lens, dtype=np.int64)
+        starts = np.cumsum(ql) - ql
+        q_off = np.arange(Q)
         query_mask = q_off[None, :] < ql[:, None]
-        query_index = torch.where(query_mask, starts[:, None] + q_off[None, :], 0)
         q_pos = (cl - ql)[:, None] + q_off[None, :]  # [B, Q]
         positions = q_pos[query_mask]
-        width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64)
-        k_off = torch.arange(S)
+        tables = np.zeros((len(block_tables), max(len(t) for t in block_tables)), dtype=np.int64)
+        for row, table in zip(tables, block_tables):
+            row[:len(table)] = table
+        k_off = np.arange(S)
         key_valid = k_off[None, :] < cl[:, None]
-        key_block = torch.where(key_valid, k_off[None, :] // block_size, 0)
-        key_slots = tables.gather(1, key_block) * block_size + k_off[None, :] % block_size
-        key_slots = torch.where(key_valid, key_slots, 0)
-        slot_mapping = key_slots.gather(1, q_pos.clamp(max=S - 1))[query_mask]
+        key_block = np.where(key_valid, k_off[None, :] // block_size, 0)
+        key_slots = np.take_along_axis(tables, key_block, 1) * block_size + k_off[None, :] % block_size
+        key_slots = np.where(key_valid, key_slots, 0)
+        slot_mapping = np.take_along_axis(key_slots, np.minimum(q_pos, S - 1), 1)[query_mask]
         attend = (k_off[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :] & query_mask[:, :, None]
-        attend_bias = torch.zeros(attend.shape, dtype=torch.float32).masked_fill_(~attend, cls.MASKED)[:, :, None]
-        if min(query_lens) == Q:
+        attend_bias = np.where(attend, np.float32(0), np.float32(cls.MASKED))[:, :, None]
+        if ql.min() == Q:
             query_index = query_rows = None
         else:
-            query_index = query_index.to(device)
-            query_rows = query_mask.view(-1).nonzero().view(-1).to(device)
-        return cls(positions.to(device), slot_mapping.to(device), query_index, query_rows,
-                   key_slots.view(-1).to(device), attend_bias.to(device), kv_cache, len(query_lens), Q)
+            query_index = _to(np.where(query_mask, starts[:, None] + q_off[None, :], 0), device)
+            query_rows = _to(np.flatnonzero(query_mask), device)
+        return cls(_to(positions, device), _to(slot_mapping, device), query_index, query_rows,
+                   _to(key_slots.reshape(-1), device), _to(attend_bias, device), kv_cache, len(query_lens), Q)
+
+
+def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
 
 AttentionMetadata = DenseCausal | Paged
