@@ -23,16 +23,15 @@ Migration-aware re-planning (whenever a previous placement is given, on top of e
 the previous placement and let `_repair` change it one move at a time. A move changes one slot's expert
 (one more copy of an expert of the worst server, paid by a copy of an expert that has several) or swaps the
 experts of two slots; it is taken only if it lowers the worst server's load by more than `margin` (a
-fraction of that load) for each expert it moves, while no server it adds load to reaches that lowered level. Among such moves the one
-that moves fewest experts wins (moving an expert back to where it was is free), then the one leaving the
-lowest peak. Repair stops once the layer is as balanced as the plan from scratch (moving on would buy balance
-a full re-plan does not). Where single moves get stuck short of that, two larger steps are weighed, each
-taken only if it lowers the worst server by more than the margin for each expert it moves: under
-hierarchical, regrouping the nodes as the plan from scratch does (then repairing); and, by more than
-`REPLAN_GAIN` too, the plan from scratch for the worst node (or the whole layer under global), its servers
-renamed to keep most experts in place. So every step pays per expert moved, and a larger margin never buys
-more moves (with a margin m, a layer whose plan moved n experts has its worst server below (1 - m)^n times
-where it was).
+fraction of that load) for each expert it moves, while no server it adds load to reaches that lowered
+level. Among such moves the one that moves fewest experts wins (moving an expert back to where it was is
+free), then the one leaving the lowest peak. Repair stops once the layer is as balanced as the plan from
+scratch (moving on would buy balance a full re-plan does not). Where single moves get stuck short of that,
+two larger steps are weighed, each taken only if it lowers the worst server by more than the margin for each
+expert it moves: under hierarchical, regrouping the nodes as the plan from scratch does (then repairing);
+and, by more than `REPLAN_GAIN` too, the plan from scratch for the worst node (or the whole layer under
+global), its servers renamed to keep most experts in place. Every step thus pays per expert moved: with a
+margin m, a layer whose plan moved n experts has its worst server below (1 - m)^n times where it was.
 Re-planning on the loads a plan was made for moves nothing. (A previous placement that breaks the
 hierarchical rule, copies of a group on several nodes, is first made to keep it, whatever the margin.)
 
@@ -352,8 +351,8 @@ class _LayerPlanner:
 
     def _pays(self, w: np.ndarray, current: np.ndarray, step: np.ndarray, prev: np.ndarray, floor: float) -> bool:
         """Whether `step` (a placement several moves from `current`) lowers the worst server by more than the
-        margin for each expert it moves beyond `current`'s moves, and by more than `floor` in any case: as
-        single moves must, so that a larger margin never buys more moves."""
+        margin for each expert it moves beyond `current`'s moves, as single moves must, and by more than
+        `floor` in any case."""
         top = self._top(w, current)
         extra = int(count_moves(prev[None], step[None], self.k)[0] - count_moves(prev[None], current[None], self.k)[0])
         need = max(floor, self.margin * max(extra, 1))
