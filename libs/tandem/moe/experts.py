@@ -79,8 +79,8 @@ def _grouped_mm_pays(pairs: torch.Tensor, num_slots: int) -> bool:
         return False
     if pairs.device.type == "cpu":
         return 2 * pairs.shape[0] >= num_slots
-    return pairs.device.type == "cuda" and pairs.dtype == torch.bfloat16 \
-        and torch.cuda.get_device_capability(pairs.device)[0] >= 8
+    return pairs.device.type == "cuda" and pairs.dtype == torch.bfloat16 and hasattr(F, "grouped_mm") \
+        and torch.cuda.get_device_capability(pairs.device)[0] >= 8  # hasattr: older torch (a GPU image's)
 
 
 class LocalExperts(nn.Module):
