@@ -257,9 +257,10 @@ def sync(device: torch.device) -> None:
 
 
 def make_engine(model: DeepseekV3ForCausalLM, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int,
-                adaptive: bool) -> Engine:
+                adaptive: bool, cuda_graphs: bool = True) -> Engine:
     return Engine(model, EngineConfig(
         max_num_seqs=batch, num_speculative_tokens=spec_tokens, adaptive_speculation=adaptive,
+        cuda_graphs=cuda_graphs,
         max_model_len=prompt_len + new_tokens + spec_tokens + 1,
         # the whole batch prefills in one pass, as transformers does
         max_num_batched_tokens=max(2048, batch * prompt_len)))
@@ -466,6 +467,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations (default bfloat16 on cuda, "
                                                             "float32 on cpu)")
     p.add_argument("--skip-transformers", action="store_true", help="run Tandem only")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run Tandem's decode steps eagerly on CUDA (by default it replays them from CUDA graphs "
+                        "where the model allows: bfloat16 with grouped expert matmuls)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the median is kept")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"), help="where results.json and "
@@ -543,7 +547,8 @@ def main(argv: list[str] | None = None) -> None:
             for k in spec_settings:
                 log(f"tandem  B={b:<3} spec={k} ...")
                 adaptive = not args.fixed_speculation
-                engine = make_engine(model, b, args.prompt_len, args.new_tokens, k, adaptive)
+                engine = make_engine(model, b, args.prompt_len, args.new_tokens, k, adaptive,
+                                     not args.no_cuda_graphs)
                 # a full-length warm-up run: the adaptive policy measures its draft counts there, as a server's
                 # does in its first requests
                 r = timed(lambda: run_tandem(engine, prompts[b], args.new_tokens), args.repeats,
@@ -552,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
                 if k and (b, 0) in tandem_tokens:
                     r["greedy_vs_tandem_no_spec"] = compare(tandem_tokens[b, k], tandem_tokens[b, 0])
                 results.append({"engine": "tandem", "batch": b, "spec_tokens": k,
+                                "cuda_graphs": engine.graphs.num_graphs if engine.graphs else 0,
                                 **with_rates(r, b, args.new_tokens, step_bytes, step_flops, context_len, bandwidth,
                                              flops)})
                 log(f"tandem  B={b:<3} spec={k}: {results[-1]['tokens_per_s']:.1f} tok/s, "

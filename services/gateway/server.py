@@ -62,6 +62,8 @@ class GatewayConfig:
     dtype: str = setting("float32", help="compute dtype", choices=tuple(sorted(DTYPES)))
     device: str = setting("cpu", help="where the engine runs", choices=("cpu", "cuda"))
     max_num_seqs: int = setting(64, help="sequences the engine batches per step at most")
+    cuda_graphs: bool = setting(True, help="on cuda, replay decode steps from CUDA graphs where the model allows "
+                                           "(bfloat16); false runs every step eagerly")
     model_name: str = setting("", help="name reported by GetModelInfo (empty: the model directory's name)")
     grace_s: float = setting(10.0, help="seconds in-flight requests get to finish at shutdown")
     metrics_port: int = setting(0, help="Prometheus metrics HTTP port (0 = off)")
@@ -164,7 +166,8 @@ class GatewayServer:
             raise ConfigError("device: cuda, but no CUDA device is available")
         model = load_model(config.model, dtype=DTYPES[config.dtype], device=config.device)
         # no tokenizer for the engine: the gateway detokenizes and matches stop strings itself
-        engine = Engine(model, EngineConfig(max_num_seqs=config.max_num_seqs, num_speculative_tokens=spec))
+        engine = Engine(model, EngineConfig(max_num_seqs=config.max_num_seqs, num_speculative_tokens=spec,
+                                            cuda_graphs=config.cuda_graphs))
         return cls(EngineRunner(engine, config.max_queued), load_tokenizer(config.model), model_info(engine, name),
                    config.host, config.port, config.grace_s, config.metrics_port)
 

@@ -105,5 +105,7 @@ def test_quantize_writes_an_fp8_checkpoint_that_generates_the_same_greedy_start(
 def test_generate_gateway_flags_that_belong_to_the_workers_are_refused(capsys):
     assert main(["generate", "--gateway", "127.0.0.1:1", "--prompt", "x", "--dtype", "bfloat16"]) == 2
     assert "--dtype is a setting of the cluster's workers" in capsys.readouterr().err
+    assert main(["generate", "--gateway", "127.0.0.1:1", "--prompt", "x", "--no-cuda-graphs"]) == 2
+    assert "--no-cuda-graphs is a setting of the cluster's workers" in capsys.readouterr().err
     assert main(["generate", "--gateway", "127.0.0.1:1", "--prompt-ids", "1", "--ignore-eos"]) == 2
     assert "--ignore-eos" in capsys.readouterr().err

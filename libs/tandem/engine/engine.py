@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.engine.cpu_threads import single_thread_if_small
+from tandem.engine.cuda_graphs import DecodeGraphs
 from tandem.engine.detokenizer import Detokenizer
 from tandem.engine.kv_cache import PagedKVCache
 from tandem.engine.sampling import SamplingError, SamplingParams, sample, target_probs, verify_drafts
@@ -23,7 +24,7 @@ from tandem.engine.handoff import PrefilledSequence
 from tandem.engine.kv_cache import OutOfBlocks
 from tandem.engine.sequence import MTPState, Sequence, SpecStats, Status
 from tandem.engine.speculative import MTPDrafter, SpeculationPolicy
-from tandem.model.attention_metadata import Paged
+from tandem.model.attention_metadata import Paged, PagedArrays
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0  # drafts per step at most (per request it may be lower)
     adaptive_speculation: bool = True  # pick 0..num_speculative_tokens drafts per step from measured gains
     single_thread_max_tokens: int = 16  # CPU steps feeding at most this many tokens run on one thread (0: never)
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs where the model allows (`DecodeGraphs`)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
@@ -90,13 +92,15 @@ class Engine:
         max_drafts = self.config.num_speculative_tokens if mc.num_nextn_predict_layers else 0
         self.policy = SpeculationPolicy(max_drafts, adaptive=self.config.adaptive_speculation)
         self.drafter = MTPDrafter(model, self.cache)
+        self.graphs = DecodeGraphs(model, self.cache, self.config.max_num_seqs, self.max_model_len) \
+            if self.config.cuda_graphs and DecodeGraphs.supports(model) else None
         self.stop_ids = set(mc.eos_token_id)
         self._requests: dict[str, tuple[Sequence, Detokenizer | None]] = {}
         self._ids = itertools.count()
         self.spec_totals = SpecStats()
         log.info("engine ready: %d KV blocks of %d tokens, max_model_len %d, up to %d drafts/step from %d MTP "
-                 "module(s)", num_blocks, self.config.block_size, self.max_model_len, max_drafts,
-                 mc.num_nextn_predict_layers)
+                 "module(s), decode steps %s", num_blocks, self.config.block_size, self.max_model_len, max_drafts,
+                 mc.num_nextn_predict_layers, "from CUDA graphs" if self.graphs else "eager")
 
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -248,11 +252,14 @@ class Engine:
 
     def _run_main(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         ids = [t for s in batch for t in s.seq.token_ids[s.seq.num_cached:s.seq.num_cached + s.num_new] + s.draft_ids]
-        meta = Paged.build(query_lens=[s.num_fed for s in batch],
-                           context_lens=[s.seq.num_cached + s.num_fed for s in batch],
-                           block_tables=[s.seq.block_table for s in batch],
-                           block_size=self.cache.block_size, kv_cache=self.cache.tensor)
-        return self.model(torch.tensor(ids, dtype=torch.int64, device=self.device), meta)
+        arrays = PagedArrays.build([s.num_fed for s in batch], [s.seq.num_cached + s.num_fed for s in batch],
+                                   [s.seq.block_table for s in batch], self.cache.block_size)
+        if self.graphs is not None:
+            hidden = self.graphs.run(ids, arrays)
+            if hidden is not None:
+                return hidden
+        return self.model(torch.tensor(ids, dtype=torch.int64, device=self.device),
+                          Paged.from_arrays(arrays, self.cache.tensor))
 
     def _postprocess(self, batch: list[ScheduledSeq], hidden: torch.Tensor) \
             -> tuple[list[StepOutput], list[tuple[Sequence, int, torch.Tensor]]]:

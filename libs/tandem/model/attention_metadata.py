@@ -53,12 +53,44 @@ class Paged:
     @classmethod
     def build(cls, *, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
               block_size: int, kv_cache: torch.Tensor) -> "Paged":
-        """query_lens[b] new tokens of sequence b occupy its last positions; context_lens[b] counts them too.
+        """query_lens[b] new tokens of sequence b occupy its last positions; context_lens[b] counts them too."""
+        return cls.from_arrays(PagedArrays.build(query_lens, context_lens, block_tables, block_size), kv_cache)
 
-        Built in numpy: for the few sequences of a decode step, each of these small operations costs a fraction
-        of a torch call (70-120 µs a pass in torch, on every step and MTP pass)."""
-        # B sequences, Q query rows, S context positions
+    @classmethod
+    def from_arrays(cls, a: "PagedArrays", kv_cache: torch.Tensor) -> "Paged":
         device = kv_cache.device
+        uniform = a.query_index is None
+        return cls(_to(a.positions, device), _to(a.slot_mapping, device),
+                   None if uniform else _to(a.query_index, device), None if uniform else _to(a.query_rows, device),
+                   _to(a.key_slots.reshape(-1), device), _to(a.attend_bias, device), kv_cache, a.num_seqs,
+                   a.max_query_len)
+
+
+@dataclass(slots=True)
+class PagedArrays:
+    """`Paged`'s indices as numpy arrays, before they go to the device (key_slots still [B, S])."""
+
+    positions: np.ndarray  # [T]
+    slot_mapping: np.ndarray  # [T]
+    query_index: np.ndarray | None  # [B, Q]
+    query_rows: np.ndarray | None  # [T]
+    key_slots: np.ndarray  # [B, S]
+    attend_bias: np.ndarray  # [B, Q, 1, S]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.key_slots.shape[0]
+
+    @property
+    def max_query_len(self) -> int:
+        return self.attend_bias.shape[1]
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+              block_size: int) -> "PagedArrays":
+        """As `Paged.build`. In numpy: for the few sequences of a decode step, each of these small operations costs
+        a fraction of a torch call (70-120 µs a pass in torch, on every step and MTP pass)."""
+        # B sequences, Q query rows, S context positions
         Q, S = max(query_lens), max(context_lens)
         ql = np.asarray(query_lens, dtype=np.int64)
         cl = np.asarray(context_lens, dtype=np.int64)
@@ -77,14 +109,13 @@ class Paged:
         key_slots = np.where(key_valid, key_slots, 0)
         slot_mapping = np.take_along_axis(key_slots, np.minimum(q_pos, S - 1), 1)[query_mask]
         attend = (k_off[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :] & query_mask[:, :, None]
-        attend_bias = np.where(attend, np.float32(0), np.float32(cls.MASKED))[:, :, None]
+        attend_bias = np.where(attend, np.float32(0), np.float32(Paged.MASKED))[:, :, None]
         if ql.min() == Q:
             query_index = query_rows = None
         else:
-            query_index = _to(np.where(query_mask, starts[:, None] + q_off[None, :], 0), device)
-            query_rows = _to(np.flatnonzero(query_mask), device)
-        return cls(_to(positions, device), _to(slot_mapping, device), query_index, query_rows,
-                   _to(key_slots.reshape(-1), device), _to(attend_bias, device), kv_cache, len(query_lens), Q)
+            query_index = np.where(query_mask, starts[:, None] + q_off[None, :], 0)
+            query_rows = np.flatnonzero(query_mask)
+        return cls(positions, slot_mapping, query_index, query_rows, key_slots, attend_bias)
 
 
 def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -50,7 +50,10 @@ class ExpertBank(nn.Module):
         weight_of_pair = weights.reshape(-1)[order, None].to(x.dtype)
         h = x.index_select(0, token_of_pair)
         if _grouped_mm_pays(h, self.num_slots):
-            ends = torch.bincount(flat_slots, minlength=self.num_slots).cumsum(0).to(torch.int32)
+            # counted by scatter_add_, not bincount, which syncs with the host on CUDA to size its output: a
+            # CUDA graph could not capture it
+            counts = torch.zeros(self.num_slots, dtype=torch.int64, device=x.device)
+            ends = counts.scatter_add_(0, flat_slots, torch.ones_like(flat_slots)).cumsum(0).to(torch.int32)
             h = F.silu(F.grouped_mm(h, self.gate_proj.mT, offs=ends)) * F.grouped_mm(h, self.up_proj.mT, offs=ends)
             h = F.grouped_mm(h, self.down_proj.mT, offs=ends)
         else:
@@ -70,17 +73,22 @@ class ExpertBank(nn.Module):
         return out
 
 
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `F.grouped_mm` has CUDA kernels here: bfloat16, compute capability 8.0 (Ampere) on, and a torch
+    that has it (a GPU image's may be older than the pinned one)."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and hasattr(F, "grouped_mm") \
+        and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def _grouped_mm_pays(pairs: torch.Tensor, num_slots: int) -> bool:
-    """`F.grouped_mm` has CUDA kernels for bfloat16 from compute capability 8.0 (Ampere) on, and a CPU version for
-    every float dtype that runs one matmul per group, empty ones included: on CPU it beats one matmul per used
-    expert only when at least about half the slots have tokens. An empty batch goes the per-expert way, which
-    does nothing."""
+    """On CUDA where `F.grouped_mm` has kernels (`grouped_mm_available`). Its CPU version, for every float dtype,
+    runs one matmul per group, empty ones included: on CPU it beats one matmul per used expert only when at least
+    about half the slots have tokens. An empty batch goes the per-expert way, which does nothing."""
     if pairs.shape[0] == 0:
         return False
     if pairs.device.type == "cpu":
         return 2 * pairs.shape[0] >= num_slots
-    return pairs.device.type == "cuda" and pairs.dtype == torch.bfloat16 and hasattr(F, "grouped_mm") \
-        and torch.cuda.get_device_capability(pairs.device)[0] >= 8  # hasattr: older torch (a GPU image's)
+    return grouped_mm_available(pairs.device, pairs.dtype)
 
 
 class LocalExperts(nn.Module):

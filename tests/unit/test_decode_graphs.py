@@ -1,0 +1,66 @@
+"""Decode steps padded to graph buckets (`tandem.engine.cuda_graphs`), run eagerly on the CPU: the padding
+must not change a token. tests/gpu captures and replays the same steps as CUDA graphs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tandem.engine.cuda_graphs import CONTEXT_STEP, DecodeGraphs, batch_buckets
+from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.sampling import SamplingParams
+from tandem.model.attention_metadata import PagedArrays
+from tandem.model.loading import load_model
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-code"
+# three lengths, so the batch shrinks from 3 (bucket 4) to 2 and 1 as requests finish
+PROMPTS = [[0, 57, 1203, 88, 412, 9, 3071, 15] * 3, [0, 2048, 17, 17, 301], [0] + list(range(100, 140))]
+MAX_TOKENS = [12, 20, 28]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(MODEL, dtype=torch.float32)
+
+
+def generate(model, k: int, graphs: bool) -> tuple[list[list[int]], Engine]:
+    engine = Engine(model, EngineConfig(max_num_seqs=8, num_speculative_tokens=k, adaptive_speculation=False,
+                                        max_model_len=512, kv_cache_bytes=32 << 20))
+    if graphs:
+        engine.graphs = DecodeGraphs(model, engine.cache, engine.config.max_num_seqs, engine.max_model_len,
+                                     capture=False)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+    return [c.token_ids for c in engine.generate(PROMPTS, params)], engine
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(3) == [1, 2, 3]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(30) == [1, 2, 4, 8, 16, 24, 30]
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_padded_decode_steps_give_the_tokens_of_eager_steps(model, k):
+    want, _ = generate(model, k, graphs=False)
+    got, engine = generate(model, k, graphs=True)
+    assert got == want
+    graphs = engine.graphs
+    assert graphs.num_replays > 0
+    assert graphs.num_graphs >= 3  # batch buckets 4, 2 and 1 at least
+    # the scratch block stays reserved; every other block came back
+    assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks - 1
+    assert graphs.scratch_slot // engine.cache.block_size not in engine.cache.allocator._free
+
+
+def test_steps_without_a_graph_shape_run_eagerly(model):
+    engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=512, kv_cache_bytes=32 << 20))
+    graphs = DecodeGraphs(model, engine.cache, max_batch=2, max_context=CONTEXT_STEP, capture=False)
+    tables = [[1, 2, 3]] * 3
+    # uneven new tokens (a prefill chunk beside a decode token): no graph
+    assert graphs.run([5, 6, 7], PagedArrays.build([2, 1], [10, 4], tables[:2], 16)) is None
+    # more sequences than the largest bucket
+    assert graphs.run([5, 6, 7], PagedArrays.build([1, 1, 1], [4, 4, 4], tables, 16)) is None
+    # a context past the largest captured one
+    assert graphs.run([5], PagedArrays.build([1], [CONTEXT_STEP + 1], [list(range(20))], 16)) is None
+    assert graphs.num_graphs == 0
