@@ -44,6 +44,8 @@ class ExpertBank(nn.Module):
         where that pays (see `_grouped_mm_pays`).
         """
         # T tokens, K active experts, D hidden, I expert intermediate
+        if x.shape[0] == 1 and x.device.type == "cpu":
+            return self._one_token(x, slot_ids[0], weights[0])
         flat_slots = slot_ids.reshape(-1)
         order = flat_slots.argsort(stable=True)
         token_of_pair = order // slot_ids.shape[1]
@@ -59,6 +61,15 @@ class ExpertBank(nn.Module):
         else:
             h = self._per_expert(h, flat_slots[order])
         return torch.zeros_like(x).index_add_(0, token_of_pair, h * weight_of_pair)
+
+    def _one_token(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token (a CPU decode step of one sequence): its experts one after another, with no sorting or
+        gathering; the same sums in the same order as the other paths. About a third fewer ops."""
+        out = torch.zeros_like(x)
+        for slot, w in sorted(zip(slots.tolist(), weights.to(x.dtype).tolist())):
+            h = F.silu(F.linear(x, self.gate_proj[slot])) * F.linear(x, self.up_proj[slot])
+            out.add_(F.linear(h, self.down_proj[slot]).mul_(w))
+        return out
 
     def _per_expert(self, h: torch.Tensor, sorted_slots: torch.Tensor) -> torch.Tensor:
         """The experts one at a time, each over its run of `h`; one host sync for the run lengths."""

@@ -73,6 +73,8 @@ class LayerPlacement:
     def to_physical(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """Map routed logical ids [T, K] to physical slots, spreading each expert's tokens over its copies."""
         # T tokens, K active experts; token t goes to copy (t mod copies) of its expert
+        if self.log2phy.shape[1] == 1:  # one copy of every expert
+            return self.log2phy[expert_ids, 0]
         counts = self.logcnt[expert_ids]
         token = torch.arange(expert_ids.shape[0], device=expert_ids.device)[:, None]
         return self.log2phy[expert_ids, token % counts]
