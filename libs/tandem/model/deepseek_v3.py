@@ -30,6 +30,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalised in float32, scaled in the model's dtype, as DeepSeek's reference code does
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same, in one call
+            return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
@@ -136,11 +138,13 @@ class MLA(nn.Module):
         rope = self.rotary[0]
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, self.num_heads, -1)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        # split_with_sizes, not split: Tensor.split's Python wrapper costs more than the split on a decode step
+        q_nope, q_pe = q.split_with_sizes([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         # the shared rope key rotates as one more head
-        q_pe, k_pe = rope(torch.cat([q_pe, k_pe[:, None]], dim=1), meta.positions).split([self.num_heads, 1], dim=1)
+        q_pe, k_pe = rope(torch.cat([q_pe, k_pe[:, None]], dim=1), meta.positions).split_with_sizes(
+            [self.num_heads, 1], dim=1)
         k_pe = k_pe.squeeze(1)
         if isinstance(meta, DenseCausal):
             out = self._attend_expanded(q_nope, q_pe, c_kv, k_pe, meta)
@@ -164,7 +168,7 @@ class MLA(nn.Module):
         cache.index_copy_(0, meta.slot_mapping, torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype))
         H, C = self.num_heads, self.kv_lora_rank
         w_kv = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)
-        w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
+        w_uk, w_uv = w_kv.split_with_sizes([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, C]
         q_full = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, C+R]
         if meta.query_index is not None:
@@ -329,11 +333,11 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     @property
     def main_layers(self) -> list[DecoderLayer]:
-        return list(self.model.layers[: self.config.num_hidden_layers])
+        return list(self.model.layers)[: self.config.num_hidden_layers]  # slicing a ModuleList builds a module
 
     @property
     def mtp_layers(self) -> list[MTPLayer]:
-        return list(self.model.layers[self.config.num_hidden_layers:])
+        return list(self.model.layers)[self.config.num_hidden_layers:]
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids [T] -> hidden states [T, D] after the last main layer, before the final norm."""
