@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need an NVIDIA GPU, in one run: a lent GPU machine is held for minutes, so everything is
 # prepared here and runs unattended, each step logged, a failed step not stopping the next.
-#   1. tests/gpu: the model and engine on CUDA against the CPU (float32), bfloat16, MTP speculation, decode steps
+#   1. tests/devices: the model and engine on CUDA against the CPU (float32), bfloat16, MTP speculation, decode steps
 #      replayed from CUDA graphs, the expert bank's grouped matmuls, FP8 weights loaded on the device
 #   2. bench/engine.py on CUDA: Tandem against transformers on the bundled model, batch 1, 8 and 32; then Tandem
 #      with eager decode steps (no CUDA graphs), batch 1 and 32
@@ -12,6 +12,11 @@
 # Results go to $OUT (the device tool's folder) or build/gpu-check: check.log and one results.json per run
 # (throughput.png for the graphed runs), 7 files, as the device tool brings back at most 8.
 set -uo pipefail
+if [ $# -gt 0 ]; then  # --help, or anything else: it takes no arguments
+    sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
+    [ "$1" = --help ] || [ "$1" = -h ]
+    exit
+fi
 cd "$(dirname "$0")/.."
 out=${OUT:-build/gpu-check}
 py=${PYTHON:-python3}
@@ -35,7 +40,7 @@ nvidia-smi
 "$py" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda",
   torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")'
 # --noconftest: tests/conftest.py serves the other suites and imports redis, which the GPU machine lacks
-step tests "$py" -m pytest -q -rs --noconftest tests/gpu
+step tests "$py" -m pytest -q -rs --noconftest tests/devices
 step engine "$py" bench/engine.py --device cuda --batch-sizes 1,8,32 --out "$out/engine"
 step engine-eager "$py" bench/engine.py --device cuda --batch-sizes 1,32 --spec-tokens 0,2 --skip-transformers \
     --no-cuda-graphs --out "$out/engine-eager"

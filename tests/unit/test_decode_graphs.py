@@ -1,5 +1,5 @@
 """Decode steps padded to graph buckets (`tandem.engine.cuda_graphs`), run eagerly on the CPU: the padding
-must not change a token. tests/gpu captures and replays the same steps as CUDA graphs."""
+must not change a token. tests/devices captures and replays the same steps as CUDA graphs."""
 
 from pathlib import Path
 

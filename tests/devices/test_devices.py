@@ -1,11 +1,8 @@
-"""The engine on a GPU: the checks `scripts/gpu-check.sh` runs on a machine with an NVIDIA GPU.
-
-Skipped where the device is missing, so CI (no GPU) skips them all. TANDEM_TEST_DEVICE picks the device
-(default cuda); `TANDEM_TEST_DEVICE=cpu` runs the same checks on the CPU, to try the tests themselves.
-The bundled checkpoint is stored in FP8 blocks, so every test also loads FP8 weights on the device.
+"""The model and engine on every device: the CUDA cases are what `scripts/gpu-check.sh` runs on a machine with
+an NVIDIA GPU (skipped elsewhere, so CI runs the CPU cases only). The bundled checkpoint is stored in FP8
+blocks, so every test also loads FP8 weights on its device.
 """
 
-import os
 from pathlib import Path
 
 import pytest
@@ -18,10 +15,10 @@ from tandem.model.loading import load_model
 from tandem.moe.experts import ExpertBank
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-code"
-DEVICE = torch.device(os.environ.get("TANDEM_TEST_DEVICE", "cuda"))
-
-pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device (scripts/gpu-check.sh runs these on one)")
+DEVICES = [pytest.param(torch.device("cpu"), id="cpu"), pytest.param(torch.device("cuda"), id="cuda", marks=NEEDS_CUDA)]
+CUDA = torch.device("cuda")
 
 PROMPTS = [[0, 57, 1203, 88, 412, 9, 3071, 15] * 4, [0, 2048, 17, 17, 301], [0] + list(range(100, 160))]
 
@@ -29,7 +26,7 @@ PROMPTS = [[0, 57, 1203, 88, 412, 9, 3071, 15] * 4, [0, 2048, 17, 17, 301], [0] 
 @pytest.fixture(autouse=True, scope="module")
 def exact_float32():
     """float32 matmuls in float32 (TF32 off), so that device and CPU agree to rounding."""
-    if DEVICE.type != "cuda":
+    if not torch.cuda.is_available():
         yield
         return
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -60,16 +57,18 @@ def cpu_model():
 
 @pytest.fixture(scope="module")
 def float32_model():
-    return load_model(MODEL, dtype=torch.float32, device=DEVICE)
+    return load_model(MODEL, dtype=torch.float32, device=CUDA)
 
 
+@NEEDS_CUDA
 def test_float32_logits_match_the_cpu(cpu_model, float32_model):
     for prompt in PROMPTS:
         torch.testing.assert_close(logits(float32_model, prompt), logits(cpu_model, prompt), rtol=1e-3, atol=1e-3)
 
 
-def test_bfloat16_logits_pick_the_same_tokens_almost_everywhere(cpu_model):
-    model = load_model(MODEL, dtype=torch.bfloat16, device=DEVICE)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_logits_pick_the_same_tokens_almost_everywhere(cpu_model, device):
+    model = load_model(MODEL, dtype=torch.bfloat16, device=device)
     same = total = 0
     for prompt in PROMPTS:
         got, want = logits(model, prompt), logits(cpu_model, prompt)
@@ -79,6 +78,7 @@ def test_bfloat16_logits_pick_the_same_tokens_almost_everywhere(cpu_model):
     assert same >= 0.9 * total, f"bfloat16 picked the float32 token at {same} of {total} positions"
 
 
+@NEEDS_CUDA
 def test_float32_greedy_tokens_match_the_cpu_with_and_without_speculation(cpu_model, float32_model):
     want, _ = greedy(cpu_model, k=0)
     plain, _ = greedy(float32_model, k=0)
@@ -89,21 +89,23 @@ def test_float32_greedy_tokens_match_the_cpu_with_and_without_speculation(cpu_mo
         assert sum(s.accepted_tokens for s in spec) > 0, f"k={k}: no draft was accepted"
 
 
-def test_bfloat16_speculative_decoding_runs_and_accepts_drafts():
-    model = load_model(MODEL, dtype=torch.bfloat16, device=DEVICE)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_speculative_decoding_runs_and_accepts_drafts(device):
+    model = load_model(MODEL, dtype=torch.bfloat16, device=device)
     tokens, spec = greedy(model, k=2, max_tokens=32)
     assert [len(t) for t in tokens] == [32] * len(PROMPTS)
     assert sum(s.draft_tokens for s in spec) > 0
     assert sum(s.accepted_tokens for s in spec) > 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expert_bank_matches_one_expert_at_a_time(dtype):
+def test_expert_bank_matches_one_expert_at_a_time(dtype, device):
     torch.manual_seed(0)
     slots, hidden, inter, top_k, tokens = 8, 64, 32, 2, 40
     weights = {"gate_proj": torch.randn(slots, inter, hidden) / 8, "up_proj": torch.randn(slots, inter, hidden) / 8,
                "down_proj": torch.randn(slots, hidden, inter) / 6}
-    bank = ExpertBank.from_weights({k: v.to(DEVICE, dtype) for k, v in weights.items()})
+    bank = ExpertBank.from_weights({k: v.to(device, dtype) for k, v in weights.items()})
     x = torch.randn(tokens, hidden)
     chosen = torch.stack([torch.randperm(slots)[:top_k] for _ in range(tokens)])
     gates = torch.rand(tokens, top_k)
@@ -113,13 +115,15 @@ def test_expert_bank_matches_one_expert_at_a_time(dtype):
             h = torch.nn.functional.silu(weights["gate_proj"][slot] @ x[t]) * (weights["up_proj"][slot] @ x[t])
             want[t] += g * (weights["down_proj"][slot] @ h)
     with torch.inference_mode():
-        got = bank(x.to(DEVICE, dtype), chosen.to(DEVICE), gates.to(DEVICE)).float().cpu()
+        got = bank(x.to(device, dtype), chosen.to(device), gates.to(device)).float().cpu()
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
+@NEEDS_CUDA
 def test_bfloat16_decode_steps_replay_from_cuda_graphs():
-    model = load_model(MODEL, dtype=torch.bfloat16, device=DEVICE)
+    """On the CPU the same padded steps are checked exactly (tests/unit/test_decode_graphs.py)."""
+    model = load_model(MODEL, dtype=torch.bfloat16, device=CUDA)
 
     def run(cuda_graphs: bool, k: int) -> tuple[list[list[int]], Engine]:
         engine = Engine(model, EngineConfig(max_num_seqs=4, num_speculative_tokens=k, adaptive_speculation=False,
@@ -130,9 +134,8 @@ def test_bfloat16_decode_steps_replay_from_cuda_graphs():
     for k in (0, 2):
         eager, _ = run(False, k)
         graphed, engine = run(True, k)
-        if DEVICE.type == "cuda":
-            assert engine.graphs is not None and engine.graphs.num_replays > 0, "no step replayed from a graph"
-            assert engine.graphs.num_graphs >= 3, "batch buckets 4, 2 and 1 each need a graph"
+        assert engine.graphs is not None and engine.graphs.num_replays > 0, "no step replayed from a graph"
+        assert engine.graphs.num_graphs >= 3, "batch buckets 4, 2 and 1 each need a graph"
         # bfloat16 sums round differently in padded batches; a near tie may flip a token late in a sequence
         same_start = sum(a[:8] == b[:8] for a, b in zip(graphed, eager))
         assert same_start >= 2, f"k={k}: graphed {graphed} against eager {eager}"
