@@ -5,7 +5,9 @@
 
 Every run is greedy with EOS ignored, so each request generates exactly --new-tokens tokens. Tandem runs once per
 batch size and speculation setting (MTP drafts per step, adaptive), each on one engine that a full-length warm-up run
-has calibrated (as a server's engine is after its first requests), transformers once per batch size. Writes
+has calibrated (as a server's engine is after its first requests), transformers once per batch size. With
+--repeats N each batch size's configurations run in turn, N rounds, and each keeps its median run: a slow spell of
+a shared machine then slows them alike (Moonlight's transformers runs come last: it takes over the weights). Writes
 results.json and throughput.png into --out. A trained checkpoint (the default, models/tiny-code) gets prompts cut
 from the held-out stdlib code, so its speculative rows show what MTP gains on the code it serves. Random weights
 get random prompts and make MTP acceptance meaningless (drafts are rarely accepted); with them the speculative rows
@@ -334,13 +336,22 @@ def run_transformers(hf, prompts: list[list[int]], new_tokens: int, device: torc
             "token_ids": out[:, input_ids.shape[1]:].tolist(), "spec": None}
 
 
-def timed(run, repeats: int, warmup) -> dict:
-    """Warm up once, then keep the run of median time."""
-    warmup()
-    runs = sorted((run() for _ in range(repeats)), key=lambda r: r["seconds"])
-    best = runs[(len(runs) - 1) // 2]
-    best["seconds_all"] = [r["seconds"] for r in runs]
-    return best
+def measure(configs: dict, repeats: int) -> dict:
+    """{name: (warm_up, run)} -> {name: the run of median time}. Every configuration is warmed up once, then they
+    run in turns, one run each per round, so that a slow spell of this shared machine slows all of them alike and
+    their ratios hold."""
+    for warm_up, _ in configs.values():
+        warm_up()
+    runs = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, (_, run) in configs.items():
+            runs[name].append(run())
+    out = {}
+    for name, rs in runs.items():
+        rs.sort(key=lambda r: r["seconds"])
+        out[name] = rs[(len(rs) - 1) // 2]
+        out[name]["seconds_all"] = [r["seconds"] for r in rs]
+    return out
 
 
 def with_rates(result: dict, batch: int, new_tokens: int, step_bytes: StepBytes, step_flops: StepFlops,
@@ -524,6 +535,28 @@ def make_prompts(args: argparse.Namespace, vocab_size: int) -> dict[int, list[li
     return {b: windows[:b] for b in args.batch_sizes}
 
 
+def transformers_runs(hf, prompts: list[list[int]], new_tokens: int, device: torch.device) -> tuple:
+    """(warm-up, timed run) of transformers' generate for `measure`."""
+    return (lambda: run_transformers(hf, prompts, min(4, new_tokens), device),
+            lambda: run_transformers(hf, prompts, new_tokens, device))
+
+
+def record(results: list[dict], tandem_tokens: dict, name: str, batch: int, spec: int, r: dict, engine) -> dict:
+    """A result row's identity and greedy-token comparisons; takes the token ids out of `r`."""
+    tokens = r.pop("token_ids")
+    row = {"engine": name, "batch": batch, "spec_tokens": spec}
+    if name == "tandem":
+        tandem_tokens[batch, spec] = tokens
+        row["cuda_graphs"] = engine.graphs.num_graphs if engine.graphs else 0
+        if spec and (batch, 0) in tandem_tokens:
+            r["greedy_vs_tandem_no_spec"] = compare(tokens, tandem_tokens[batch, 0])
+    else:
+        for t in results:
+            if t["batch"] == batch and t["engine"] == "tandem":
+                t["greedy_vs_transformers"] = compare(tandem_tokens[batch, t["spec_tokens"]], tokens)
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -543,41 +576,40 @@ def main(argv: list[str] | None = None) -> None:
         report["settings"]["prompts"] = "held-out code" if args.model else "random ids"
         results, tandem_tokens = [], {}
         spec_settings = args.spec_tokens if model.mtp_layers else [0]
+        # transformers runs in turn with Tandem, except for Moonlight, whose weights it takes over
+        interleaved = not args.skip_transformers and args.random_preset != "moonlight"
+        if interleaved:
+            log("loading the transformers model")
+            hf = make_transformers()
+            report["transformers"] = transformers_info(hf)
         for b in args.batch_sizes:
+            configs, engines = {}, {}
             for k in spec_settings:
-                log(f"tandem  B={b:<3} spec={k} ...")
-                adaptive = not args.fixed_speculation
-                engine = make_engine(model, b, args.prompt_len, args.new_tokens, k, adaptive,
-                                     not args.no_cuda_graphs)
+                engine = engines[k] = make_engine(model, b, args.prompt_len, args.new_tokens, k,
+                                                  not args.fixed_speculation, not args.no_cuda_graphs)
+                run = lambda engine=engine: run_tandem(engine, prompts[b], args.new_tokens)  # noqa: E731
                 # a full-length warm-up run: the adaptive policy measures its draft counts there, as a server's
                 # does in its first requests
-                r = timed(lambda: run_tandem(engine, prompts[b], args.new_tokens), args.repeats,
-                          lambda: run_tandem(engine, prompts[b], args.new_tokens))
-                tandem_tokens[b, k] = r.pop("token_ids")
-                if k and (b, 0) in tandem_tokens:
-                    r["greedy_vs_tandem_no_spec"] = compare(tandem_tokens[b, k], tandem_tokens[b, 0])
-                results.append({"engine": "tandem", "batch": b, "spec_tokens": k,
-                                "cuda_graphs": engine.graphs.num_graphs if engine.graphs else 0,
-                                **with_rates(r, b, args.new_tokens, step_bytes, step_flops, context_len, bandwidth,
-                                             flops)})
-                log(f"tandem  B={b:<3} spec={k}: {results[-1]['tokens_per_s']:.1f} tok/s, "
+                configs["tandem", k] = (run, run)
+            if interleaved:
+                configs["transformers", 0] = transformers_runs(hf, prompts[b], args.new_tokens, device)
+            log(f"B={b:<3}: {', '.join(f'{e} spec={k}' for e, k in configs)}, {args.repeats} run(s) each in turn ...")
+            for (engine_name, k), r in measure(configs, args.repeats).items():
+                row = record(results, tandem_tokens, engine_name, b, k, r, engines.get(k))
+                results.append({**row, **with_rates(r, b, args.new_tokens, step_bytes, step_flops, context_len,
+                                                    bandwidth, flops)})
+                log(f"{engine_name:12} B={b:<3} spec={k}: {results[-1]['tokens_per_s']:.1f} tok/s, "
                     f"decode {results[-1]['decode_tokens_per_s'] or 0:.1f} tok/s, {r['seconds']:.2f} s")
-        if not args.skip_transformers:
+        if not args.skip_transformers and not interleaved:
             log("loading the transformers model")
             hf = make_transformers()
             model = None  # moonlight's weights now live in `hf`
             report["transformers"] = transformers_info(hf)
             for b in args.batch_sizes:
-                log(f"transformers B={b:<3} ...")
-                warm = lambda: run_transformers(hf, prompts[b], min(4, args.new_tokens), device)  # noqa: E731
-                r = timed(lambda: run_transformers(hf, prompts[b], args.new_tokens, device), args.repeats, warm)
-                reference = r.pop("token_ids")
-                for t in results:
-                    if t["batch"] == b:
-                        t["greedy_vs_transformers"] = compare(tandem_tokens[b, t["spec_tokens"]], reference)
-                results.append({"engine": "transformers", "batch": b, "spec_tokens": 0,
-                                **with_rates(r, b, args.new_tokens, step_bytes, step_flops, context_len, bandwidth,
-                                             flops)})
+                r = measure({"t": transformers_runs(hf, prompts[b], args.new_tokens, device)}, args.repeats)["t"]
+                row = record(results, tandem_tokens, "transformers", b, 0, r, None)
+                results.append({**row, **with_rates(r, b, args.new_tokens, step_bytes, step_flops, context_len,
+                                                    bandwidth, flops)})
                 log(f"transformers B={b:<3}: {results[-1]['tokens_per_s']:.1f} tok/s, "
                     f"decode {results[-1]['decode_tokens_per_s'] or 0:.1f} tok/s, {r['seconds']:.2f} s")
     # other processes on the machine skew every number: a load average above the core count says so
