@@ -64,3 +64,23 @@ def test_steps_without_a_graph_shape_run_eagerly(model):
     # a context past the largest captured one
     assert graphs.run([5], PagedArrays.build([1], [CONTEXT_STEP + 1], [list(range(20))], 16)) is None
     assert graphs.num_graphs == 0
+
+
+def test_steps_that_capture_a_graph_are_not_timed_for_the_speculation_policy(model):
+    engine = Engine(model, EngineConfig(max_num_seqs=8, num_speculative_tokens=2, max_model_len=512,
+                                        kv_cache_bytes=32 << 20))
+    engine.graphs = DecodeGraphs(model, engine.cache, 8, engine.max_model_len, capture=False)
+    recorded = []
+    record_verify = engine.policy.record_verify
+    engine.policy.record_verify = lambda *args: (recorded.append(args), record_verify(*args))
+    for prompt, n in zip(PROMPTS, MAX_TOKENS):
+        engine.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+    capturing_steps = timed_steps = 0
+    while engine.has_unfinished:
+        graphs, records = engine.graphs.num_graphs, len(recorded)
+        engine.step()
+        if engine.graphs.num_graphs > graphs:
+            capturing_steps += 1
+            assert len(recorded) == records, "a step that captured a graph was timed"
+        timed_steps += len(recorded) > records
+    assert capturing_steps >= 3 and timed_steps > 0

@@ -233,10 +233,13 @@ class Engine:
             return []
         started = time.perf_counter()
         timed_drafts = self._uniform_decode_drafts(batch) if self.policy.measures else None
+        graphs_before = self.graphs.num_graphs if self.graphs else 0
         with single_thread_if_small(sum(s.num_fed for s in batch), self.config.single_thread_max_tokens,
                                     self.device):
             hidden = self._run_main(batch)
             outputs, verified = self._postprocess(batch, hidden)
+            if self.graphs and self.graphs.num_graphs > graphs_before:
+                timed_drafts = None  # this step's time includes capturing a CUDA graph: not what its drafts cost
             if timed_drafts is not None:
                 self.policy.record_verify(timed_drafts, len(batch), time.perf_counter() - started)
             self._speculate(verified, timed=timed_drafts is not None)
