@@ -41,7 +41,7 @@ class ExpertBank(nn.Module):
 
         The (token, expert) pairs are sorted by slot so that each expert's tokens are one contiguous run; one
         grouped matmul per projection then runs every expert, with no host sync and no per-expert launches,
-        where that pays (see `_grouped_mm_pays`).
+        where that pays (see `_grouped_mm_pays`). A single token on the CPU skips all of that (`_one_token`).
         """
         # T tokens, K active experts, D hidden, I expert intermediate
         if x.shape[0] == 1 and x.device.type == "cpu":
