@@ -79,6 +79,16 @@ def test_seeded_sampling_keeps_every_module(model):
     assert got == expected
 
 
+def settle_on_no_drafts(policy) -> None:
+    """Measurements of a machine on which drafting costs more than it gains, at batch size 1."""
+    for _ in range(policy.SAMPLES_TO_TRUST):
+        for k in range(policy.max_drafts + 1):
+            policy.record_verify(k, 1, 0.01 * (1 + k))
+            if k:
+                policy.record_draft(k, 1, 0.01)
+    assert policy.choose(1) == 0
+
+
 def test_modules_asked_of_prefill_follow_the_policy(model):
     fixed = Engine(model, EngineConfig(num_speculative_tokens=1, adaptive_speculation=False))
     assert fixed.mtp_modules_for_arrival() == 1
@@ -86,18 +96,34 @@ def test_modules_asked_of_prefill_follow_the_policy(model):
     engine = Engine(model, EngineConfig(num_speculative_tokens=3))
     modules = len(model.mtp_layers)
     assert engine.mtp_modules_for_arrival() == modules  # nothing measured yet: every module
-    policy = engine.policy
-    for _ in range(policy.SAMPLES_TO_TRUST):  # a machine on which drafting costs more than it gains
-        for k in range(4):
-            policy.record_verify(k, 1, 0.01 * (1 + k))
-            if k:
-                policy.record_draft(k, 1, 0.01)
-    assert policy.choose(1) == 0
+    settle_on_no_drafts(engine.policy)
     assert engine.mtp_modules_for_arrival() == 0
     engine.add_request([1, 2, 3], SamplingParams(max_tokens=4))
     assert engine.mtp_modules_for_arrival() == modules, "batch size 2 is a bucket still to be measured"
     with pytest.raises(SamplingError, match="mtp_modules"):
         engine.add_request([1, 2, 3], SamplingParams(max_tokens=4), mtp_modules=-1)
+
+
+def test_colocated_requests_catch_up_only_the_modules_the_policy_drafts_from(model):
+    engine = Engine(model, EngineConfig(num_speculative_tokens=2))
+    settle_on_no_drafts(engine.policy)
+    seq = engine._requests[engine.add_request(PROMPTS[1], SamplingParams(max_tokens=10))][0]
+    assert seq.mtp == [] and seq.max_drafts == 0  # its prompt runs through no MTP module
+    plain = Engine(model, EngineConfig()).generate(PROMPTS[1:2], SamplingParams(max_tokens=10))[0].token_ids
+    while engine.has_unfinished:
+        engine.step()
+    assert seq.output_ids == plain and engine.spec_totals.draft_tokens == 0
+    # a new batch-size bucket is still to be measured: a request joining there keeps every module
+    engine = Engine(model, EngineConfig(num_speculative_tokens=2))
+    settle_on_no_drafts(engine.policy)
+    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=10))
+    modules = len(model.mtp_layers)
+    assert len(engine._requests[engine.add_request(PROMPTS[1], SamplingParams(max_tokens=10))][0].mtp) == modules
+    # seeded sampling drafts the same counts wherever it runs: every module, whatever the policy
+    engine = Engine(model, EngineConfig(num_speculative_tokens=2))
+    settle_on_no_drafts(engine.policy)
+    seeded = SamplingParams(max_tokens=10, temperature=0.8, seed=3)
+    assert len(engine._requests[engine.add_request(PROMPTS[1], seeded)][0].mtp) == modules
 
 
 def test_seeded_sampling_continues_the_same_stream(model):

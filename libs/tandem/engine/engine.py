@@ -110,9 +110,12 @@ class Engine:
 
         A `prefill_only` request stops after its first token and keeps its KV cache for `take_prefilled`
         (a prefill worker handing the sequence to a decode worker); `prefilled` registers a request that
-        `add_prefilled` queues itself. `mtp_modules` (None: all) keeps only the first that many MTP modules for
-        the request (`Sequence.keep_mtp_modules`): a prefill worker catches only those up on the prompt. A seeded
-        sampled request prefilled here keeps them all, since it drafts the same counts wherever it runs."""
+        `add_prefilled` queues itself. `mtp_modules` keeps only the first that many MTP modules for the request
+        (`Sequence.keep_mtp_modules`): a prefill worker catches only those up on the prompt. Left None, a prefill
+        worker keeps them all, and a request served here from start to end keeps those its speculation policy
+        drafts from at the batch size it joins (`mtp_modules_for_arrival`): where the policy has settled on no
+        drafts, its prompt runs through no MTP module. Such a request does not draft later, should the batch
+        shrink. A seeded sampled request keeps them all, since it drafts the same counts wherever it runs."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise SamplingError(f"request_id {request_id!r} is already running")
@@ -137,6 +140,9 @@ class Engine:
             else min(num_speculative_tokens, self.policy.max_drafts)
         seq = Sequence(request_id, prompt_ids, params, max_drafts, len(self.model.mtp_layers))
         seq.prefill_only = prefill_only
+        if mtp_modules is None and not (prefill_only or prefilled or seq.pins_drafts):
+            # served here from start to end: catch up only the modules the policy drafts from at this batch size
+            mtp_modules = self.mtp_modules_for_arrival()
         if mtp_modules is not None and not (prefill_only and seq.pins_drafts):
             seq.keep_mtp_modules(mtp_modules)
         bad = next((t for t in params.allowed_first_tokens if t >= vocab), None)
