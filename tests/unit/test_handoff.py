@@ -79,14 +79,14 @@ def test_seeded_sampling_keeps_every_module(model):
     assert got == expected
 
 
-def settle_on_no_drafts(policy) -> None:
-    """Measurements of a machine on which drafting costs more than it gains, at batch size 1."""
+def settle_on_no_drafts(policy, batch_size: int = 1) -> None:
+    """Measurements of a machine on which drafting costs more than it gains, at `batch_size`."""
     for _ in range(policy.SAMPLES_TO_TRUST):
         for k in range(policy.max_drafts + 1):
-            policy.record_verify(k, 1, 0.01 * (1 + k))
+            policy.record_verify(k, batch_size, 0.01 * (1 + k))
             if k:
-                policy.record_draft(k, 1, 0.01)
-    assert policy.choose(1) == 0
+                policy.record_draft(k, batch_size, 0.01)
+    assert policy.choose(batch_size) == 0
 
 
 def test_modules_asked_of_prefill_follow_the_policy(model):
@@ -105,25 +105,41 @@ def test_modules_asked_of_prefill_follow_the_policy(model):
 
 
 def test_colocated_requests_catch_up_only_the_modules_the_policy_drafts_from(model):
-    engine = Engine(model, EngineConfig(num_speculative_tokens=2))
-    settle_on_no_drafts(engine.policy)
-    seq = engine._requests[engine.add_request(PROMPTS[1], SamplingParams(max_tokens=10))][0]
-    assert seq.mtp == [] and seq.max_drafts == 0  # its prompt runs through no MTP module
+    modules = len(model.mtp_layers)
+
+    def settled_engine(batch_size: int = 1) -> Engine:
+        engine = Engine(model, EngineConfig(num_speculative_tokens=2))
+        settle_on_no_drafts(engine.policy, batch_size)
+        return engine
+
+    def kept(engine: Engine, rid: str) -> int:
+        return len(engine._requests[rid][0].mtp)
+
+    engine = settled_engine()
+    rid = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=10))
+    engine.step()  # its prefill starts: its modules are settled
+    assert kept(engine, rid) == 0 and engine._requests[rid][0].max_drafts == 0
     plain = Engine(model, EngineConfig()).generate(PROMPTS[1:2], SamplingParams(max_tokens=10))[0].token_ids
+    seq = engine._requests[rid][0]
     while engine.has_unfinished:
         engine.step()
     assert seq.output_ids == plain and engine.spec_totals.draft_tokens == 0
-    # a new batch-size bucket is still to be measured: a request joining there keeps every module
-    engine = Engine(model, EngineConfig(num_speculative_tokens=2))
-    settle_on_no_drafts(engine.policy)
-    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=10))
-    modules = len(model.mtp_layers)
-    assert len(engine._requests[engine.add_request(PROMPTS[1], SamplingParams(max_tokens=10))][0].mtp) == modules
+    # a burst decodes together: settled at batch size 3, three requests added at once keep no module, the first
+    # one too, which arrived alone
+    engine = settled_engine(batch_size=3)
+    rids = [engine.add_request(p, SamplingParams(max_tokens=10)) for p in PROMPTS[:3]]
+    engine.step()
+    assert [kept(engine, r) for r in rids] == [0, 0, 0]
+    # a batch size still to be measured: every module
+    engine = settled_engine()
+    rids = [engine.add_request(p, SamplingParams(max_tokens=10)) for p in PROMPTS[:2]]
+    engine.step()
+    assert [kept(engine, r) for r in rids] == [modules, modules]
     # seeded sampling drafts the same counts wherever it runs: every module, whatever the policy
-    engine = Engine(model, EngineConfig(num_speculative_tokens=2))
-    settle_on_no_drafts(engine.policy)
-    seeded = SamplingParams(max_tokens=10, temperature=0.8, seed=3)
-    assert len(engine._requests[engine.add_request(PROMPTS[1], seeded)][0].mtp) == modules
+    engine = settled_engine()
+    rid = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=10, temperature=0.8, seed=3))
+    engine.step()
+    assert kept(engine, rid) == modules
 
 
 def test_seeded_sampling_continues_the_same_stream(model):

@@ -113,8 +113,8 @@ class Engine:
         `add_prefilled` queues itself. `mtp_modules` keeps only the first that many MTP modules for the request
         (`Sequence.keep_mtp_modules`): a prefill worker catches only those up on the prompt. Left None, a prefill
         worker keeps them all, and a request served here from start to end keeps those its speculation policy
-        drafts from at the batch size it joins (`mtp_modules_for_arrival`): where the policy has settled on no
-        drafts, its prompt runs through no MTP module. Such a request does not draft later, should the batch
+        drafts from at the batch size it will decode in (`_settle_mtp_modules`): where the policy has settled on
+        no drafts, its prompt runs through no MTP module. Such a request does not draft later, should the batch
         shrink. A seeded sampled request keeps them all, since it drafts the same counts wherever it runs."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
@@ -140,9 +140,7 @@ class Engine:
             else min(num_speculative_tokens, self.policy.max_drafts)
         seq = Sequence(request_id, prompt_ids, params, max_drafts, len(self.model.mtp_layers))
         seq.prefill_only = prefill_only
-        if mtp_modules is None and not (prefill_only or prefilled or seq.pins_drafts):
-            # served here from start to end: catch up only the modules the policy drafts from at this batch size
-            mtp_modules = self.mtp_modules_for_arrival()
+        seq.settles_mtp_modules = mtp_modules is None and not (prefill_only or prefilled or seq.pins_drafts)
         if mtp_modules is not None and not (prefill_only and seq.pins_drafts):
             seq.keep_mtp_modules(mtp_modules)
         bad = next((t for t in params.allowed_first_tokens if t >= vocab), None)
@@ -237,6 +235,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self._settle_mtp_modules(batch)
         started = time.perf_counter()
         timed_drafts = self._uniform_decode_drafts(batch) if self.policy.measures else None
         graphs_before = self.graphs.num_graphs if self.graphs else 0
@@ -423,13 +422,25 @@ class Engine:
 
     def mtp_modules_for_arrival(self) -> int:
         """MTP modules a request joining the batch now should arrive with caught up on its prompt (what a decode
-        worker asks of the prefill worker): those the drafts the policy takes at the batch size it joins need; all
-        the drafts may need while that batch size is still being measured, or without an adaptive policy."""
+        worker asks of the prefill worker)."""
+        return self._mtp_modules_at(len(self.scheduler.running) + len(self.scheduler.waiting) + 1)
+
+    def _settle_mtp_modules(self, batch: list[ScheduledSeq]) -> None:
+        """Sequences whose prefill starts now, and that settle their MTP modules here, keep those the policy drafts
+        from at the batch size of every request now in the engine: a burst of requests decodes together."""
+        starting = [s.seq for s in batch if s.seq.settles_mtp_modules and s.seq.num_cached == 0]
+        if starting:
+            keep = self._mtp_modules_at(len(self.scheduler.running) + len(self.scheduler.waiting))
+            for seq in starting:
+                seq.keep_mtp_modules(keep)
+
+    def _mtp_modules_at(self, batch_size: int) -> int:
+        """The MTP modules the drafts the policy takes at `batch_size` need; all the drafts may need while that
+        batch size is still being measured, or without an adaptive policy."""
         policy = self.policy
         most = min(policy.max_drafts, self.drafter.num_modules)
         if not policy.measures:
             return most
-        batch_size = len(self.scheduler.running) + len(self.scheduler.waiting) + 1
         k = policy.choices.get(policy.bucket(batch_size))
         if k is None or policy.untried_above(k, batch_size):
             return most

@@ -94,6 +94,8 @@ class Sequence:
         self.draft_probs: torch.Tensor | None = None  # [k, V] drafter's probs when sampling, None when greedy
         self.spec = SpecStats()
         self.prefill_only = False
+        # the engine cuts `mtp` to the modules its policy drafts from when this sequence's prefill starts
+        self.settles_mtp_modules = False
 
     @property
     def num_tokens(self) -> int:
