@@ -91,7 +91,7 @@ class DecodeGraphs:
                 self.failed = True
                 return None
             self._graphs[key] = graph
-        graph.load(input_ids, arrays, self.scratch_slot)
+        graph.load(input_ids, arrays)
         self.num_replays += 1
         return graph.replay()[: num_seqs * query_len].clone()
 
@@ -100,8 +100,8 @@ class DecodeGraphs:
 
         def forward() -> torch.Tensor:
             # the rotary tables are cached per positions tensor, and the static one is rewritten in place between
-            # steps: drop the cache, so that the lookup runs (and a graph records it)
-            self.model.model.rotary._last = None
+            # steps: the lookup must run (and a graph record it)
+            self.model.model.rotary.forget_tables()
             return self.model(step.input_ids, step.meta)
 
         if not self.capture:
@@ -116,7 +116,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = forward()
-        self.model.model.rotary._last = None  # it holds the graph's tensors
+        self.model.model.rotary.forget_tables()  # the cache holds the graph's tensors
 
         def replay() -> torch.Tensor:
             graph.replay()
@@ -134,7 +134,7 @@ class _StepGraph:
     def __init__(self, kv_cache: torch.Tensor, batch: int, query_len: int, context: int, scratch_slot: int):
         device = kv_cache.device
         num_tokens = batch * query_len
-        self.batch, self.query_len, self.context = batch, query_len, context
+        self.batch, self.query_len, self.context, self.scratch_slot = batch, query_len, context, scratch_slot
         self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
         positions = torch.zeros(num_tokens, dtype=torch.int64, device=device)
         slot_mapping = torch.full((num_tokens,), scratch_slot, dtype=torch.int64, device=device)
@@ -143,7 +143,7 @@ class _StepGraph:
         self.meta = Paged(positions, slot_mapping, None, None, key_slots, attend_bias, kv_cache, batch, query_len)
         self.replay: Callable[[], torch.Tensor] = lambda: torch.empty(0)
 
-    def load(self, input_ids: list[int], arrays: PagedArrays, scratch_slot: int) -> None:
+    def load(self, input_ids: list[int], arrays: PagedArrays) -> None:
         """Copy a step into the static inputs, padded: extra tokens are id 0 at position 0 writing to the scratch
         slot, extra keys are slot 0 and masked."""
         real = len(input_ids)
@@ -152,7 +152,7 @@ class _StepGraph:
         ids[:real] = input_ids
         positions = np.zeros_like(ids)
         positions[:real] = arrays.positions
-        slots = np.full_like(ids, scratch_slot)
+        slots = np.full_like(ids, self.scratch_slot)
         slots[:real] = arrays.slot_mapping
         keys = np.zeros((self.batch, self.context), dtype=np.int64)
         keys[:num_seqs, :context] = arrays.key_slots

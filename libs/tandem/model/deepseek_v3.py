@@ -86,6 +86,11 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._tables(positions, x.dtype)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
+    def forget_tables(self) -> None:
+        """Drop the cached lookup: the next pass looks its positions up again, even in the same tensor rewritten
+        in place (a CUDA graph's static input)."""
+        self._last = None
+
     def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, 1, R/2] at `positions`; every layer of a pass asks for the same positions tensor,
         so the lookup is done once per pass. (Tables made under inference mode are not reused outside it:
@@ -323,7 +328,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         device = self.lm_head.weight.device
         fresh = RotaryEmbedding(self.config).to(device)
         self.model.rotary.cos, self.model.rotary.sin = fresh.cos, fresh.sin
-        self.model.rotary._last = None
+        self.model.rotary.forget_tables()
         table = Placement.identity(1, self.config.n_routed_experts).layer_table(0) if self.config.n_routed_experts \
             else None
         for layer in self.model.layers:
