@@ -426,13 +426,15 @@ class Engine:
         return self._mtp_modules_at(len(self.scheduler.running) + len(self.scheduler.waiting) + 1)
 
     def _settle_mtp_modules(self, batch: list[ScheduledSeq]) -> None:
-        """Sequences whose prefill starts now, and that settle their MTP modules here, keep those the policy drafts
-        from at the batch size of every request now in the engine: a burst of requests decodes together."""
-        starting = [s.seq for s in batch if s.seq.settles_mtp_modules and s.seq.num_cached == 0]
+        """Sequences scheduled for the first time (their prefill starts now) that settle their MTP modules here
+        keep those the policy drafts from at the batch size of every request now in the engine: a burst of
+        requests decodes together."""
+        starting = [s.seq for s in batch if s.seq.settles_mtp_modules]
         if starting:
             keep = self._mtp_modules_at(len(self.scheduler.running) + len(self.scheduler.waiting))
             for seq in starting:
                 seq.keep_mtp_modules(keep)
+                seq.settles_mtp_modules = False
 
     def _mtp_modules_at(self, batch_size: int) -> int:
         """The MTP modules the drafts the policy takes at `batch_size` need; all the drafts may need while that

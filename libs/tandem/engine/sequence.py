@@ -94,7 +94,7 @@ class Sequence:
         self.draft_probs: torch.Tensor | None = None  # [k, V] drafter's probs when sampling, None when greedy
         self.spec = SpecStats()
         self.prefill_only = False
-        # the engine cuts `mtp` to the modules its policy drafts from when this sequence's prefill starts
+        # until its prefill starts: the engine then cuts `mtp` to the modules its policy drafts from
         self.settles_mtp_modules = False
 
     @property
