@@ -28,9 +28,11 @@ level. Among such moves the one that moves fewest experts wins (moving an expert
 free), then the one leaving the lowest peak. Repair stops once the layer is as balanced as the plan from
 scratch (moving on would buy balance a full re-plan does not). Where single moves get stuck short of that,
 two larger steps are weighed, each taken only if it lowers the worst server by more than the margin for each
-expert it moves: under hierarchical, regrouping the nodes as the plan from scratch does (then repairing);
-and, by more than `REPLAN_GAIN` too, the plan from scratch for the worst node (or the whole layer under
-global), its servers renamed to keep most experts in place. Every step thus pays per expert moved: with a
+expert it moves: under hierarchical, by more than `REGROUP_GAIN` too, regrouping the nodes as the plan from
+scratch does, then repairing (from two starts: the copies the loads ask for, or only the experts of the groups
+that change node moved, one copy each, which moves fewest; the one with more moves must pay for them); and,
+by more than `REPLAN_GAIN` too, the plan from scratch for the worst node (or the whole layer under global),
+its servers renamed to keep most experts in place. Every step thus pays per expert moved: with a
 margin m, a layer whose plan moved n experts has its worst server below (1 - m)^n times where it was.
 Re-planning on the loads a plan was made for moves nothing. (A previous placement that breaks the
 hierarchical rule, copies of a group on several nodes, is first made to keep it, whatever the margin.)
@@ -53,6 +55,7 @@ from tandem.moe.placement import Placement
 POLICIES = ("auto", "global", "hierarchical")
 DEFAULT_MARGIN = 0.0
 REPLAN_GAIN = 0.01  # a domain planned from scratch replaces the repaired one if it lowers the worst server this much
+REGROUP_GAIN = 0.002  # and a regrouping of the nodes (whole groups of experts moved), even with no margin
 _REL_EPS = 1e-9  # float noise: a load change smaller than this fraction of the worst load is no change
 
 
@@ -329,9 +332,15 @@ class _LayerPlanner:
         if self._top(w, best) <= target:
             return best
         if self.hierarchical and not np.array_equal(new_map, prev_map):  # regroup where the groups moved
-            regrouped = self._repair(w, self._sticky(w, prev, new_map), new_map, prev_holds, target)
-            if self._pays(w, best, regrouped, prev, self.margin):
-                best = regrouped
+            # from two starts: copies as the loads ask, or only the groups' experts moved (fewest moves). A
+            # regrouping must pay REGROUP_GAIN too; the one with more moves must pay for them against the other
+            starts = (self._sticky(w, prev, new_map, lean=True), self._sticky(w, prev, new_map))
+            regrouped = [self._repair(w, start, new_map, prev_holds, target) for start in starts]
+            regrouped.sort(key=lambda phy: int(count_moves(prev[None], phy[None], self.k)[0]))
+            kept = best
+            for candidate in regrouped:
+                if self._pays(w, best, candidate, prev, REGROUP_GAIN if best is kept else self.margin):
+                    best = candidate
         # single moves can get stuck (a hot expert's copies on every server of a node, say): take the plan
         # from scratch for the worst domain, its servers renamed to keep what they hold, if that pays
         for _ in range(self.num_domains):
@@ -461,21 +470,29 @@ class _LayerPlanner:
     # ..... building a placement
 
     def _replicate(self, w: np.ndarray, expert_domain: np.ndarray,
-                   keep: np.ndarray | None = None) -> np.ndarray:
+                   start: np.ndarray | None = None) -> np.ndarray:
         """[E] copies per expert: within each domain, one more copy at a time to the expert with the highest
-        load per copy (lowest id on ties). `keep` [E] optional counts for domains whose expert set is
-        unchanged (used as they are when they fill the domain exactly)."""
-        counts = np.ones(self.num_experts, np.int64)
+        load per copy (lowest id on ties). With `start` [E] (copies already in place), each domain starts from
+        those (at least one each) instead: copies beyond its slots are taken from the experts whose load per
+        copy stays lowest without them, and free slots filled as above, so that as many copies as possible
+        stay where they are."""
+        counts = np.ones(self.num_experts, np.int64) if start is None else np.maximum(start, 1)
         slots = self.servers_per_domain * self.k
         for domain in range(self.num_domains):
             experts = np.flatnonzero(expert_domain == domain)
-            if keep is not None and keep[experts].sum() == slots and (keep[experts] >= 1).all():
-                counts[experts] = keep[experts]
-                continue
             load = dict(zip(experts.tolist(), w[experts].tolist()))
-            heap = [(-x, e) for e, x in load.items()]
+            surplus = int(counts[experts].sum()) - slots
+            if surplus > 0:
+                trim = [(load[e] / (int(counts[e]) - 1), e) for e in experts.tolist() if counts[e] > 1]
+                heapq.heapify(trim)
+                for _ in range(surplus):
+                    _, e = heapq.heappop(trim)
+                    counts[e] -= 1
+                    if counts[e] > 1:
+                        heapq.heappush(trim, (load[e] / (int(counts[e]) - 1), e))
+            heap = [(-load[e] / int(counts[e]), e) for e in experts.tolist()]
             heapq.heapify(heap)
-            for _ in range(slots - experts.size):
+            for _ in range(slots - int(counts[experts].sum())):
                 _, e = heapq.heappop(heap)
                 counts[e] += 1
                 heapq.heappush(heap, (-load[e] / int(counts[e]), e))
@@ -505,17 +522,22 @@ class _LayerPlanner:
             holds[s, e] = True
         return phy
 
-    def _sticky(self, w: np.ndarray, prev: np.ndarray, group_map: np.ndarray | None) -> np.ndarray:
+    def _sticky(self, w: np.ndarray, prev: np.ndarray, group_map: np.ndarray | None,
+                lean: bool = False) -> np.ndarray:
         """The previous placement made valid for `group_map`: copies outside their expert's node are
-        dropped, and in nodes whose experts changed the counts are planned afresh (surplus copies leave the
-        most loaded servers first); the freed slots are filled as in `_fill`."""
+        dropped, and the counts start from the copies left (see `_replicate`; surplus copies leave the most
+        loaded servers first); the freed slots are filled as in `_fill`. `lean`: the experts that lost their
+        copies get one each and nothing more; slots still free hold a second copy of one of their server's
+        own experts (which moves nothing), for `_repair` to put to use where that pays."""
         expert_domain = self._expert_domain(group_map)
         inside = self.server_domain[self.slot_server] == expert_domain[prev]
-        prev_counts = np.bincount(prev, minlength=self.num_experts)
         if inside.all():
             return prev.copy()
-        counts = self._replicate(w, expert_domain, keep=np.where(
-            np.bincount(prev[inside], minlength=self.num_experts) == prev_counts, prev_counts, 0))
+        left = np.bincount(prev[inside], minlength=self.num_experts)
+        if lean:
+            phy = self._fill(w, np.maximum(left, 1), np.where(inside, prev, -1), expert_domain)
+            return self._double_up(w, phy, expert_domain)
+        counts = self._replicate(w, expert_domain, start=left)
         phy = np.where(inside, prev, -1)
         load = _server_load_partial(w, counts, phy, self.k, self.num_servers)
         present = np.bincount(phy[phy >= 0], minlength=self.num_experts)
@@ -524,6 +546,24 @@ class _LayerPlanner:
             heaviest = slots[np.lexsort((-slots, -load[self.slot_server[slots]]))]
             phy[heaviest[:present[e] - counts[e]]] = -1
         return self._fill(w, counts, phy, expert_domain)
+
+    def _double_up(self, w: np.ndarray, phy: np.ndarray, expert_domain: np.ndarray) -> np.ndarray:
+        """Each free slot (-1) takes another copy of an expert its server holds: one held nowhere else if
+        there is one (no load changes), else the one that adds least to the server's load (any expert of
+        its domain, for a server left empty)."""
+        phy = phy.copy()
+        for slot in np.flatnonzero(phy < 0):
+            server = self.slot_server[slot]
+            own = (self.slot_server == server) & (phy >= 0)
+            candidates = np.unique(phy[own])
+            if candidates.size == 0:
+                candidates = np.flatnonzero(expert_domain == self.server_domain[server])
+            counts = np.bincount(phy[phy >= 0], minlength=self.num_experts)[candidates]
+            here = np.bincount(phy[own], minlength=self.num_experts)[candidates]
+            # the server's share of expert e goes from here/count to (here + 1)/(count + 1)
+            added = w[candidates] * ((here + 1) / (counts + 1) - here / np.maximum(counts, 1))
+            phy[slot] = candidates[np.lexsort((candidates, added))[0]]
+        return phy
 
     def _holds(self, phy: np.ndarray) -> np.ndarray:
         """[S, E] copies of each expert on each server."""
