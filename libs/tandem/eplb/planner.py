@@ -23,8 +23,8 @@ Migration-aware re-planning (whenever a previous placement is given, on top of e
 the previous placement and let `_repair` change it one move at a time. A move changes one slot's expert
 (one more copy of an expert of the worst server, paid by a copy of an expert that has several) or swaps the
 experts of two slots; it is taken only if it lowers the worst server's load by more than `margin` (a
-fraction of that load) for each expert it moves, while no server it adds load to reaches that lowered
-level. Among such moves the one that moves fewest experts wins (moving an expert back to where it was is
+fraction of that load) for each expert it moves (one that moves none, as a swap of two experts that both
+moved this re-plan, only has to lower it), while no server it adds load to reaches that lowered level. Among such moves the one that moves fewest experts wins (moving an expert back to where it was is
 free), then the one leaving the lowest peak. Repair stops once the layer is as balanced as the plan from
 scratch (moving on would buy balance a full re-plan does not). Where single moves get stuck short of that,
 two larger steps are weighed, each taken only if it lowers the worst server by more than the margin for each
@@ -597,7 +597,7 @@ class _LayerPlanner:
             load = np.bincount(self.slot_server, weights=per_copy[phy], minlength=self.num_servers)
             worst = int(np.argmax(np.where(eligible, load, -np.inf)))
             top = load[worst]
-            if top < kept_top * (1 - margin * max(spent, 1)) - _REL_EPS * kept_top or step == 0:
+            if top < kept_top * (1 - margin * max(spent, 0)) - _REL_EPS * kept_top or step == 0:
                 kept, kept_top, spent = phy.copy(), top, 0
             if top <= target or top <= 0 or step == phy.shape[0]:
                 break
@@ -625,7 +625,7 @@ class _LayerPlanner:
 
 def _best_move(w, phy, counts, holds, cost_of, load, per_copy, worst, margin, k, lo, hi, domain_experts, tiny):
     """The best single move that lowers the worst server by more than `margin` of its load for each expert it
-    moves (at least once), and raises no server to that lowered level, as (slot, new expert, None, cost) for
+    moves (one that moves none, or moves one back, only has to lower it), and raises no server to that lowered level, as (slot, new expert, None, cost) for
     a change of one slot or (slot, new expert, other slot, cost) for a swap; None when there is none. cost =
     experts it moves (cost_of; moving one back where it was is negative). Only servers lo..hi-1 (the worst
     one's domain) take part. Best = fewest experts moved, then the lowest peak among the servers involved,
@@ -633,7 +633,7 @@ def _best_move(w, phy, counts, holds, cost_of, load, per_copy, worst, margin, k,
     top = load[worst]
 
     def limit(cost):  # every load a move of this cost raises must end below this
-        return top * (1 - margin * np.maximum(cost, 1)) - tiny
+        return top * (1 - margin * np.maximum(cost, 0)) - tiny
 
     # R candidate moves, D servers of the domain
     own = np.arange(worst * k, (worst + 1) * k)
