@@ -99,9 +99,6 @@ class DecodeGraphs:
         step = _StepGraph(self.cache.tensor, batch, query_len, context, self.scratch_slot)
 
         def forward() -> torch.Tensor:
-            # the rotary tables are cached per positions tensor, and the static one is rewritten in place between
-            # steps: the lookup must run (and a graph record it)
-            self.model.model.rotary.forget_tables()
             return self.model(step.input_ids, step.meta)
 
         if not self.capture:
@@ -116,7 +113,6 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = forward()
-        self.model.model.rotary.forget_tables()  # the cache holds the graph's tensors
 
         def replay() -> torch.Tensor:
             graph.replay()

@@ -10,6 +10,7 @@ are grouped into sequences and where their KV cache lives.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,13 +59,28 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
     return (interpolated.float() * ramp + extrapolated.float() * keep_extrapolated)
 
 
-class RotaryEmbedding(nn.Module):
-    """Decoupled RoPE on the last `qk_rope_head_dim` dims of queries and of the shared key.
+@dataclass(slots=True)
+class RopeTables:
+    """cos and sin [T, 1, R/2] at the positions of one forward pass, looked up once and shared by its layers."""
 
-    With `rope_interleave` the rotated pairs are (x0, x1), (x2, x3), ... as DeepSeek stores them, else the
-    two halves. Either way the output is laid out as [rotated evens | rotated odds]; queries and keys get
-    the same layout so their dot products are unchanged.
-    """
+    cos: torch.Tensor
+    sin: torch.Tensor
+    interleave: bool
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, R] rotated. With `interleave` the rotated pairs are (x0, x1), (x2, x3), ... as DeepSeek
+        stores them, else the two halves. Either way the output is laid out as [rotated evens | rotated odds];
+        queries and keys get the same layout so their dot products are unchanged."""
+        if self.interleave:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin], dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Decoupled RoPE on the last `qk_rope_head_dim` dims of queries and of the shared key: the cos/sin tables
+    of every position, and the lookup of a pass's positions in them."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -75,32 +91,10 @@ class RotaryEmbedding(nn.Module):
         scale = config.rope.cos_sin_scale
         self.register_buffer("cos", freqs.cos() * scale, persistent=False)
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
-        self._last: tuple[torch.Tensor, torch.dtype, bool, torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x [T, heads, R]; positions [T]
-        if self.interleave:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            x1, x2 = x.chunk(2, dim=-1)
-        cos, sin = self._tables(positions, x.dtype)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-    def forget_tables(self) -> None:
-        """Drop the cached lookup: the next pass looks its positions up again, even in the same tensor rewritten
-        in place (a CUDA graph's static input)."""
-        self._last = None
-
-    def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, R/2] at `positions`; every layer of a pass asks for the same positions tensor,
-        so the lookup is done once per pass. (Tables made under inference mode are not reused outside it:
-        autograd refuses inference tensors.)"""
-        last, inference = self._last, torch.is_inference_mode_enabled()
-        if last is None or last[0] is not positions or last[1] != dtype or last[2] != inference:
-            cos = self.cos[positions][:, None].to(dtype)
-            sin = self.sin[positions][:, None].to(dtype)
-            self._last = last = (positions, dtype, inference, cos, sin)
-        return last[3], last[4]
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        return RopeTables(self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype),
+                          self.interleave)
 
 
 # --- Multi-head Latent Attention ---------------------------------------------------------------------------
@@ -115,7 +109,7 @@ class MLA(nn.Module):
     and W_UV into the output, attending over the latent directly.
     """
 
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
@@ -124,7 +118,6 @@ class MLA(nn.Module):
         self.v_head_dim = config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.softmax_scale = config.softmax_scale
-        self.rotary = [rotary]  # shared, kept out of this module's state dict
         H, D = self.num_heads, config.hidden_size
         if config.q_lora_rank is None:
             self.q_proj = nn.Linear(D, H * config.qk_head_dim, bias=False)
@@ -137,10 +130,9 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * config.v_head_dim, D, bias=False)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: RopeTables) -> torch.Tensor:
         # T tokens, H heads, C kv_lora_rank, R rope dim, N no-rope dim, V value dim
         T = x.shape[0]
-        rope = self.rotary[0]
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, self.num_heads, -1)
         # split_with_sizes, not split: Tensor.split's Python wrapper costs more than the split on a decode step
@@ -148,7 +140,7 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         # the shared rope key rotates as one more head
-        q_pe, k_pe = rope(torch.cat([q_pe, k_pe[:, None]], dim=1), meta.positions).split_with_sizes(
+        q_pe, k_pe = rope.rotate(torch.cat([q_pe, k_pe[:, None]], dim=1)).split_with_sizes(
             [self.num_heads, 1], dim=1)
         k_pe = k_pe.squeeze(1)
         if isinstance(meta, DenseCausal):
@@ -252,15 +244,15 @@ class MoE(nn.Module):
 # --- Transformer block and the main model -------------------------------------------------------------------
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = MLA(config, layer_idx, rotary)
+        self.self_attn = MLA(config, layer_idx)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta)
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: RopeTables) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), meta, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -280,16 +272,17 @@ class MTPLayer(DecoderLayer):
     main model's.
     """
 
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
-        super().__init__(config, layer_idx, rotary)
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
-    def forward(self, token_embeds: torch.Tensor, prev_hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, token_embeds: torch.Tensor, prev_hidden: torch.Tensor, meta: AttentionMetadata,
+                rope: RopeTables) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(prev_hidden)], dim=-1))
-        return super().forward(x, meta)
+        return super().forward(x, meta, rope)
 
 
 class DeepseekV3Model(nn.Module):
@@ -299,8 +292,8 @@ class DeepseekV3Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         N = config.num_hidden_layers
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, i, self.rotary) for i in range(N)]
-            + [MTPLayer(config, N + k, self.rotary) for k in range(config.num_nextn_predict_layers)])
+            [DecoderLayer(config, i) for i in range(N)]
+            + [MTPLayer(config, N + k) for k in range(config.num_nextn_predict_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -328,7 +321,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         device = self.lm_head.weight.device
         fresh = RotaryEmbedding(self.config).to(device)
         self.model.rotary.cos, self.model.rotary.sin = fresh.cos, fresh.sin
-        self.model.rotary.forget_tables()
         table = Placement.identity(1, self.config.n_routed_experts).layer_table(0) if self.config.n_routed_experts \
             else None
         for layer in self.model.layers:
@@ -347,9 +339,14 @@ class DeepseekV3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids [T] -> hidden states [T, D] after the last main layer, before the final norm."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.rope_tables(meta, x.dtype)
         for layer in self.main_layers:
-            x = layer(x, meta)
+            x = layer(x, meta, rope)
         return x
+
+    def rope_tables(self, meta: AttentionMetadata, dtype: torch.dtype) -> RopeTables:
+        """The rotary tables of one pass's positions, for each of its layers."""
+        return self.model.rotary(meta.positions, dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Main-model logits [T, V] (float32) from `forward`'s hidden states."""
@@ -361,7 +358,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     def mtp_forward(self, k: int, input_ids: torch.Tensor, prev_hidden: torch.Tensor,
                     meta: AttentionMetadata) -> torch.Tensor:
         """MTP module k (0-based): input_ids [T] are the tokens one step ahead of prev_hidden's positions."""
-        return self.mtp_layers[k](self.model.embed_tokens(input_ids), prev_hidden, meta)
+        embeds = self.model.embed_tokens(input_ids)
+        return self.mtp_layers[k](embeds, prev_hidden, meta, self.rope_tables(meta, embeds.dtype))
 
     def mtp_logits(self, k: int, mtp_hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.mtp_layers[k].shared_head.norm(mtp_hidden)).float()

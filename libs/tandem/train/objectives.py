@@ -79,7 +79,7 @@ def compute_terms(model: DeepseekV3ForCausalLM, windows: torch.Tensor, *, head_t
         src = (trunk if head_type == "meta" else prev)[:, :n].reshape(B * n, -1)
         with torch.set_grad_enabled(grad and m >= first_trained_module):
             if head_type == "meta":
-                h = layer(torch.zeros_like(src), src, meta)
+                h = layer(torch.zeros_like(src), src, meta, model.rope_tables(meta, src.dtype))
             else:
                 h = model.mtp_forward(m, inputs[:, k:].reshape(-1), src, meta)
         prev = h.view(B, n, -1)
