@@ -337,9 +337,9 @@ class _LayerPlanner:
             starts = (self._sticky(w, prev, new_map, lean=True), self._sticky(w, prev, new_map))
             regrouped = [self._repair(w, start, new_map, prev_holds, target) for start in starts]
             regrouped.sort(key=lambda phy: int(count_moves(prev[None], phy[None], self.k)[0]))
-            kept = best
+            same_groups = best
             for candidate in regrouped:
-                if self._pays(w, best, candidate, prev, REGROUP_GAIN if best is kept else self.margin):
+                if self._pays(w, best, candidate, prev, REGROUP_GAIN if best is same_groups else self.margin):
                     best = candidate
         # single moves can get stuck (a hot expert's copies on every server of a node, say): take the plan
         # from scratch for the worst domain, its servers renamed to keep what they hold, if that pays
