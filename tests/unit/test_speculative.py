@@ -195,8 +195,9 @@ def test_policy_tries_every_draft_count_then_turns_speculation_off_when_drafts_n
         if k:
             policy.record_draft(k, 32, 0.0003 * 32 * k)
     assert set(tried) == {0, 1, 2, 3}
-    for _ in range(200):
+    for _ in range(200):  # steps in which no draft lands
         policy.observe(3, 0)
+        policy.choose(batch_size=32)
     assert policy.choose(batch_size=32) == 0
     assert not policy.exploring(32)
 
@@ -206,6 +207,7 @@ def test_policy_drafts_when_passes_are_nearly_free_and_drafts_land():
     measure(policy, 1, lambda k: 0.010 + 0.0001 * (k + 1), lambda k: 0.001 * k)  # fixed cost dominates at batch 1
     for _ in range(200):
         policy.observe(3, 3)
+        policy.choose(batch_size=1)
     assert policy.choose(batch_size=1) == 3
 
 
@@ -231,6 +233,71 @@ def test_policy_turns_speculation_back_on_only_for_a_clear_gain():
     assert policy.choose(8) == 1
     policy.acceptance = [0.85]  # once on, 2% suffices to stay on
     assert policy.choose(8) == 1
+
+
+def run_steps(policy: SpeculationPolicy, batch_size: int, steps: int, step_seconds) -> list[int]:
+    """`steps` decode steps at the policy's choices, each taking step_seconds(k) (all of it verification)."""
+    chosen = []
+    for _ in range(steps):
+        k = policy.choose(batch_size)
+        chosen.append(k)
+        policy.record_verify(k, batch_size, step_seconds(k))
+        if k:
+            policy.record_draft(k, batch_size, 0.0)
+    return chosen
+
+
+def test_policy_measures_a_count_again_before_switching_to_it_on_old_timings():
+    """One draft a step was run for a while, then acceptance fell and drafting stopped; meanwhile the shared
+    machine slowed down. When acceptance recovers, the old timings of drafting look cheap next to the plain step's
+    new ones: the policy measures drafting again before switching, finds it as slow, and stays off."""
+    policy = SpeculationPolicy(max_drafts=1)
+    speed = {"slowdown": 1.0}
+
+    def step_seconds(k):  # a step with a draft: 1.7x the time of one without
+        return 0.006 * speed["slowdown"] * (1 + 0.7 * k)
+
+    measure(policy, 8, step_seconds, lambda k: 0.0)
+    policy.acceptance = [1.0]  # 2 tokens in 1.7 steps' time
+    assert run_steps(policy, 8, 20, step_seconds)[-16:] == [1] * 16  # drafting's cost: 16 steps at 10.2 ms
+    policy.acceptance = [0.5]
+    speed["slowdown"] = 1.5  # plain steps now take 9 ms
+    assert run_steps(policy, 8, 2 * SpeculationPolicy.FRESH_STEPS, step_seconds)[-1] == 0
+    policy.acceptance = [0.8]  # 1.8 tokens in 10.2 ms measured long ago (5.7 ms each) against 9 ms now
+    chosen = run_steps(policy, 8, 100, step_seconds)
+    assert chosen.count(1) == SpeculationPolicy.SAMPLES_TO_TRUST  # measured again (15.3 ms), never chosen
+    assert chosen[-1] == 0
+
+
+def test_policy_measures_smaller_counts_again_and_turns_drafts_off_when_they_stop_paying():
+    """Drafts were chosen because the plain step was measured during a slow spell. Once every FRESH_STEPS steps
+    the plain step is measured again, and found faster now, drafting stops."""
+    policy = SpeculationPolicy(max_drafts=1)
+    speed = {"slowdown": 2.0}
+
+    def step_seconds(k):  # a step with a draft: 1.8x the time of one without
+        return 0.006 * (speed["slowdown"] if k == 0 else 1.0) * (1 + 0.8 * k)
+
+    measure(policy, 8, step_seconds, lambda k: 0.0)
+    policy.acceptance = [0.8]  # 1.8 tokens in 1.8 plain steps' time: even, when measured side by side
+    assert policy.choose(8) == 1  # against a plain step measured at twice its cost
+    speed["slowdown"] = 1.0
+    chosen = run_steps(policy, 8, 2 * SpeculationPolicy.FRESH_STEPS + 10, step_seconds)
+    assert chosen[-1] == 0
+    assert chosen[:SpeculationPolicy.FRESH_STEPS].count(1) == SpeculationPolicy.FRESH_STEPS
+
+
+def test_acceptance_moves_one_step_at_a_time_whatever_the_batch_size():
+    policy = SpeculationPolicy(max_drafts=2, prior_acceptance=0.5, decay=0.1)
+    for _ in range(24):  # one step of 32 sequences: all land their first draft, 8 their second too
+        policy.observe(2, 1)
+    for _ in range(8):
+        policy.observe(2, 2)
+    policy.choose(32)
+    # position 0: 32 of 32 landed; position 1: 8 of 32 (all reached it)
+    assert policy.acceptance == pytest.approx([0.5 + 0.1 * (1.0 - 0.5), 0.5 + 0.1 * (0.25 - 0.5)])
+    policy.choose(32)  # a step with no verification leaves it
+    assert policy.acceptance == pytest.approx([0.55, 0.475])
 
 
 def test_an_empty_batch_counts_as_batch_one():

@@ -401,10 +401,11 @@ class Engine:
         verified = [v for v in verified if v[0].can_draft]
         if not verified:
             return
-        # the modules k drafts need; all of them while a larger count is still to be measured. Skipping a module's
-        # pass saves its cost; a sequence that needs it again resyncs (see _resync_stale).
+        # the modules k drafts need, and those of the count chosen here and of any count still to be measured (see
+        # warm_drafts). Skipping a module's pass saves its cost; a sequence that needs it again resyncs (see
+        # _resync_stale).
         num_modules = self.drafter.num_modules
-        warm = num_modules if batch_size and self.policy.untried_above(k, batch_size) else min(k, num_modules)
+        warm = min(self.policy.warm_drafts(k, batch_size) if batch_size else k, num_modules)
         for seq, _, _ in verified:
             if not (warm or seq.pins_drafts or seq.prefill_only):
                 seq.mtp_stale = True
@@ -444,9 +445,7 @@ class Engine:
         if not policy.measures:
             return most
         k = policy.choices.get(policy.bucket(batch_size))
-        if k is None or policy.untried_above(k, batch_size):
-            return most
-        return min(k, most)
+        return most if k is None else min(policy.warm_drafts(k, batch_size), most)
 
     def _draft_count(self, seq: Sequence, k: int) -> int:
         """Drafts for seq this step: k (a pinned sequence: its own count), within what it may still generate and

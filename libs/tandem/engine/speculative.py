@@ -48,9 +48,15 @@ class StepCostModel:
     def __init__(self, window: int = 16):
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
         self._fit = (0.0, 0.0, 0.0)  # (mean batch size, mean seconds, slope)
+        self.last_recorded = 0  # the policy's step clock at the newest sample
+        self._renewing = False  # the next sample replaces the old ones, which serve until it comes
 
-    def record(self, batch_size: int, seconds: float) -> None:
+    def record(self, batch_size: int, seconds: float, now: int = 0) -> None:
+        if self._renewing:
+            self.samples.clear()
+            self._renewing = False
         self.samples.append((batch_size, seconds))
+        self.last_recorded = now
         n = len(self.samples)
         x_mean = sum(b for b, _ in self.samples) / n
         y_mean = sum(t for _, t in self.samples) / n
@@ -58,8 +64,17 @@ class StepCostModel:
         slope = sum((b - x_mean) * (t - y_mean) for b, t in self.samples) / spread if spread else 0.0
         self._fit = (x_mean, y_mean, max(slope, 0.0))
 
+    def renew(self) -> None:
+        """Measure again: the samples so far are dropped when the first new one arrives."""
+        self._renewing = True
+
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def new_samples(self) -> int:
+        """Samples since the last `renew`."""
+        return 0 if self._renewing else len(self.samples)
 
     def predict(self, batch_size: int) -> float:
         x_mean, y_mean, slope = self._fit
@@ -78,13 +93,18 @@ class SpeculationPolicy:
     passes. So speculation is only chosen when it measurably pays, at this batch size, on this machine, for
     this model: at large batch a pass costs in proportion to its tokens and k falls to 0; at small batch passes
     are nearly free and k grows. Choices have hysteresis (GAIN, SWITCH_ON_GAIN), so noise in the timings does
-    not flip them back and forth.
+    not flip them back and forth. Only the count being run keeps being measured; on a shared machine whose speed
+    drifts, its cost and another count's measured long ago are not comparable. So a count measured more than
+    FRESH_STEPS timed steps ago is measured again before the policy switches to it, and the smaller counts
+    (cheaper steps, with the MTP modules of the chosen count kept caught up) are measured again once they are
+    that old, so that a larger count chosen on a slow spell does not stay on for good.
     """
 
     SAMPLES_TO_TRUST = 3
     GAIN = 1.02  # how much more tokens/s a larger draft count must promise to be chosen
     SWITCH_ON_GAIN = 1.10  # the same, for any draft at all where the last choice was none
     MAX_TRIES = 12  # a count tried this often without being measured (say every request drafts fewer) is let be
+    FRESH_STEPS = 64
 
     def __init__(self, max_drafts: int, adaptive: bool = True, prior_acceptance: float = 0.7, decay: float = 0.05):
         self.max_drafts = max_drafts
@@ -95,6 +115,9 @@ class SpeculationPolicy:
         self.draft_cost: dict[tuple[int, int], StepCostModel] = {}
         self._tries: Counter[tuple[int, int]] = Counter()  # (drafts, bucket) -> times chosen to be measured
         self.choices: dict[int, int] = {}  # bucket -> drafts last chosen there once measured (for operators)
+        self._steps = 0  # timed decode steps so far: the clock of the measurements' freshness
+        self._renewed_at: dict[tuple[int, int], int] = {}  # (drafts, bucket) -> clock when last measured again
+        self._pending = [[0, 0] for _ in range(max_drafts)]  # per draft position: (reached, accepted) this step
 
     @property
     def measures(self) -> bool:
@@ -112,38 +135,57 @@ class SpeculationPolicy:
 
     def record_verify(self, num_drafts: int, batch_size: int, seconds: float) -> None:
         """A decode step in which every one of `batch_size` sequences verified `num_drafts` drafts."""
-        self._model(self.verify_cost, num_drafts, batch_size).record(batch_size, seconds)
+        self._steps += 1
+        self._model(self.verify_cost, num_drafts, batch_size).record(batch_size, seconds, self._steps)
 
     def record_draft(self, num_drafts: int, batch_size: int, seconds: float) -> None:
         """The MTP work after a decode step that drafted `num_drafts` tokens for `batch_size` sequences."""
-        self._model(self.draft_cost, num_drafts, batch_size).record(batch_size, seconds)
+        self._model(self.draft_cost, num_drafts, batch_size).record(batch_size, seconds, self._steps)
+
+    def _models(self, k: int, batch_size: int) -> list[StepCostModel]:
+        """What a step with k drafts costs: verifying them and (for k > 0) producing them."""
+        verify = self._model(self.verify_cost, k, batch_size)
+        return [verify, self._model(self.draft_cost, k, batch_size)] if k else [verify]
 
     def _samples(self, k: int, batch_size: int) -> int:
-        verified = len(self._model(self.verify_cost, k, batch_size))
-        return min(verified, len(self._model(self.draft_cost, k, batch_size))) if k else verified
+        return min(len(m) for m in self._models(k, batch_size))
 
     def _untried(self, batch_size: int) -> list[int]:
-        """Draft counts not yet measured often enough at this batch size, largest first."""
+        """Draft counts not yet measured (or measured again) often enough at this batch size, largest first."""
         bucket = self.bucket(batch_size)
         return [k for k in range(self.max_drafts, -1, -1)
-                if self._samples(k, batch_size) < self.SAMPLES_TO_TRUST and self._tries[k, bucket] < self.MAX_TRIES]
+                if min(m.new_samples for m in self._models(k, batch_size)) < self.SAMPLES_TO_TRUST
+                and self._tries[k, bucket] < self.MAX_TRIES]
 
-    def untried_above(self, k: int, batch_size: int) -> bool:
-        """A draft count above k is still to be measured at this batch size (so the MTP modules it needs must stay
-        caught up)."""
-        return self.adaptive and any(u > k for u in self._untried(batch_size))
+    def warm_drafts(self, k: int, batch_size: int) -> int:
+        """The most drafts whose MTP modules must stay caught up while k are drafted at this batch size: those of
+        every count still to be measured here, and of the count chosen here (k may be a smaller one measured
+        again)."""
+        if not self.adaptive:
+            return k
+        return max([k, self.choices.get(self.bucket(batch_size), 0)] + self._untried(batch_size))
 
     def exploring(self, batch_size: int) -> bool:
         """Some draft count is still to be measured at this batch size."""
-        return self.measures and self.untried_above(-1, batch_size)
+        return self.measures and bool(self._untried(batch_size))
 
     def settled_choices(self) -> tuple[tuple[int, int], ...]:
         """(smallest batch size of a bucket, drafts chosen there) for every bucket measured, smallest first."""
         return tuple((1 << (bucket - 1), k) for bucket, k in sorted(self.choices.items()))
 
     def observe(self, num_drafts: int, num_accepted: int) -> None:
+        """One sequence's verified drafts. A step's sequences are pooled and moved into `acceptance` as one
+        sample at the next `choose`, so that `decay` is per step whatever the batch size (per sequence, a batch
+        of 32 would forget all but its last step or two)."""
         for j in range(min(num_drafts, num_accepted + 1)):
-            self.acceptance[j] += self.decay * (float(j < num_accepted) - self.acceptance[j])
+            self._pending[j][0] += 1
+            self._pending[j][1] += j < num_accepted
+
+    def _fold_pending(self) -> None:
+        for j, (reached, landed) in enumerate(self._pending):
+            if reached:
+                self.acceptance[j] += self.decay * (landed / reached - self.acceptance[j])
+        self._pending = [[0, 0] for _ in range(self.max_drafts)]
 
     def expected_tokens(self, k: int) -> float:
         total, run = 1.0, 1.0
@@ -153,12 +195,12 @@ class SpeculationPolicy:
         return total
 
     def seconds_per_step(self, k: int, batch_size: int) -> float:
-        verify = self._model(self.verify_cost, k, batch_size).predict(batch_size)
-        return verify + (self._model(self.draft_cost, k, batch_size).predict(batch_size) if k else 0.0)
+        return sum(m.predict(batch_size) for m in self._models(k, batch_size))
 
     def choose(self, batch_size: int) -> int:
         if not self.adaptive or self.max_drafts == 0:
             return self.max_drafts
+        self._fold_pending()
         untried = self._untried(batch_size)
         if untried:
             self._tries[untried[0], self.bucket(batch_size)] += 1
@@ -174,8 +216,32 @@ class SpeculationPolicy:
             rate = self.expected_tokens(k) / self.seconds_per_step(k, batch_size)
             if rate > best_rate * (factor if best_k == 0 else self.GAIN):
                 best_k, best_rate = k, rate
+        stale = [k for k in range(best_k + 1) if self._stale(k, batch_size)]
+        if best_k != self.choices.get(bucket, best_k) and best_k in stale:
+            stale = [best_k]  # measured again before the policy switches to it
+        elif best_k in stale:
+            stale.remove(best_k)  # the count being run: its next steps measure it
+        if stale:
+            for k in stale:
+                self._renew(k, bucket, batch_size)
+            return self.choose(batch_size)
         self.choices[bucket] = best_k
         return best_k
+
+    def _stale(self, k: int, batch_size: int) -> bool:
+        """Measured, but not in the last FRESH_STEPS timed steps, nor tried again since (a count that cannot be
+        measured any more, say every request now drafts fewer, is tried again once every FRESH_STEPS)."""
+        if not self._samples(k, batch_size):
+            return False
+        newest = max([m.last_recorded for m in self._models(k, batch_size)]
+                     + [self._renewed_at.get((k, self.bucket(batch_size)), 0)])
+        return self._steps - newest > self.FRESH_STEPS
+
+    def _renew(self, k: int, bucket: int, batch_size: int) -> None:
+        for m in self._models(k, batch_size):
+            m.renew()
+        self._tries[k, bucket] = 0
+        self._renewed_at[k, bucket] = self._steps
 
 
 def _last_verified(seq: Sequence, module: int, empty: torch.Tensor) -> tuple[int, torch.Tensor]:
