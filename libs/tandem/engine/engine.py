@@ -401,11 +401,11 @@ class Engine:
         verified = [v for v in verified if v[0].can_draft]
         if not verified:
             return
-        # the modules k drafts need, and those of the count chosen here and of any count still to be measured (see
-        # warm_drafts). Skipping a module's pass saves its cost; a sequence that needs it again resyncs (see
-        # _resync_stale).
+        # the modules k drafts need, no more: a count being measured runs as it would once chosen (the MTP passes of
+        # other counts would slow the main pass too, through the caches). Skipping a module's pass saves its cost; a
+        # sequence that needs it again resyncs (see _resync_stale).
         num_modules = self.drafter.num_modules
-        warm = min(self.policy.warm_drafts(k, batch_size) if batch_size else k, num_modules)
+        warm = min(k, num_modules)
         for seq, _, _ in verified:
             if not (warm or seq.pins_drafts or seq.prefill_only):
                 seq.mtp_stale = True
@@ -440,12 +440,7 @@ class Engine:
     def _mtp_modules_at(self, batch_size: int) -> int:
         """The MTP modules the drafts the policy takes at `batch_size` need; all the drafts may need while that
         batch size is still being measured, or without an adaptive policy."""
-        policy = self.policy
-        most = min(policy.max_drafts, self.drafter.num_modules)
-        if not policy.measures:
-            return most
-        k = policy.choices.get(policy.bucket(batch_size))
-        return most if k is None else min(policy.warm_drafts(k, batch_size), most)
+        return min(self.policy.drafts_in_use(batch_size), self.drafter.num_modules)
 
     def _draft_count(self, seq: Sequence, k: int) -> int:
         """Drafts for seq this step: k (a pinned sequence: its own count), within what it may still generate and

@@ -96,8 +96,9 @@ class SpeculationPolicy:
     not flip them back and forth. Only the count being run keeps being measured; on a shared machine whose speed
     drifts, its cost and another count's measured long ago are not comparable. So a count measured more than
     FRESH_STEPS timed steps ago is measured again before the policy switches to it, and the smaller counts
-    (cheaper steps, with the MTP modules of the chosen count kept caught up) are measured again once they are
-    that old, so that a larger count chosen on a slow spell does not stay on for good.
+    (cheaper steps) are measured again once they are that old, so that a larger count chosen on a slow spell does
+    not stay on for good. A count being measured runs as it would once chosen: its steps skip the MTP passes it
+    does not need (the engine resyncs the sequences afterwards).
     """
 
     SAMPLES_TO_TRUST = 3
@@ -157,13 +158,13 @@ class SpeculationPolicy:
                 if min(m.new_samples for m in self._models(k, batch_size)) < self.SAMPLES_TO_TRUST
                 and self._tries[k, bucket] < self.MAX_TRIES]
 
-    def warm_drafts(self, k: int, batch_size: int) -> int:
-        """The most drafts whose MTP modules must stay caught up while k are drafted at this batch size: those of
-        every count still to be measured here, and of the count chosen here (k may be a smaller one measured
-        again)."""
-        if not self.adaptive:
-            return k
-        return max([k, self.choices.get(self.bucket(batch_size), 0)] + self._untried(batch_size))
+    def drafts_in_use(self, batch_size: int) -> int:
+        """The most drafts a sequence decoding at this batch size may be asked for: the count chosen here and any
+        still to be measured (all of them before the first choice)."""
+        choice = self.choices.get(self.bucket(batch_size))
+        if not self.adaptive or choice is None:
+            return self.max_drafts
+        return max([choice] + self._untried(batch_size))
 
     def exploring(self, batch_size: int) -> bool:
         """Some draft count is still to be measured at this batch size."""
