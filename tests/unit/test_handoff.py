@@ -81,11 +81,10 @@ def test_seeded_sampling_keeps_every_module(model):
 
 def settle_on_no_drafts(policy, batch_size: int = 1) -> None:
     """Measurements of a machine on which drafting costs more than it gains, at `batch_size`."""
-    for _ in range(policy.SAMPLES_TO_TRUST):
-        for k in range(policy.max_drafts + 1):
+    for k in range(policy.max_drafts + 1):
+        for _ in range(policy.SAMPLES_TO_TRUST + 1):  # the first step of a count does not count
             policy.record_verify(k, batch_size, 0.01 * (1 + k))
-            if k:
-                policy.record_draft(k, batch_size, 0.01)
+            policy.record_draft(k or None, batch_size, 0.01)
     assert policy.choose(batch_size) == 0
 
 

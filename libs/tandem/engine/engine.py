@@ -245,7 +245,7 @@ class Engine:
             outputs, verified = self._postprocess(batch, hidden)
             if self.graphs and self.graphs.num_graphs > graphs_before:
                 timed_drafts = None  # this step's time includes capturing a CUDA graph: not what its drafts cost
-            if timed_drafts is not None:
+            if self.policy.measures:
                 self.policy.record_verify(timed_drafts, len(batch), time.perf_counter() - started)
             self._speculate(verified, timed=timed_drafts is not None)
         return outputs
@@ -396,11 +396,16 @@ class Engine:
         # a prefill worker's sequences never draft here: the policy is for decoding batches
         batch_size = sum(not s.prefill_only for s in self.scheduler.running)
         k = self.policy.choose(batch_size) if batch_size else 0
+        drafted = self._draft(verified, k)
+        if self.policy.measures:
+            self.policy.record_draft(k if timed and k > 0 and drafted else None, batch_size,
+                                     time.perf_counter() - started)
+
+    def _draft(self, verified: list[tuple[Sequence, int, torch.Tensor]], k: int) -> bool:
+        """`_speculate`'s MTP work for k drafts; whether any ran."""
         if k > 0:
             self._resync_stale()
         verified = [v for v in verified if v[0].can_draft]
-        if not verified:
-            return
         # the modules k drafts need, no more: a count being measured runs as it would once chosen (the MTP passes of
         # other counts would slow the main pass too, through the caches). Skipping a module's pass saves its cost; a
         # sequence that needs it again resyncs (see _resync_stale).
@@ -411,15 +416,14 @@ class Engine:
                 seq.mtp_stale = True
         verified = [v for v in verified if not v[0].mtp_stale]
         if not verified:
-            return
+            return False
         seqs = [v[0] for v in verified]
         counts = [self._draft_count(s, k) for s in seqs]
         # a prefill worker hands every module its sequence keeps over caught up; a pinned sequence drafts its own
         # count
         needed = max([warm] + [min(c, num_modules) for c in counts] + [len(s.mtp) for s in seqs if s.prefill_only])
         self.drafter.advance(seqs, [(start, h) for _, start, h in verified], counts, needed)
-        if timed and k > 0:
-            self.policy.record_draft(k, batch_size, time.perf_counter() - started)
+        return True
 
     def mtp_modules_for_arrival(self) -> int:
         """MTP modules a request joining the batch now should arrive with caught up on its prompt (what a decode

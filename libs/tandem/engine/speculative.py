@@ -119,6 +119,8 @@ class SpeculationPolicy:
         self._steps = 0  # timed decode steps so far: the clock of the measurements' freshness
         self._renewed_at: dict[tuple[int, int], int] = {}  # (drafts, bucket) -> clock when last measured again
         self._pending = [[0, 0] for _ in range(max_drafts)]  # per draft position: (reached, accepted) this step
+        self._last_verified: int | None = None  # drafts verified by the step before, None if it did not count
+        self._last_drafted: int | None = None
 
     @property
     def measures(self) -> bool:
@@ -134,14 +136,24 @@ class SpeculationPolicy:
     def _model(self, table: dict, k: int, batch_size: int) -> StepCostModel:
         return table.setdefault((k, self.bucket(batch_size)), StepCostModel())
 
-    def record_verify(self, num_drafts: int, batch_size: int, seconds: float) -> None:
-        """A decode step in which every one of `batch_size` sequences verified `num_drafts` drafts."""
-        self._steps += 1
-        self._model(self.verify_cost, num_drafts, batch_size).record(batch_size, seconds, self._steps)
+    def record_verify(self, num_drafts: int | None, batch_size: int, seconds: float) -> None:
+        """A decode step in which every one of `batch_size` sequences verified `num_drafts` drafts (None: a step
+        that tells nothing, as one that prefills). Only a step after one that verified as many counts: the first
+        after a change runs on caches the other count's passes filled (a plain step after drafting steps is
+        15-30% slower at batch 8 on a CPU)."""
+        steady = num_drafts is not None and num_drafts == self._last_verified
+        self._last_verified = num_drafts
+        if steady:
+            self._steps += 1
+            self._model(self.verify_cost, num_drafts, batch_size).record(batch_size, seconds, self._steps)
 
-    def record_draft(self, num_drafts: int, batch_size: int, seconds: float) -> None:
-        """The MTP work after a decode step that drafted `num_drafts` tokens for `batch_size` sequences."""
-        self._model(self.draft_cost, num_drafts, batch_size).record(batch_size, seconds, self._steps)
+    def record_draft(self, num_drafts: int | None, batch_size: int, seconds: float) -> None:
+        """The MTP work after a decode step that drafted `num_drafts` tokens for `batch_size` sequences (None: work
+        that tells nothing); as `record_verify`, only after work that drafted as many."""
+        steady = num_drafts is not None and num_drafts == self._last_drafted
+        self._last_drafted = num_drafts
+        if steady:
+            self._model(self.draft_cost, num_drafts, batch_size).record(batch_size, seconds, self._steps)
 
     def _models(self, k: int, batch_size: int) -> list[StepCostModel]:
         """What a step with k drafts costs: verifying them and (for k > 0) producing them."""
