@@ -40,7 +40,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_speculative_tokens: int = 0  # drafts per step at most (per request it may be lower)
     adaptive_speculation: bool = True  # pick 0..num_speculative_tokens drafts per step from measured gains
-    single_thread_max_tokens: int = 16  # CPU steps feeding at most this many tokens run on one thread (0: never)
+    # CPU steps feeding at most this many tokens run on one intra-op thread (0: never; see `cpu_threads`)
+    single_thread_max_tokens: int = 0
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs where the model allows (`DecodeGraphs`)
 
     def __post_init__(self) -> None:
