@@ -103,7 +103,9 @@ class SpeculationPolicy:
 
     SAMPLES_TO_TRUST = 3
     GAIN = 1.02  # how much more tokens/s a larger draft count must promise to be chosen
-    SWITCH_ON_GAIN = 1.10  # the same, for any draft at all where the last choice was none
+    # the same, for any draft at all where the last choice was none: twice the noise of step times on a shared
+    # 2-core machine, since turning drafts on costs the catch-up of every sequence whose MTP passes were skipped
+    SWITCH_ON_GAIN = 1.20
     MAX_TRIES = 12  # a count tried this often without being measured (say every request drafts fewer) is let be
     FRESH_STEPS = 64
 
@@ -134,7 +136,11 @@ class SpeculationPolicy:
         return max(batch_size, 1).bit_length()
 
     def _model(self, table: dict, k: int, batch_size: int) -> StepCostModel:
-        return table.setdefault((k, self.bucket(batch_size)), StepCostModel())
+        key = (k, self.bucket(batch_size))
+        model = table.get(key)
+        if model is None:
+            model = table[key] = StepCostModel()
+        return model
 
     def record_verify(self, num_drafts: int | None, batch_size: int, seconds: float) -> None:
         """A decode step in which every one of `batch_size` sequences verified `num_drafts` drafts (None: a step
