@@ -252,8 +252,8 @@ class SpeculationPolicy:
         measured any more, say every request now drafts fewer, is tried again once every FRESH_STEPS)."""
         if not self._samples(k, batch_size):
             return False
-        newest = max([m.last_recorded for m in self._models(k, batch_size)]
-                     + [self._renewed_at.get((k, self.bucket(batch_size)), 0)])
+        measured = min(m.last_recorded for m in self._models(k, batch_size))  # verifying and drafting both
+        newest = max(measured, self._renewed_at.get((k, self.bucket(batch_size)), 0))
         return self._steps - newest > self.FRESH_STEPS
 
     def _renew(self, k: int, bucket: int, batch_size: int) -> None:
