@@ -61,7 +61,7 @@ class DecodeGraphs:
         """Whether a decode pass of `model` runs without a host sync: on CUDA, every MoE layer's experts local
         and run by grouped matmuls (bfloat16, compute capability 8.0 on)."""
         device = model.lm_head.weight.device
-        if device.type != "cuda" or not grouped_mm_available(device, model.lm_head.weight.dtype):
+        if not grouped_mm_available(device, model.lm_head.weight.dtype):
             return False
         return all(isinstance(layer.mlp.experts, LocalExperts) and layer.mlp.route_observer is None
                    for layer in model.model.layers if isinstance(layer.mlp, MoE))

@@ -411,9 +411,9 @@ class Engine:
         # other counts would slow the main pass too, through the caches). Skipping a module's pass saves its cost; a
         # sequence that needs it again resyncs (see _resync_stale).
         num_modules = self.drafter.num_modules
-        warm = min(k, num_modules)
+        modules = min(k, num_modules)
         for seq, _, _ in verified:
-            if not (warm or seq.pins_drafts or seq.prefill_only):
+            if not (modules or seq.pins_drafts or seq.prefill_only):
                 seq.mtp_stale = True
         verified = [v for v in verified if not v[0].mtp_stale]
         if not verified:
@@ -422,7 +422,7 @@ class Engine:
         counts = [self._draft_count(s, k) for s in seqs]
         # a prefill worker hands every module its sequence keeps over caught up; a pinned sequence drafts its own
         # count
-        needed = max([warm] + [min(c, num_modules) for c in counts] + [len(s.mtp) for s in seqs if s.prefill_only])
+        needed = max([modules] + [min(c, num_modules) for c in counts] + [len(s.mtp) for s in seqs if s.prefill_only])
         self.drafter.advance(seqs, [(start, h) for _, start, h in verified], counts, needed)
         return True
 

@@ -242,7 +242,7 @@ class SpeculationPolicy:
             stale.remove(best_k)  # the count being run: its next steps measure it
         if stale:
             for k in stale:
-                self._renew(k, bucket, batch_size)
+                self._renew(k, batch_size)
             return self.choose(batch_size)
         self.choices[bucket] = best_k
         return best_k
@@ -256,9 +256,10 @@ class SpeculationPolicy:
         newest = max(measured, self._renewed_at.get((k, self.bucket(batch_size)), 0))
         return self._steps - newest > self.FRESH_STEPS
 
-    def _renew(self, k: int, bucket: int, batch_size: int) -> None:
+    def _renew(self, k: int, batch_size: int) -> None:
         for m in self._models(k, batch_size):
             m.renew()
+        bucket = self.bucket(batch_size)
         self._tries[k, bucket] = 0
         self._renewed_at[k, bucket] = self._steps
 
