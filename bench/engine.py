@@ -575,6 +575,14 @@ def main(argv: list[str] | None = None) -> None:
         prompts = make_prompts(args, model.config.vocab_size)
         report["settings"]["prompts"] = "held-out code" if args.model else "random ids"
         results, tandem_tokens = [], {}
+
+        def add_result(engine_name: str, batch: int, spec: int, r: dict, engine: Engine | None) -> None:
+            row = record(results, tandem_tokens, engine_name, batch, spec, r, engine)
+            results.append({**row, **with_rates(r, batch, args.new_tokens, step_bytes, step_flops, context_len,
+                                                bandwidth, flops)})
+            log(f"{engine_name:12} B={batch:<3} spec={spec}: {results[-1]['tokens_per_s']:.1f} tok/s, "
+                f"decode {results[-1]['decode_tokens_per_s'] or 0:.1f} tok/s, {r['seconds']:.2f} s")
+
         spec_settings = args.spec_tokens if model.mtp_layers else [0]
         # transformers runs in turn with Tandem, except for Moonlight, whose weights it takes over
         interleaved = not args.skip_transformers and args.random_preset != "moonlight"
@@ -595,11 +603,7 @@ def main(argv: list[str] | None = None) -> None:
                 configs["transformers", 0] = transformers_runs(hf, prompts[b], args.new_tokens, device)
             log(f"B={b:<3}: {', '.join(f'{e} spec={k}' for e, k in configs)}, {args.repeats} run(s) each in turn ...")
             for (engine_name, k), r in measure(configs, args.repeats).items():
-                row = record(results, tandem_tokens, engine_name, b, k, r, engines.get(k))
-                results.append({**row, **with_rates(r, b, args.new_tokens, step_bytes, step_flops, context_len,
-                                                    bandwidth, flops)})
-                log(f"{engine_name:12} B={b:<3} spec={k}: {results[-1]['tokens_per_s']:.1f} tok/s, "
-                    f"decode {results[-1]['decode_tokens_per_s'] or 0:.1f} tok/s, {r['seconds']:.2f} s")
+                add_result(engine_name, b, k, r, engines.get(k))
         if not args.skip_transformers and not interleaved:
             log("loading the transformers model")
             hf = make_transformers()
@@ -607,11 +611,7 @@ def main(argv: list[str] | None = None) -> None:
             report["transformers"] = transformers_info(hf)
             for b in args.batch_sizes:
                 r = measure({"t": transformers_runs(hf, prompts[b], args.new_tokens, device)}, args.repeats)["t"]
-                row = record(results, tandem_tokens, "transformers", b, 0, r, None)
-                results.append({**row, **with_rates(r, b, args.new_tokens, step_bytes, step_flops, context_len,
-                                                    bandwidth, flops)})
-                log(f"transformers B={b:<3}: {results[-1]['tokens_per_s']:.1f} tok/s, "
-                    f"decode {results[-1]['decode_tokens_per_s'] or 0:.1f} tok/s, {r['seconds']:.2f} s")
+                add_result("transformers", b, 0, r, None)
     # other processes on the machine skew every number: a load average above the core count says so
     report["machine"]["load_average_at_end"] = os.getloadavg()
     report["results"] = results
