@@ -259,10 +259,10 @@ def sync(device: torch.device) -> None:
 
 
 def make_engine(model: DeepseekV3ForCausalLM, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int,
-                adaptive: bool, cuda_graphs: bool = True) -> Engine:
+                adaptive: bool, cuda_graphs: bool = True, compile_decode: bool = False) -> Engine:
     return Engine(model, EngineConfig(
         max_num_seqs=batch, num_speculative_tokens=spec_tokens, adaptive_speculation=adaptive,
-        cuda_graphs=cuda_graphs,
+        cuda_graphs=cuda_graphs, compile_decode=compile_decode,
         max_model_len=prompt_len + new_tokens + spec_tokens + 1,
         # the whole batch prefills in one pass, as transformers does
         max_num_batched_tokens=max(2048, batch * prompt_len)))
@@ -481,6 +481,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run Tandem's decode steps eagerly on CUDA (by default it replays them from CUDA graphs "
                         "where the model allows: bfloat16 with grouped expert matmuls)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="run Tandem's decode steps eagerly where CUDA graphs do not run (by default, on the CPU, "
+                        "they run from torch.compile'd forwards; the warm-up runs compile them)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the median is kept")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"), help="where results.json and "
@@ -547,7 +550,8 @@ def record(results: list[dict], tandem_tokens: dict, name: str, batch: int, spec
     row = {"engine": name, "batch": batch, "spec_tokens": spec}
     if name == "tandem":
         tandem_tokens[batch, spec] = tokens
-        row["cuda_graphs"] = engine.graphs.num_graphs if engine.graphs else 0
+        row["decode_graphs"] = engine.graphs.kind if engine.graphs else "eager"
+        row["num_decode_graphs"] = engine.graphs.num_graphs if engine.graphs else 0
         if spec and (batch, 0) in tandem_tokens:
             r["greedy_vs_tandem_no_spec"] = compare(tokens, tandem_tokens[batch, 0])
     else:
@@ -594,7 +598,8 @@ def main(argv: list[str] | None = None) -> None:
             configs, engines = {}, {}
             for k in spec_settings:
                 engine = engines[k] = make_engine(model, b, args.prompt_len, args.new_tokens, k,
-                                                  not args.fixed_speculation, not args.no_cuda_graphs)
+                                                  not args.fixed_speculation, not args.no_cuda_graphs,
+                                                  not args.no_compile)
                 run = lambda engine=engine: run_tandem(engine, prompts[b], args.new_tokens)  # noqa: E731
                 # a full-length warm-up run: the adaptive policy measures its draft counts there, as a server's
                 # does in its first requests

@@ -65,6 +65,9 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-cuda-graphs", action="store_true",
                      help="with --device cuda: run every decode step eagerly instead of replaying it from a CUDA "
                           "graph (graphs need bfloat16)")
+    gen.add_argument("--compile", action="store_true",
+                     help="where CUDA graphs do not run (the CPU): run decode steps from torch.compile'd forwards, "
+                          "about 2x faster at batch 1; the first step of each batch shape compiles (10-30 s)")
     gen.set_defaults(func=_cmd_generate)
 
     init = sub.add_parser("init-model", help="write a random-weight checkpoint of a named shape",
@@ -164,7 +167,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                        show_progress=not args.json)
     engine = Engine(model, EngineConfig(max_num_seqs=1, num_speculative_tokens=spec,
                                         adaptive_speculation=not args.no_adaptive_speculation,
-                                        cuda_graphs=not args.no_cuda_graphs), tokenizer)
+                                        cuda_graphs=not args.no_cuda_graphs, compile_decode=args.compile),
+                    tokenizer)
     request_id = engine.add_request(prompt_ids, params)
     token_ids, text, reason = [], "", None
     while engine.has_unfinished:
@@ -195,7 +199,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
     if args.stop_token_ids or args.ignore_eos:
         raise ValueError("--stop-token-ids and --ignore-eos are not part of the gateway's API; use --stop")
-    for flag in ("dtype", "device", "mtp_input", "no_adaptive_speculation", "no_cuda_graphs"):
+    for flag in ("dtype", "device", "mtp_input", "no_adaptive_speculation", "no_cuda_graphs", "compile"):
         if getattr(args, flag):
             raise ValueError(f"--{flag.replace('_', '-')} is a setting of the cluster's workers, not of a request")
     request = pb.GenerateRequest(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

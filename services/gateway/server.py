@@ -64,6 +64,9 @@ class GatewayConfig:
     max_num_seqs: int = setting(64, help="sequences the engine batches per step at most")
     cuda_graphs: bool = setting(True, help="on cuda, replay decode steps from CUDA graphs where the model allows "
                                            "(bfloat16); false runs every step eagerly")
+    compile_decode: bool = setting(False, help="where CUDA graphs do not run (the CPU): run decode steps from "
+                                               "torch.compile'd forwards; each new batch shape compiles first "
+                                               "(10-30 s)")
     model_name: str = setting("", help="name reported by GetModelInfo (empty: the model directory's name)")
     grace_s: float = setting(10.0, help="seconds in-flight requests get to finish at shutdown")
     metrics_port: int = setting(0, help="Prometheus metrics HTTP port (0 = off)")
@@ -167,7 +170,8 @@ class GatewayServer:
         model = load_model(config.model, dtype=DTYPES[config.dtype], device=config.device)
         # no tokenizer for the engine: the gateway detokenizes and matches stop strings itself
         engine = Engine(model, EngineConfig(max_num_seqs=config.max_num_seqs, num_speculative_tokens=spec,
-                                            cuda_graphs=config.cuda_graphs))
+                                            cuda_graphs=config.cuda_graphs,
+                                            compile_decode=config.compile_decode))
         return cls(EngineRunner(engine, config.max_queued), load_tokenizer(config.model), model_info(engine, name),
                    config.host, config.port, config.grace_s, config.metrics_port)
 

@@ -107,5 +107,7 @@ def test_generate_gateway_flags_that_belong_to_the_workers_are_refused(capsys):
     assert "--dtype is a setting of the cluster's workers" in capsys.readouterr().err
     assert main(["generate", "--gateway", "127.0.0.1:1", "--prompt", "x", "--no-cuda-graphs"]) == 2
     assert "--no-cuda-graphs is a setting of the cluster's workers" in capsys.readouterr().err
+    assert main(["generate", "--gateway", "127.0.0.1:1", "--prompt", "x", "--compile"]) == 2
+    assert "--compile is a setting of the cluster's workers" in capsys.readouterr().err
     assert main(["generate", "--gateway", "127.0.0.1:1", "--prompt-ids", "1", "--ignore-eos"]) == 2
     assert "--ignore-eos" in capsys.readouterr().err

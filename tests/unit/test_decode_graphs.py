@@ -1,4 +1,4 @@
-"""Decode steps padded to graph buckets (`tandem.engine.cuda_graphs`), run eagerly on the CPU: the padding
+"""Decode steps padded to graph buckets (`tandem.engine.decode_graphs`), run eagerly on the CPU: the padding
 must not change a token. tests/devices captures and replays the same steps as CUDA graphs."""
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tandem.engine.cuda_graphs import CONTEXT_STEP, DecodeGraphs, batch_buckets
+from tandem.engine.decode_graphs import CONTEXT_STEP, DecodeGraphs, batch_buckets
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.sampling import SamplingParams
 from tandem.model.attention_metadata import PagedArrays
@@ -28,7 +28,7 @@ def generate(model, k: int, graphs: bool) -> tuple[list[list[int]], Engine]:
                                         max_model_len=512, kv_cache_bytes=32 << 20))
     if graphs:
         engine.graphs = DecodeGraphs(model, engine.cache, engine.config.max_num_seqs, engine.max_model_len,
-                                     capture=False)
+                                     max_query_len=1 + k, kind="eager")
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
     return [c.token_ids for c in engine.generate(PROMPTS, params)], engine
 
@@ -55,10 +55,12 @@ def test_padded_decode_steps_give_the_tokens_of_eager_steps(model, k):
 
 def test_steps_without_a_graph_shape_run_eagerly(model):
     engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=512, kv_cache_bytes=32 << 20))
-    graphs = DecodeGraphs(model, engine.cache, max_batch=2, max_context=CONTEXT_STEP, capture=False)
+    graphs = DecodeGraphs(model, engine.cache, max_batch=2, max_context=CONTEXT_STEP, max_query_len=1, kind="eager")
     tables = [[1, 2, 3]] * 3
     # uneven new tokens (a prefill chunk beside a decode token): no graph
     assert graphs.run([5, 6, 7], PagedArrays.build([2, 1], [10, 4], tables[:2], 16)) is None
+    # a prompt chunk, even one every sequence of the step brings alike
+    assert graphs.run([5, 6, 7, 8], PagedArrays.build([2, 2], [10, 4], tables[:2], 16)) is None
     # more sequences than the largest bucket
     assert graphs.run([5, 6, 7], PagedArrays.build([1, 1, 1], [4, 4, 4], tables, 16)) is None
     # a context past the largest captured one
@@ -69,7 +71,7 @@ def test_steps_without_a_graph_shape_run_eagerly(model):
 def test_steps_that_capture_a_graph_are_not_timed_for_the_speculation_policy(model):
     engine = Engine(model, EngineConfig(max_num_seqs=8, num_speculative_tokens=2, max_model_len=512,
                                         kv_cache_bytes=32 << 20))
-    engine.graphs = DecodeGraphs(model, engine.cache, 8, engine.max_model_len, capture=False)
+    engine.graphs = DecodeGraphs(model, engine.cache, 8, engine.max_model_len, max_query_len=3, kind="eager")
     recorded = []
     record_verify = engine.policy.record_verify
     # every step reports to the policy; one that tells it nothing reports no draft count (None)
@@ -85,3 +87,23 @@ def test_steps_that_capture_a_graph_are_not_timed_for_the_speculation_policy(mod
             assert len(recorded) == records, "a step that captured a graph was timed"
         timed_steps += len(recorded) > records
     assert capturing_steps >= 3 and timed_steps > 0
+
+
+def test_compiled_decode_steps_give_the_tokens_of_eager_steps(model):
+    """`compile_decode`: uniform decode steps run from torch.compile'd forwards (batch buckets 2 and 1 here, one
+    compile each), and write their latents into the engine's cache in place: a lost write would change every
+    later token."""
+    prompts, max_tokens = PROMPTS[:2], [20, 12]
+
+    def run(compile_decode: bool) -> tuple[list[list[int]], Engine]:
+        engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, kv_cache_bytes=32 << 20,
+                                            compile_decode=compile_decode))
+        params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in max_tokens]
+        return [c.token_ids for c in engine.generate(prompts, params)], engine
+
+    want, _ = run(compile_decode=False)
+    got, engine = run(compile_decode=True)
+    assert got == want
+    assert engine.graphs.kind == "compiled" and not engine.graphs.failed
+    assert engine.graphs.num_graphs == 2
+    assert engine.graphs.num_replays == sum(max_tokens) - 2 - 11  # every decode step: 11 of two, then 8 of one

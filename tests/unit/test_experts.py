@@ -44,6 +44,21 @@ def test_grouped_and_per_expert_paths_match_the_definition(bank, num_tokens):
             assert torch.equal(bank(x, slots, weights), grouped)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 40])
+@pytest.mark.parametrize("layout", ["row_major", "column_major"])
+def test_the_path_torch_compile_traces_matches_the_definition(bank, num_tokens, layout):
+    """`_traceable`, run eagerly: per-pair gathers while the pairs fit in the slots (1 and 2 tokens of 3 experts
+    in 6 slots), every expert on every token past that (3 and 40)."""
+    if layout == "column_major":
+        bank = ExpertBank.from_weights({n: getattr(bank, n).detach() for n in ("gate_proj", "up_proj", "down_proj")})
+    x = torch.randn(num_tokens, HIDDEN)
+    slots = torch.stack([torch.randperm(NUM_SLOTS)[:TOP_K] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, TOP_K)
+    with torch.no_grad():
+        torch.testing.assert_close(bank._traceable(x, slots, weights), definition(bank, x, slots, weights),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_no_tokens_give_an_empty_result(bank):
     out = bank(torch.empty(0, HIDDEN), torch.empty(0, TOP_K, dtype=torch.int64), torch.empty(0, TOP_K))
     assert out.shape == (0, HIDDEN)

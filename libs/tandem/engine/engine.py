@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.engine.cpu_threads import single_thread_if_small
-from tandem.engine.cuda_graphs import DecodeGraphs
+from tandem.engine.decode_graphs import DecodeGraphs
 from tandem.engine.detokenizer import Detokenizer
 from tandem.engine.kv_cache import PagedKVCache
 from tandem.engine.sampling import SamplingError, SamplingParams, sample, target_probs, verify_drafts
@@ -43,6 +43,8 @@ class EngineConfig:
     # CPU steps feeding at most this many tokens run on one intra-op thread (0: never; see `cpu_threads`)
     single_thread_max_tokens: int = 0
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs where the model allows (`DecodeGraphs`)
+    # elsewhere (the CPU), run decode steps from torch.compile'd forwards: each new shape compiles first (10-30 s)
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
@@ -93,15 +95,29 @@ class Engine:
         max_drafts = self.config.num_speculative_tokens if mc.num_nextn_predict_layers else 0
         self.policy = SpeculationPolicy(max_drafts, adaptive=self.config.adaptive_speculation)
         self.drafter = MTPDrafter(model, self.cache)
-        self.graphs = DecodeGraphs(model, self.cache, self.config.max_num_seqs, self.max_model_len) \
-            if self.config.cuda_graphs and DecodeGraphs.supports(model) else None
+        self.graphs = self._decode_graphs(model)
         self.stop_ids = set(mc.eos_token_id)
         self._requests: dict[str, tuple[Sequence, Detokenizer | None]] = {}
         self._ids = itertools.count()
         self.spec_totals = SpecStats()
         log.info("engine ready: %d KV blocks of %d tokens, max_model_len %d, up to %d drafts/step from %d MTP "
                  "module(s), decode steps %s", num_blocks, self.config.block_size, self.max_model_len, max_drafts,
-                 mc.num_nextn_predict_layers, "from CUDA graphs" if self.graphs else "eager")
+                 mc.num_nextn_predict_layers,
+                 {"cuda": "from CUDA graphs", "compiled": "compiled"}[self.graphs.kind] if self.graphs else "eager")
+
+    def _decode_graphs(self, model: DeepseekV3ForCausalLM) -> DecodeGraphs | None:
+        """CUDA graphs where the model allows them and they are on, else compiled steps where asked for."""
+        c = self.config
+        if c.cuda_graphs and DecodeGraphs.supports(model, "cuda"):
+            return DecodeGraphs(model, self.cache, c.max_num_seqs, self.max_model_len, 1 + self.policy.max_drafts,
+                               "cuda")
+        if not c.compile_decode:
+            return None
+        if not DecodeGraphs.supports(model, "compiled"):
+            log.warning("compile_decode is set, but the model's experts are not local: decode steps run eagerly")
+            return None
+        return DecodeGraphs(model, self.cache, c.max_num_seqs, self.max_model_len, 1 + self.policy.max_drafts,
+                            "compiled")
 
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,

@@ -31,7 +31,8 @@ class DenseCausal:
 class Paged:
     """New tokens of B sequences over a paged MLA cache.
 
-    kv_cache: [num_kv_layers, num_slots, kv_lora_rank + qk_rope_head_dim]; slot = block * block_size + offset.
+    kv_cache: [num_kv_layers, num_slots, kv_lora_rank + qk_rope_head_dim], or its layers as a list (what a
+    compiled forward takes, see `tandem.engine.decode_graphs`); slot = block * block_size + offset.
     When every sequence brings the same number of new tokens (decode, and verification of equal draft counts),
     the T tokens already are the [B, Q] query grid, and `query_index` / `query_rows` are None.
     """
@@ -42,7 +43,7 @@ class Paged:
     query_rows: torch.Tensor | None  # [T] int64, row of each new token in the flattened [B*Q] query grid
     key_slots: torch.Tensor  # [B*S] int64, cache slot of each context position (padding points at slot 0)
     attend_bias: torch.Tensor  # [B, Q, 1, S] float32, 0 where a query may attend to a key, else MASKED
-    kv_cache: torch.Tensor
+    kv_cache: torch.Tensor | list[torch.Tensor]  # indexed by layer
     num_seqs: int
     max_query_len: int  # Q
 

