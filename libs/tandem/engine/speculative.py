@@ -114,8 +114,7 @@ class SpeculationPolicy:
         self.adaptive = adaptive
         self.acceptance = [prior_acceptance] * max_drafts
         self.decay = decay
-        self.verify_cost: dict[tuple[int, int], StepCostModel] = {}  # (drafts, bucket) -> cost model
-        self.draft_cost: dict[tuple[int, int], StepCostModel] = {}
+        self._costs: dict[tuple[int, int], list[StepCostModel]] = {}  # (drafts, bucket) -> see `_models`
         self._tries: Counter[tuple[int, int]] = Counter()  # (drafts, bucket) -> times chosen to be measured
         self.choices: dict[int, int] = {}  # bucket -> drafts last chosen there once measured (for operators)
         self._steps = 0  # timed decode steps so far: the clock of the measurements' freshness
@@ -135,12 +134,14 @@ class SpeculationPolicy:
         worker, whose sequences leave the batch after their first token, asks for none: bucket 1 too.)"""
         return max(batch_size, 1).bit_length()
 
-    def _model(self, table: dict, k: int, batch_size: int) -> StepCostModel:
+    def _models(self, k: int, batch_size: int) -> list[StepCostModel]:
+        """What a step with k drafts costs at this batch size: [verifying them] and, for k > 0, [..., producing
+        them]. Made once per (k, bucket): the policy asks for them a dozen times a step."""
         key = (k, self.bucket(batch_size))
-        model = table.get(key)
-        if model is None:
-            model = table[key] = StepCostModel()
-        return model
+        models = self._costs.get(key)
+        if models is None:
+            models = self._costs[key] = [StepCostModel() for _ in range(2 if k else 1)]
+        return models
 
     def record_verify(self, num_drafts: int | None, batch_size: int, seconds: float) -> None:
         """A decode step in which every one of `batch_size` sequences verified `num_drafts` drafts (None: a step
@@ -151,7 +152,7 @@ class SpeculationPolicy:
         self._last_verified = num_drafts
         if steady:
             self._steps += 1
-            self._model(self.verify_cost, num_drafts, batch_size).record(batch_size, seconds, self._steps)
+            self._models(num_drafts, batch_size)[0].record(batch_size, seconds, self._steps)
 
     def record_draft(self, num_drafts: int | None, batch_size: int, seconds: float) -> None:
         """The MTP work after a decode step that drafted `num_drafts` tokens for `batch_size` sequences (None: work
@@ -159,12 +160,7 @@ class SpeculationPolicy:
         steady = num_drafts is not None and num_drafts == self._last_drafted
         self._last_drafted = num_drafts
         if steady:
-            self._model(self.draft_cost, num_drafts, batch_size).record(batch_size, seconds, self._steps)
-
-    def _models(self, k: int, batch_size: int) -> list[StepCostModel]:
-        """What a step with k drafts costs: verifying them and (for k > 0) producing them."""
-        verify = self._model(self.verify_cost, k, batch_size)
-        return [verify, self._model(self.draft_cost, k, batch_size)] if k else [verify]
+            self._models(num_drafts, batch_size)[-1].record(batch_size, seconds, self._steps)
 
     def _samples(self, k: int, batch_size: int) -> int:
         return min(len(m) for m in self._models(k, batch_size))
