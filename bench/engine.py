@@ -482,8 +482,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run Tandem's decode steps eagerly on CUDA (by default it replays them from CUDA graphs "
                         "where the model allows: bfloat16 with grouped expert matmuls)")
     p.add_argument("--no-compile", action="store_true",
-                   help="run Tandem's decode steps eagerly where CUDA graphs do not run (by default, on the CPU, "
-                        "they run from torch.compile'd forwards; the warm-up runs compile them)")
+                   help="run Tandem's decode steps eagerly on the CPU (by default they run from torch.compile'd "
+                        "forwards there; the warm-up runs compile them)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the median is kept")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"), help="where results.json and "
@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
             for k in spec_settings:
                 engine = engines[k] = make_engine(model, b, args.prompt_len, args.new_tokens, k,
                                                   not args.fixed_speculation, not args.no_cuda_graphs,
-                                                  not args.no_compile)
+                                                  device.type == "cpu" and not args.no_compile)
                 run = lambda engine=engine: run_tandem(engine, prompts[b], args.new_tokens)  # noqa: E731
                 # a full-length warm-up run: the adaptive policy measures its draft counts there, as a server's
                 # does in its first requests

@@ -48,6 +48,16 @@ def test_stop_string_cuts_text_and_finishes(demo_model, capsys):
     assert cut["text"] == full[: full.index(stop)]
 
 
+def test_compiled_decode_steps_generate_the_eager_tokens(demo_model, capsys):
+    args = ["--model", str(demo_model), "--prompt-ids", "5,6,7", "--max-tokens", "6", "--ignore-eos",
+            "--speculative-tokens", "0"]
+    eager = run_json(capsys, *args)["token_ids"]
+    assert main(["generate", *args, "--compile"]) == 0
+    streamed = capsys.readouterr()
+    assert "--compile: each new decode step shape" in streamed.err  # the wait is announced
+    assert run_json(capsys, *args, "--compile")["token_ids"] == eager
+
+
 def test_seeded_sampling_is_reproducible(demo_model, capsys):
     args = ["--model", str(demo_model), "--prompt-ids", "5,6,7", "--max-tokens", "8", "--temperature", "0.8",
             "--seed", "11", "--ignore-eos"]
