@@ -67,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           "graph (graphs need bfloat16)")
     gen.add_argument("--compile", action="store_true",
                      help="with --device cpu: run decode steps from torch.compile'd forwards, about 2x faster at "
-                          "batch 1 and 8; the first step of each batch shape compiles (10-30 s)")
+                          "batch 1 and 8; a step of a new shape (batch, drafts) may compile first (10-30 s)")
     gen.set_defaults(func=_cmd_generate)
 
     init = sub.add_parser("init-model", help="write a random-weight checkpoint of a named shape",
@@ -170,7 +170,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                         cuda_graphs=not args.no_cuda_graphs, compile_decode=args.compile),
                     tokenizer)
     if engine.graphs is not None and engine.graphs.kind == "compiled" and not args.json:
-        print("tandem generate: --compile: each new decode step shape (batch, drafts) compiles first, 10-30 s",
+        print("tandem generate: --compile: a decode step of a new shape (drafts per step) may compile first, 10-30 s",
               file=sys.stderr)
     request_id = engine.add_request(prompt_ids, params)
     token_ids, text, reason = [], "", None

@@ -10,10 +10,11 @@ slot the cache reserves for them; padding keys are masked.
 
 Only the main model's pass of a uniform decode step runs from a graph: every sequence brings the same number of
 new tokens (one, or one plus the same number of drafts). Prefill chunks and mixed steps run eagerly, and so do
-sampling and the MTP drafts. A graph is built the first time its shape is met (a CUDA capture takes a moment, a
-CPU compile 10-30 s). Graphs need a forward with no host sync and local experts (`DecodeGraphs.supports`); remote
-experts exchange on the host. The kind "eager" runs the same padded static-buffer forward eagerly: tests run it
-on the CPU to check the padding.
+sampling and the MTP drafts. A graph is built the first time its shape is met: a CUDA capture takes a moment, a
+CPU compile 10-30 s on 2 cores unless a graph compiled before with dynamic dims fits. A server's first minutes of
+mixed batch shapes stall on those compiles, so compiling is opt-in, for steady shapes. Graphs need a forward with
+no host sync and local experts (`DecodeGraphs.supports`); remote experts exchange on the host. The kind "eager"
+runs the same padded static-buffer forward eagerly: tests run it on the CPU to check the padding.
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int, int], _StepGraph] = {}
         self._compiled = None
         if kind == "compiled":
-            # every shape is one more compile of the same forward; dynamo's default allows 8 per function
+            # the first shape compiles static; a shape that differs recompiles with the dims that changed dynamic,
+            # which later shapes may reuse (dynamo's automatic dynamic shapes). Compiles of one forward are limited
+            # to 8 by default. The C++ wrapper calls the kernels without Python in between: 10-20% faster a step.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS)
-            self._compiled = torch.compile(model, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+            self._compiled = torch.compile(model, dynamic=None, fullgraph=True, options={"cpp_wrapper": True})
 
     @staticmethod
     def supports(model: DeepseekV3ForCausalLM, kind: str = "cuda") -> bool:
@@ -127,8 +130,9 @@ class DecodeGraphs:
 
             replay_compiled()  # compiles now (on the static inputs: padding only, which writes the scratch slot)
             step.replay = replay_compiled
-            log.info("compiled decode steps of %d sequences x %d tokens over %d positions in %.1f s (%d shapes)",
-                     batch, query_len, context, time.perf_counter() - started, len(self._graphs) + 1)
+            log.info("decode steps of %d sequences x %d tokens over %d positions compiled (or matched to a graph "
+                     "compiled before) in %.1f s (%d shapes)", batch, query_len, context, time.perf_counter() - started,
+                     len(self._graphs) + 1)
             return step
         # warm-up outside the capture (lazy initialisations), on a side stream as capture requires
         stream = torch.cuda.Stream()
