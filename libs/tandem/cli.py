@@ -67,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           "graph (graphs need bfloat16)")
     gen.add_argument("--compile", action="store_true",
                      help="with --device cpu: run decode steps from torch.compile'd forwards, about 2x faster at "
-                          "batch 1 and 8; a step of a new shape (batch, drafts) may compile first (10-30 s)")
+                          "batch 1 and 8, compiled before the first token (10-30 s per draft count)")
     gen.set_defaults(func=_cmd_generate)
 
     init = sub.add_parser("init-model", help="write a random-weight checkpoint of a named shape",
@@ -165,13 +165,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--speculative-tokens must be >= 0, got {spec}")
     model = load_model(args.model, dtype=DTYPES[dtype], device=device, mtp_input=mtp_input,
                        show_progress=not args.json)
+    if args.compile and device == "cpu" and not args.json:
+        print("tandem generate: --compile: compiling the decode steps first (10-30 s per draft count)", file=sys.stderr)
     engine = Engine(model, EngineConfig(max_num_seqs=1, num_speculative_tokens=spec,
                                         adaptive_speculation=not args.no_adaptive_speculation,
                                         cuda_graphs=not args.no_cuda_graphs, compile_decode=args.compile),
                     tokenizer)
-    if engine.graphs is not None and engine.graphs.kind == "compiled" and not args.json:
-        print("tandem generate: --compile: a decode step of a new shape (drafts per step) may compile first, 10-30 s",
-              file=sys.stderr)
     request_id = engine.add_request(prompt_ids, params)
     token_ids, text, reason = [], "", None
     while engine.has_unfinished:

@@ -65,9 +65,8 @@ class GatewayConfig:
     cuda_graphs: bool = setting(True, help="on cuda, replay decode steps from CUDA graphs where the model allows "
                                            "(bfloat16); false runs every step eagerly")
     compile_decode: bool = setting(False, help="on cpu, run decode steps from torch.compile'd forwards, "
-                                               "about 2x faster at batch 1 and 8; a step of a new shape (batch, "
-                                               "drafts) may compile first (10-30 s): the first minutes of mixed "
-                                               "load stall")
+                                               "about 2x faster at batch 1 and 8, compiled at start-up (a few "
+                                               "minutes on 2 cores)")
     model_name: str = setting("", help="name reported by GetModelInfo (empty: the model directory's name)")
     grace_s: float = setting(10.0, help="seconds in-flight requests get to finish at shutdown")
     metrics_port: int = setting(0, help="Prometheus metrics HTTP port (0 = off)")

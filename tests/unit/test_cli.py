@@ -54,7 +54,7 @@ def test_compiled_decode_steps_generate_the_eager_tokens(demo_model, capsys):
     eager = run_json(capsys, *args)["token_ids"]
     assert main(["generate", *args, "--compile"]) == 0
     streamed = capsys.readouterr()
-    assert "--compile: a decode step of a new shape" in streamed.err  # the wait is announced
+    assert "--compile: compiling the decode steps first" in streamed.err  # the wait is announced
     assert run_json(capsys, *args, "--compile")["token_ids"] == eager
 
 

@@ -10,11 +10,11 @@ slot the cache reserves for them; padding keys are masked.
 
 Only the main model's pass of a uniform decode step runs from a graph: every sequence brings the same number of
 new tokens (one, or one plus the same number of drafts). Prefill chunks and mixed steps run eagerly, and so do
-sampling and the MTP drafts. A graph is built the first time its shape is met: a CUDA capture takes a moment, a
-CPU compile 10-30 s on 2 cores unless a graph compiled before with dynamic dims fits. A server's first minutes of
-mixed batch shapes stall on those compiles, so compiling is opt-in, for steady shapes. Graphs need a forward with
-no host sync and local experts (`DecodeGraphs.supports`); remote experts exchange on the host. The kind "eager"
-runs the same padded static-buffer forward eagerly: tests run it on the CPU to check the padding.
+sampling and the MTP drafts. A CUDA graph is captured the first time its shape is met, which takes a moment. A
+CPU compile takes 10-30 s on 2 cores, so compiled graphs are built before serving (`warm_up`); their dims are
+dynamic, so a few compiles serve every shape. Graphs need a forward with no host sync and local experts
+(`DecodeGraphs.supports`); remote experts exchange on the host. The kind "eager" runs the same padded
+static-buffer forward eagerly: tests run it on the CPU to check the padding.
 """
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int, int], _StepGraph] = {}
         self._compiled = None
         if kind == "compiled":
-            # the first shape compiles static; a shape that differs recompiles with the dims that changed dynamic,
-            # which later shapes may reuse (dynamo's automatic dynamic shapes). Compiles of one forward are limited
-            # to 8 by default. The C++ wrapper calls the kernels without Python in between: 10-20% faster a step.
+            # dynamic dims: a graph compiled for one shape serves every shape of its class (see `warm_up`). Compiles
+            # of one forward are limited to 8 by default. The C++ wrapper calls the kernels without Python in
+            # between: 10-20% faster a step.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS)
-            self._compiled = torch.compile(model, dynamic=None, fullgraph=True, options={"cpp_wrapper": True})
+            self._compiled = torch.compile(model, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
 
     @staticmethod
     def supports(model: DeepseekV3ForCausalLM, kind: str = "cuda") -> bool:
@@ -96,7 +96,29 @@ class DecodeGraphs:
         batch = next((b for b in self.buckets if b >= num_seqs), None)
         if batch is None or context > self.max_context:
             return None
-        key = (batch, query_len, -(-context // CONTEXT_STEP) * CONTEXT_STEP)
+        graph = self._graph(batch, query_len, -(-context // CONTEXT_STEP) * CONTEXT_STEP)
+        if graph is None:
+            return None
+        graph.load(input_ids, arrays)
+        self.num_replays += 1
+        return graph.replay()[: num_seqs * query_len].clone()
+
+    def warm_up(self) -> None:
+        """Build the graph of every batch bucket and query length now, at the first context bucket, so that no
+        step waits for one later. Meant for compiled steps: their dims other than 1 are dynamic, so these shapes
+        fall into a few classes (one sequence or more, one token each or more, few tokens or many for the
+        experts), each compiled once, 10-30 s on 2 cores, and other contexts reuse them."""
+        shapes = [(b, q) for b in self.buckets for q in range(1, self.max_query_len + 1)]
+        started = time.perf_counter()
+        log.info("building %s decode graphs for %d shapes before serving", self.kind, len(shapes))
+        for batch, query_len in shapes:
+            if self._graph(batch, query_len, CONTEXT_STEP) is None:
+                return
+        log.info("%s decode graphs ready in %.1f s", self.kind, time.perf_counter() - started)
+
+    def _graph(self, batch: int, query_len: int, context: int) -> "_StepGraph | None":
+        """The graph of a shape, built when first asked for; None once building one failed."""
+        key = (batch, query_len, context)
         graph = self._graphs.get(key)
         if graph is None:
             if self.failed or len(self._graphs) >= MAX_GRAPHS:
@@ -109,9 +131,7 @@ class DecodeGraphs:
                 self.failed = True
                 return None
             self._graphs[key] = graph
-        graph.load(input_ids, arrays)
-        self.num_replays += 1
-        return graph.replay()[: num_seqs * query_len].clone()
+        return graph
 
     def _build(self, batch: int, query_len: int, context: int) -> "_StepGraph":
         step = _StepGraph(self.cache.tensor, batch, query_len, context, self.scratch_slot)

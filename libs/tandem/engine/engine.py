@@ -43,7 +43,7 @@ class EngineConfig:
     # CPU steps feeding at most this many tokens run on one intra-op thread (0: never; see `cpu_threads`)
     single_thread_max_tokens: int = 0
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs where the model allows (`DecodeGraphs`)
-    # on the CPU, run decode steps from torch.compile'd forwards (`DecodeGraphs`): each new shape compiles first
+    # on the CPU, run decode steps from torch.compile'd forwards (`DecodeGraphs`), compiled when the engine starts
     compile_decode: bool = False
 
     def __post_init__(self) -> None:
@@ -106,7 +106,8 @@ class Engine:
                  {"cuda": "from CUDA graphs", "compiled": "compiled"}[self.graphs.kind] if self.graphs else "eager")
 
     def _decode_graphs(self, model: DeepseekV3ForCausalLM) -> DecodeGraphs | None:
-        """CUDA graphs where the model allows them and they are on; on the CPU, compiled steps where asked for."""
+        """CUDA graphs where the model allows them and they are on (captured when first needed); on the CPU,
+        compiled steps where asked for, compiled now."""
         c = self.config
         max_query_len = 1 + self.policy.max_drafts
         if c.cuda_graphs and DecodeGraphs.supports(model, "cuda"):
@@ -117,7 +118,10 @@ class Engine:
             log.warning("compile_decode is for an engine on the CPU whose experts are local: decode steps run "
                         "eagerly")
             return None
-        return DecodeGraphs(model, self.cache, c.max_num_seqs, self.max_model_len, max_query_len, "compiled")
+        graphs = DecodeGraphs(model, self.cache, c.max_num_seqs, self.max_model_len, max_query_len, "compiled")
+        with torch.inference_mode():  # as steps run: a graph compiled outside it would not serve them
+            graphs.warm_up()
+        return graphs
 
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
