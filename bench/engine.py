@@ -483,7 +483,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "where the model allows: bfloat16 with grouped expert matmuls)")
     p.add_argument("--no-compile", action="store_true",
                    help="run Tandem's decode steps eagerly on the CPU (by default they run from torch.compile'd "
-                        "forwards there; the warm-up runs compile them)")
+                        "forwards there, compiled when each engine starts)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the median is kept")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"), help="where results.json and "
