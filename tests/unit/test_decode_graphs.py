@@ -90,14 +90,16 @@ def test_steps_that_capture_a_graph_are_not_timed_for_the_speculation_policy(mod
 
 
 def test_compiled_decode_steps_give_the_tokens_of_eager_steps(model):
-    """`compile_decode`: uniform decode steps run from torch.compile'd forwards (batch buckets 2 and 1 here, one
-    compile each), and write their latents into the engine's cache in place: a lost write would change every
-    later token."""
+    """`compile_decode`: uniform decode steps run from torch.compile'd forwards (batch buckets 2 and 1 here), built
+    when the engine starts, and write their latents into the engine's cache in place: a lost write would change
+    every later token."""
     prompts, max_tokens = PROMPTS[:2], [20, 12]
 
     def run(compile_decode: bool) -> tuple[list[list[int]], Engine]:
         engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, kv_cache_bytes=32 << 20,
                                             compile_decode=compile_decode))
+        if compile_decode:
+            assert engine.graphs.num_graphs == 2  # both buckets, before any step
         params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in max_tokens]
         return [c.token_ids for c in engine.generate(prompts, params)], engine
 
@@ -105,5 +107,5 @@ def test_compiled_decode_steps_give_the_tokens_of_eager_steps(model):
     got, engine = run(compile_decode=True)
     assert got == want
     assert engine.graphs.kind == "compiled" and not engine.graphs.failed
-    assert engine.graphs.num_graphs == 2
+    assert engine.graphs.num_graphs == 2  # no step had to build one
     assert engine.graphs.num_replays == sum(max_tokens) - 2 - 11  # every decode step: 11 of two, then 8 of one
