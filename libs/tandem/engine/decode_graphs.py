@@ -45,7 +45,8 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     """Runs uniform decode steps of `model` from graphs built per (batch bucket, query length, context bucket), of
-    one kind: "cuda" (captured CUDA graphs), "compiled" (`torch.compile`, one compile per shape) or "eager"."""
+    one kind: "cuda" (CUDA graphs, captured when first needed), "compiled" (`torch.compile` with dynamic dims,
+    built by `warm_up`) or "eager"."""
 
     def __init__(self, model: DeepseekV3ForCausalLM, cache: PagedKVCache, max_batch: int, max_context: int,
                  max_query_len: int, kind: str = "cuda"):
@@ -113,7 +114,7 @@ class DecodeGraphs:
         log.info("building %s decode graphs for %d shapes before serving", self.kind, len(shapes))
         for batch, query_len in shapes:
             if self._graph(batch, query_len, CONTEXT_STEP) is None:
-                return
+                return  # building failed (logged; steps run eagerly) or MAX_GRAPHS shapes are built
         log.info("%s decode graphs ready in %.1f s", self.kind, time.perf_counter() - started)
 
     def _graph(self, batch: int, query_len: int, context: int) -> "_StepGraph | None":
