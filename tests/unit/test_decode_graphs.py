@@ -89,23 +89,34 @@ def test_steps_that_capture_a_graph_are_not_timed_for_the_speculation_policy(mod
     assert capturing_steps >= 3 and timed_steps > 0
 
 
+def compiled_engine(model, k: int = 0) -> Engine:
+    return Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, kv_cache_bytes=32 << 20,
+                                      num_speculative_tokens=k, adaptive_speculation=False, compile_decode=True))
+
+
 def test_compiled_decode_steps_give_the_tokens_of_eager_steps(model):
     """`compile_decode`: uniform decode steps run from torch.compile'd forwards (batch buckets 2 and 1 here), built
     when the engine starts, and write their latents into the engine's cache in place: a lost write would change
     every later token."""
-    prompts, max_tokens = PROMPTS[:2], [20, 12]
-
-    def run(compile_decode: bool) -> tuple[list[list[int]], Engine]:
-        engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, kv_cache_bytes=32 << 20,
-                                            compile_decode=compile_decode))
-        if compile_decode:
-            assert engine.graphs.num_graphs == 2  # both buckets, before any step
-        params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in max_tokens]
-        return [c.token_ids for c in engine.generate(prompts, params)], engine
-
-    want, _ = run(compile_decode=False)
-    got, engine = run(compile_decode=True)
-    assert got == want
-    assert engine.graphs.kind == "compiled" and not engine.graphs.failed
+    prompts, params = PROMPTS[:2], [SamplingParams(max_tokens=n, ignore_eos=True) for n in (20, 12)]
+    eager = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, kv_cache_bytes=32 << 20))
+    want = [c.token_ids for c in eager.generate(prompts, params)]
+    engine = compiled_engine(model)
+    assert engine.graphs.kind == "compiled" and engine.graphs.num_graphs == 2  # both buckets, before any step
+    assert [c.token_ids for c in engine.generate(prompts, params)] == want
+    assert not engine.graphs.failed
     assert engine.graphs.num_graphs == 2  # no step had to build one
-    assert engine.graphs.num_replays == sum(max_tokens) - 2 - 11  # every decode step: 11 of two, then 8 of one
+    assert engine.graphs.num_replays == 20 + 12 - 2 - 11  # every decode step: 11 of two, then 8 of one
+
+
+def test_compiled_verification_steps_keep_greedy_tokens(model):
+    """Two drafts every step: the compiled graphs of 2 and 3 tokens per sequence verify them, and greedy
+    speculative decoding must emit the tokens of plain greedy decoding."""
+    prompts, params = PROMPTS[:2], [SamplingParams(max_tokens=n, ignore_eos=True) for n in (20, 12)]
+    eager = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, kv_cache_bytes=32 << 20))
+    want = [c.token_ids for c in eager.generate(prompts, params)]
+    engine = compiled_engine(model, k=2)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == want
+    assert engine.spec_totals.draft_tokens > 0 and not engine.graphs.failed
+    assert engine.graphs.num_replays > 0  # verification steps of 3 tokens each ran from compiled graphs
+    assert engine.graphs.num_graphs == 6  # batch buckets 1 and 2 x 1, 2 or 3 tokens, all built at start
