@@ -89,34 +89,35 @@ def test_steps_that_capture_a_graph_are_not_timed_for_the_speculation_policy(mod
     assert capturing_steps >= 3 and timed_steps > 0
 
 
-def compiled_engine(model, k: int = 0) -> Engine:
-    return Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, kv_cache_bytes=32 << 20,
-                                      num_speculative_tokens=k, adaptive_speculation=False, compile_decode=True))
+def two_sequence_engine(model, **config) -> Engine:
+    return Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, kv_cache_bytes=32 << 20, **config))
+
+
+def generate_two(engine: Engine) -> list[list[int]]:
+    """Greedy tokens of two prompts of 20 and 12 tokens: 11 decode steps of two sequences, then 8 of one."""
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (20, 12)]
+    return [c.token_ids for c in engine.generate(PROMPTS[:2], params)]
 
 
 def test_compiled_decode_steps_give_the_tokens_of_eager_steps(model):
     """`compile_decode`: uniform decode steps run from torch.compile'd forwards (batch buckets 2 and 1 here), built
     when the engine starts, and write their latents into the engine's cache in place: a lost write would change
     every later token."""
-    prompts, params = PROMPTS[:2], [SamplingParams(max_tokens=n, ignore_eos=True) for n in (20, 12)]
-    eager = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, kv_cache_bytes=32 << 20))
-    want = [c.token_ids for c in eager.generate(prompts, params)]
-    engine = compiled_engine(model)
+    want = generate_two(two_sequence_engine(model))
+    engine = two_sequence_engine(model, compile_decode=True)
     assert engine.graphs.kind == "compiled" and engine.graphs.num_graphs == 2  # both buckets, before any step
-    assert [c.token_ids for c in engine.generate(prompts, params)] == want
+    assert generate_two(engine) == want
     assert not engine.graphs.failed
     assert engine.graphs.num_graphs == 2  # no step had to build one
-    assert engine.graphs.num_replays == 20 + 12 - 2 - 11  # every decode step: 11 of two, then 8 of one
+    assert engine.graphs.num_replays == 11 + 8  # every decode step
 
 
 def test_compiled_verification_steps_keep_greedy_tokens(model):
     """Two drafts every step: the compiled graphs of 2 and 3 tokens per sequence verify them, and greedy
     speculative decoding must emit the tokens of plain greedy decoding."""
-    prompts, params = PROMPTS[:2], [SamplingParams(max_tokens=n, ignore_eos=True) for n in (20, 12)]
-    eager = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, kv_cache_bytes=32 << 20))
-    want = [c.token_ids for c in eager.generate(prompts, params)]
-    engine = compiled_engine(model, k=2)
-    assert [c.token_ids for c in engine.generate(prompts, params)] == want
+    want = generate_two(two_sequence_engine(model))
+    engine = two_sequence_engine(model, num_speculative_tokens=2, adaptive_speculation=False, compile_decode=True)
+    assert generate_two(engine) == want
     assert engine.spec_totals.draft_tokens > 0 and not engine.graphs.failed
     assert engine.graphs.num_replays > 0  # verification steps of 3 tokens each ran from compiled graphs
     assert engine.graphs.num_graphs == 6  # batch buckets 1 and 2 x 1, 2 or 3 tokens, all built at start

@@ -102,8 +102,7 @@ class Engine:
         self.spec_totals = SpecStats()
         log.info("engine ready: %d KV blocks of %d tokens, max_model_len %d, up to %d drafts/step from %d MTP "
                  "module(s), decode steps %s", num_blocks, self.config.block_size, self.max_model_len, max_drafts,
-                 mc.num_nextn_predict_layers,
-                 {"cuda": "from CUDA graphs", "compiled": "compiled"}[self.graphs.kind] if self.graphs else "eager")
+                 mc.num_nextn_predict_layers, f"from {self.graphs.kind} graphs" if self.graphs else "eager")
 
     def _decode_graphs(self, model: DeepseekV3ForCausalLM) -> DecodeGraphs | None:
         """CUDA graphs where the model allows them and they are on (captured when first needed); on the CPU,
