@@ -37,7 +37,7 @@ def hf_config_kwargs(*, q_lora_rank: int | None, n_group: int, topk_group: int, 
     """A tiny DeepSeek-V3: 3 layers, 8 routed experts (top-2) plus 1 shared, MLA with 4 heads."""
     return dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=q_lora_rank,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=q_lora_rank,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=n_group, topk_group=topk_group,
         first_k_dense_replace=first_k_dense_replace, routed_scaling_factor=2.5, norm_topk_prob=True,

@@ -23,8 +23,9 @@ from tandem.model.attention_metadata import DenseCausal, Paged
 from tandem.model.checkpoint import (SCALE_SUFFIX, SINGLE_FILE, Checkpoint, CheckpointError, is_fp8_linear,
                                      quantize_checkpoint_fp8, save_checkpoint)
 from tandem.model.config import ConfigError
-from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM, MoE
+from tandem.model.deepseek_v3 import MLA, DeepseekV3ForCausalLM, MoE
 from tandem.model.loading import load_experts, load_model
+from tandem.model.presets import preset_config
 
 # (q_lora_rank, n_group/topk_group, first_k_dense_replace, rope): every value of each appears at least twice
 COMBOS = [
@@ -160,7 +161,9 @@ def test_dense_logits_match_transformers(case):
 
 
 def test_paged_batch_logits_match_transformers(case):
-    """All three prompts in one engine-style prefill pass over a paged cache with scattered block tables."""
+    """All three prompts in one engine-style prefill pass over a paged cache with scattered block tables (prompt
+    chunks: attention over expanded keys and values)."""
+    assert all(layer.self_attn._expanding_pays(n, n) for layer in case.model.main_layers for n in PROMPT_LENS)
     model, lengths = case.model, [len(p) for p in case.prompts]
     blocks = [math.ceil(n / BLOCK_SIZE) for n in lengths]
     num_blocks = sum(blocks) + 3  # a few blocks nobody owns
@@ -179,8 +182,22 @@ def test_paged_batch_logits_match_transformers(case):
     assert torch.equal(written, expected)
 
 
-def test_incremental_paged_decoding_matches_full_forward(case):
-    """Two sequences share each step: one fed a token at a time, the other in chunks of 3."""
+@pytest.mark.parametrize("preset", ["tiny", "moonlight"])
+def test_prompt_chunks_expand_and_decode_steps_attend_over_the_latent(preset):
+    """The bundled model's attention dims, and Moonlight's (DeepSeek-V3's, with 16 heads)."""
+    with torch.device("meta"):
+        mla = MLA(preset_config(preset, hidden_size=64), layer_idx=0)
+    for context in (256, 4096):
+        assert not any(mla._expanding_pays(query_len, context) for query_len in range(1, 5))  # decode, drafts
+    assert all(mla._expanding_pays(n, n) for n in (16, 512, 2048))  # a whole prompt in one chunk
+    assert mla._expanding_pays(2048, 4096)  # the second chunk of a long prompt
+
+
+@pytest.mark.parametrize("form", ["expanded", "latent"])
+def test_incremental_paged_decoding_matches_full_forward(case, form, monkeypatch):
+    """Two sequences share each step: one fed a token at a time, the other in chunks of 3; attention over the
+    cache in one form throughout (by its own rule a step this small attends over the latent)."""
+    monkeypatch.setattr(MLA, "_expanding_pays", lambda self, query_len, context_len: form == "expanded")
     model = case.model
     seqs = random_prompts((23, 29), model.config.vocab_size, seed=100 + case.params["seed"])
     chunk = [1, 3]

@@ -105,8 +105,8 @@ class MLA(nn.Module):
     Queries pass through a low-rank bottleneck (`q_a_proj -> q_a_layernorm -> q_b_proj`, or one `q_proj` when
     `q_lora_rank` is None). Keys and values are compressed into one latent c_kv of `kv_lora_rank` plus a
     decoupled rope key shared by all heads; only those are cached. `kv_b_proj` expands the latent into per-head
-    no-rope keys (W_UK) and values (W_UV). Training expands them; cached inference absorbs W_UK into the query
-    and W_UV into the output, attending over the latent directly.
+    no-rope keys (W_UK) and values (W_UV). Training and prompt chunks expand them; decode steps absorb W_UK into
+    the query and W_UV into the output, attending over the cached latent directly (`_expanding_pays`).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -146,7 +146,7 @@ class MLA(nn.Module):
         if isinstance(meta, DenseCausal):
             out = self._attend_expanded(q_nope, q_pe, c_kv, k_pe, meta)
         else:
-            out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, meta)
+            out = self._attend_paged(q_nope, q_pe, c_kv, k_pe, meta)
         return self.o_proj(out.reshape(T, -1))
 
     def _attend_expanded(self, q_nope, q_pe, c_kv, k_pe, meta: DenseCausal) -> torch.Tensor:
@@ -159,10 +159,45 @@ class MLA(nn.Module):
                                              is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, L, H, V]
 
-    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, meta: Paged) -> torch.Tensor:
+    def _attend_paged(self, q_nope, q_pe, c_kv, k_pe, meta: Paged) -> torch.Tensor:
+        """Cache the new tokens' latents, then attend over every sequence's context in the cheaper form."""
         # B sequences, Q query rows each, S context positions
         cache = meta.kv_cache[self.layer_idx]
         cache.index_copy_(0, meta.slot_mapping, torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype))
+        B, Q = meta.num_seqs, meta.max_query_len
+        # index_select, not cache[key_slots]: several times faster for whole rows on CPU
+        keys = cache.index_select(0, meta.key_slots).view(B, -1, cache.shape[-1]).to(q_nope.dtype)  # [B, S, C+R]
+        attend = self._attend_expanded_keys if self._expanding_pays(Q, keys.shape[1]) else self._attend_latent
+        out = attend(q_nope, q_pe, keys, meta)  # [B*Q, H, V]
+        return out if meta.query_rows is None else out.index_select(0, meta.query_rows)  # [T, H, V]
+
+    def _expanding_pays(self, query_len: int, context_len: int) -> bool:
+        """Whether expanding the context into per-head keys and values costs fewer multiplies than attending over
+        the latent. Expanding costs C*(N+V) per context position and head; then each (query, key, head) costs
+        N+R+V instead of C+R+C, and no query or output is projected through W_UK / W_UV. So a prompt chunk
+        expands and a decode step (a few queries over a long context) does not, as DeepSeek-V3 serves prefill and
+        decode. Expanded attention also runs as one fused kernel (`scaled_dot_product_attention`)."""
+        C, N, V = self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim
+        return (context_len - query_len) * C * (N + V) < query_len * context_len * (2 * C - N - V)
+
+    def _attend_expanded_keys(self, q_nope, q_pe, keys, meta: Paged) -> torch.Tensor:
+        B, S, H = keys.shape[0], keys.shape[1], self.num_heads
+        c_kv, k_pe = keys.split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, -1).split_with_sizes(
+            [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)], dim=-1)  # [B, S, H, N+R]
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        q = q[meta.query_index] if meta.query_index is not None else q.view(B, -1, H, q.shape[-1])  # [B, Q, H, N+R]
+        mask = meta.attend_bias.transpose(1, 2).to(q.dtype)  # [B, 1, Q, S]
+        # values zero-padded to the query/key head size: the fused kernels want one head size for all three
+        v = F.pad(v, (0, q.shape[-1] - self.v_head_dim))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, scale=self.softmax_scale)  # [B, H, Q, N+R]
+        return out.transpose(1, 2)[..., : self.v_head_dim].reshape(-1, H, self.v_head_dim)
+
+    def _attend_latent(self, q_nope, q_pe, keys, meta: Paged) -> torch.Tensor:
+        """Weight-absorbed: W_UK folds into the queries, which attend over the cached latents directly, and W_UV
+        projects the attended latent to each head's value."""
         H, C = self.num_heads, self.kv_lora_rank
         w_kv = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)
         w_uk, w_uv = w_kv.split_with_sizes([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
@@ -171,14 +206,11 @@ class MLA(nn.Module):
         if meta.query_index is not None:
             q_full = q_full[meta.query_index]
         B, Q = meta.num_seqs, meta.max_query_len
-        # index_select, not cache[key_slots]: several times faster for whole rows on CPU
-        keys = cache.index_select(0, meta.key_slots).view(B, -1, cache.shape[-1]).to(q_full.dtype)  # [B, S, C+R]
         scores = torch.bmm(q_full.reshape(B, Q * H, -1), keys.transpose(1, 2)).float().view(B, Q, H, -1)
         probs = (scores * self.softmax_scale + meta.attend_bias).softmax(-1).to(keys.dtype)
         out_latent = torch.bmm(probs.view(B, Q * H, -1), keys[..., :C])  # [B, Q*H, C]
         out = torch.bmm(out_latent.view(B * Q, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*Q, V]
-        out = out.transpose(0, 1)
-        return out if meta.query_rows is None else out.index_select(0, meta.query_rows)  # [T, H, V]
+        return out.transpose(0, 1)
 
 
 # --- Feed-forward: dense MLP and DeepSeekMoE ---------------------------------------------------------------
