@@ -552,6 +552,7 @@ def record(results: list[dict], tandem_tokens: dict, name: str, batch: int, spec
         tandem_tokens[batch, spec] = tokens
         row["decode_graphs"] = engine.graphs.kind if engine.graphs else "eager"
         row["num_decode_graphs"] = engine.graphs.num_graphs if engine.graphs else 0
+        row["num_mtp_graphs"] = sum(g.num_graphs for g in engine.drafter.graphs)
         if spec and (batch, 0) in tandem_tokens:
             r["greedy_vs_tandem_no_spec"] = compare(tokens, tandem_tokens[batch, 0])
     else:

@@ -136,6 +136,8 @@ def test_bfloat16_decode_steps_replay_from_cuda_graphs():
         graphed, engine = run(True, k)
         assert engine.graphs is not None and engine.graphs.num_replays > 0, "no step replayed from a graph"
         assert engine.graphs.num_graphs >= 3, "batch buckets 4, 2 and 1 each need a graph"
+        # the MTP modules' catch-up and draft passes too
+        assert [g.num_replays > 0 for g in engine.drafter.graphs] == [True] * k, "an MTP pass never replayed"
         # bfloat16 sums round differently in padded batches; a near tie may flip a token late in a sequence
         same_start = sum(a[:8] == b[:8] for a, b in zip(graphed, eager))
         assert same_start >= 2, f"k={k}: graphed {graphed} against eager {eager}"

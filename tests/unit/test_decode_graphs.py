@@ -1,5 +1,5 @@
-"""Decode steps padded to graph buckets (`tandem.engine.decode_graphs`), run eagerly on the CPU: the padding
-must not change a token. tests/devices captures and replays the same steps as CUDA graphs."""
+"""Decode steps and MTP passes padded to graph buckets (`tandem.engine.decode_graphs`), run eagerly on the CPU:
+the padding must not change a token. tests/devices captures and replays the same steps as CUDA graphs."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import torch
 from tandem.engine.decode_graphs import CONTEXT_STEP, DecodeGraphs, batch_buckets
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.sampling import SamplingParams
-from tandem.model.attention_metadata import PagedArrays
+from tandem.model.attention_metadata import Paged, PagedArrays
 from tandem.model.loading import load_model
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-code"
@@ -27,8 +27,7 @@ def generate(model, k: int, graphs: bool) -> tuple[list[list[int]], Engine]:
     engine = Engine(model, EngineConfig(max_num_seqs=8, num_speculative_tokens=k, adaptive_speculation=False,
                                         max_model_len=512, kv_cache_bytes=32 << 20))
     if graphs:
-        engine.graphs = DecodeGraphs(model, engine.cache, engine.config.max_num_seqs, engine.max_model_len,
-                                     max_query_len=1 + k, kind="eager")
+        engine.use_decode_graphs("eager")
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
     return [c.token_ids for c in engine.generate(PROMPTS, params)], engine
 
@@ -48,17 +47,18 @@ def test_padded_decode_steps_give_the_tokens_of_eager_steps(model, k):
     graphs = engine.graphs
     assert graphs.num_replays > 0
     assert graphs.num_graphs >= 3  # batch buckets 4, 2 and 1 at least
-    # the scratch block stays reserved; every other block came back
+    # the MTP modules' passes (catch-up on 1-3 verified tokens, and module 1's draft position) ran from graphs
+    assert [g.num_replays > 0 for g in engine.drafter.graphs] == [True] * k
+    # the scratch block, shared by every graph, stays reserved; every other block came back
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks - 1
     assert graphs.scratch_slot // engine.cache.block_size not in engine.cache.allocator._free
+    assert all(g.scratch_slot == graphs.scratch_slot for g in engine.drafter.graphs)
 
 
 def test_steps_without_a_graph_shape_run_eagerly(model):
     engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=512, kv_cache_bytes=32 << 20))
     graphs = DecodeGraphs(model, engine.cache, max_batch=2, max_context=CONTEXT_STEP, max_query_len=1, kind="eager")
     tables = [[1, 2, 3]] * 3
-    # uneven new tokens (a prefill chunk beside a decode token): no graph
-    assert graphs.run([5, 6, 7], PagedArrays.build([2, 1], [10, 4], tables[:2], 16)) is None
     # a prompt chunk, even one every sequence of the step brings alike
     assert graphs.run([5, 6, 7, 8], PagedArrays.build([2, 2], [10, 4], tables[:2], 16)) is None
     # more sequences than the largest bucket
@@ -71,7 +71,7 @@ def test_steps_without_a_graph_shape_run_eagerly(model):
 def test_steps_that_capture_a_graph_are_not_timed_for_the_speculation_policy(model):
     engine = Engine(model, EngineConfig(max_num_seqs=8, num_speculative_tokens=2, max_model_len=512,
                                         kv_cache_bytes=32 << 20))
-    engine.graphs = DecodeGraphs(model, engine.cache, 8, engine.max_model_len, max_query_len=3, kind="eager")
+    engine.use_decode_graphs("eager")
     recorded = []
     record_verify = engine.policy.record_verify
     # every step reports to the policy; one that tells it nothing reports no draft count (None)
@@ -87,6 +87,26 @@ def test_steps_that_capture_a_graph_are_not_timed_for_the_speculation_policy(mod
             assert len(recorded) == records, "a step that captured a graph was timed"
         timed_steps += len(recorded) > records
     assert capturing_steps >= 3 and timed_steps > 0
+
+
+@pytest.mark.parametrize("mtp_module", [None, 0])
+def test_uneven_steps_are_padded_into_a_graph(model, mtp_module):
+    """Sequences bringing different numbers of tokens (a verification of two drafts beside a decode token, as an
+    MTP module's catch-up after different acceptances) run from one graph of the step's most tokens, padded."""
+    engine = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=512, kv_cache_bytes=32 << 20))
+    engine.cache.tensor.normal_(generator=torch.Generator().manual_seed(0))  # contexts to attend over
+    graphs = DecodeGraphs(model, engine.cache, max_batch=4, max_context=512, max_query_len=3, kind="eager",
+                          mtp_module=mtp_module)
+    arrays = PagedArrays.build([3, 1, 2], [40, 21, 300], [[1, 2, 3], [4, 5], list(range(6, 25))], 16)
+    ids = [5, 6, 7, 8, 9, 10]
+    hidden = torch.randn(len(ids), model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got = graphs.run(ids, arrays, hidden if mtp_module is not None else None)
+        meta = Paged.from_arrays(arrays, engine.cache.tensor)
+        ids_t = torch.tensor(ids)
+        want = model(ids_t, meta) if mtp_module is None else model.mtp_forward(0, ids_t, hidden, meta)
+    assert graphs.num_graphs == 1 and graphs.num_replays == 1  # batch bucket 4, 3 tokens, 512 positions
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def two_sequence_engine(model, **config) -> Engine:
@@ -121,3 +141,4 @@ def test_compiled_verification_steps_keep_greedy_tokens(model):
     assert engine.spec_totals.draft_tokens > 0 and not engine.graphs.failed
     assert engine.graphs.num_replays > 0  # verification steps of 3 tokens each ran from compiled graphs
     assert engine.graphs.num_graphs == 6  # batch buckets 1 and 2 x 1, 2 or 3 tokens, all built at start
+    assert engine.drafter.graphs == []  # compiled MTP passes do not pay on the CPU (Engine.use_decode_graphs)

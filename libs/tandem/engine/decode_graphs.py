@@ -8,20 +8,23 @@ every shape, so a step is padded to a bucket: the batch to the next of `batch_bu
 multiple of `CONTEXT_STEP` positions. Padding sequences attend to nothing and write their latent to a scratch
 slot the cache reserves for them; padding keys are masked.
 
-Only the main model's pass of a uniform decode step runs from a graph: every sequence brings the same number of
-new tokens (one, or one plus the same number of drafts). Prefill chunks and mixed steps run eagerly, and so do
-sampling and the MTP drafts. A CUDA graph is captured the first time its shape is met, which takes a moment. A
-CPU compile takes 10-30 s on 2 cores, so compiled graphs are built before serving (`warm_up`); their dims are
-dynamic, so a few compiles serve every shape. Graphs need a forward with no host sync and local experts
+A graph serves one pass: the main model's, or one MTP module's (`mtp_module`), whose passes catch the module up
+on the tokens just verified and draft. It serves steps of a few new tokens per sequence (`max_query_len`): one,
+or one plus drafts; sequences bringing fewer tokens than the step's most are padded with tokens that attend to
+nothing. Prompt chunks run eagerly, and so does sampling. A CUDA graph is captured the first time its shape is
+met, which takes a moment. A CPU compile takes 10-30 s on 2 cores, so compiled graphs are built before serving
+(`warm_up`); their dims are dynamic, so a few compiles serve every shape. Graphs need a forward with no host sync and local experts
 (`DecodeGraphs.supports`); remote experts exchange on the host. The kind "eager" runs the same padded
 static-buffer forward eagerly: tests run it on the CPU to check the padding.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,23 +47,28 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Runs uniform decode steps of `model` from graphs built per (batch bucket, query length, context bucket), of
-    one kind: "cuda" (CUDA graphs, captured when first needed), "compiled" (`torch.compile` with dynamic dims,
-    built by `warm_up`) or "eager"."""
+    """Runs decode steps of one pass of `model` (the main model, or MTP module `mtp_module`) from graphs built per
+    (batch bucket, query length, context bucket), of one kind: "cuda" (CUDA graphs, captured when first needed),
+    "compiled" (`torch.compile` with dynamic dims, built by `warm_up`) or "eager"."""
 
     def __init__(self, model: DeepseekV3ForCausalLM, cache: PagedKVCache, max_batch: int, max_context: int,
-                 max_query_len: int, kind: str = "cuda"):
-        """max_query_len: new tokens per sequence at most, 1 + the drafts a step may verify; more are a prompt
-        chunk, which runs eagerly (a graph per prompt length would be built for one use)."""
+                 max_query_len: int, kind: str = "cuda", mtp_module: int | None = None,
+                 scratch_slot: int | None = None):
+        """max_query_len: new tokens per sequence at most (for the main model 1 + the drafts a step may verify);
+        more are a prompt chunk, which runs eagerly (a graph per prompt length would be built for one use).
+        scratch_slot: where padding tokens write their latents, shared by the graphs of one engine; by default a
+        block of the cache is reserved for it."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.model = model
         self.cache = cache
         self.kind = kind
+        self.mtp_module = mtp_module
         self.buckets = batch_buckets(max_batch)
         self.max_query_len = max_query_len
         self.max_context = -(-max_context // CONTEXT_STEP) * CONTEXT_STEP
-        self.scratch_slot = cache.allocator.allocate(1)[0] * cache.block_size  # padding tokens write here
+        self.scratch_slot = scratch_slot if scratch_slot is not None \
+            else cache.allocator.allocate(1)[0] * cache.block_size
         self.pool = torch.cuda.graph_pool_handle() if kind == "cuda" else None
         self.num_replays = 0
         self.failed = False  # building a graph failed: no more are tried
@@ -71,7 +79,15 @@ class DecodeGraphs:
             # of one forward are limited to 8 by default. The C++ wrapper calls the kernels without Python in
             # between: 10-20% faster a step.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS)
-            self._compiled = torch.compile(model, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+            self._compiled = torch.compile(self._pass, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+
+    @property
+    def _pass(self) -> Callable[..., torch.Tensor]:
+        """The pass graphed: (input_ids, meta) -> hidden for the main model, (input_ids, prev_hidden, meta) ->
+        hidden for an MTP module."""
+        if self.mtp_module is None:
+            return self.model
+        return functools.partial(self.model.mtp_forward, self.mtp_module)
 
     @staticmethod
     def supports(model: DeepseekV3ForCausalLM, kind: str = "cuda") -> bool:
@@ -88,10 +104,12 @@ class DecodeGraphs:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
-    def run(self, input_ids: list[int], arrays: PagedArrays) -> torch.Tensor | None:
-        """The main model's hidden states [T, D] for a step, or None when it has no graph (not a uniform decode
-        step, beyond the largest bucket, or building its graph failed): the caller then runs it eagerly."""
-        if arrays.query_index is not None or arrays.max_query_len > self.max_query_len:
+    def run(self, input_ids: list[int], arrays: PagedArrays, prev_hidden: torch.Tensor | None = None) \
+            -> torch.Tensor | None:
+        """The pass's hidden states [T, D] for a step (an MTP module reads `prev_hidden` [T, D]), or None when it
+        has no graph (a prompt chunk, beyond the largest bucket, or building its graph failed): the caller then
+        runs it eagerly."""
+        if arrays.max_query_len > self.max_query_len:
             return None
         num_seqs, query_len, context = arrays.num_seqs, arrays.max_query_len, arrays.key_slots.shape[1]
         batch = next((b for b in self.buckets if b >= num_seqs), None)
@@ -100,9 +118,12 @@ class DecodeGraphs:
         graph = self._graph(batch, query_len, -(-context // CONTEXT_STEP) * CONTEXT_STEP)
         if graph is None:
             return None
-        graph.load(input_ids, arrays)
+        graph.load(input_ids, arrays, prev_hidden)
         self.num_replays += 1
-        return graph.replay()[: num_seqs * query_len].clone()
+        hidden = graph.replay()
+        if arrays.query_rows is None:
+            return hidden[: num_seqs * query_len].clone()
+        return hidden.index_select(0, torch.from_numpy(arrays.query_rows).to(hidden.device))
 
     def warm_up(self) -> None:
         """Build the graph of every batch bucket and query length now, at the first context bucket, so that no
@@ -111,11 +132,12 @@ class DecodeGraphs:
         experts), each compiled once, 10-30 s on 2 cores, and other contexts reuse them."""
         shapes = [(b, q) for b in self.buckets for q in range(1, self.max_query_len + 1)]
         started = time.perf_counter()
-        log.info("building %s decode graphs for %d shapes before serving", self.kind, len(shapes))
+        log.info("building %s graphs of %s steps for %d shapes before serving", self.kind, self.pass_name,
+                 len(shapes))
         for batch, query_len in shapes:
             if self._graph(batch, query_len, CONTEXT_STEP) is None:
                 return  # building failed (logged; steps run eagerly) or MAX_GRAPHS shapes are built
-        log.info("%s decode graphs ready in %.1f s", self.kind, time.perf_counter() - started)
+        log.info("%s graphs of %s steps ready in %.1f s", self.kind, self.pass_name, time.perf_counter() - started)
 
     def _graph(self, batch: int, query_len: int, context: int) -> "_StepGraph | None":
         """The graph of a shape, built when first asked for; None once building one failed."""
@@ -135,10 +157,11 @@ class DecodeGraphs:
         return graph
 
     def _build(self, batch: int, query_len: int, context: int) -> "_StepGraph":
-        step = _StepGraph(self.cache.tensor, batch, query_len, context, self.scratch_slot)
+        hidden_size = self.model.config.hidden_size if self.mtp_module is not None else None
+        step = _StepGraph(self.cache.tensor, batch, query_len, context, self.scratch_slot, hidden_size)
 
         def forward() -> torch.Tensor:
-            return self.model(step.input_ids, step.meta)
+            return self._pass(*step.inputs)
 
         if self.kind == "eager":
             step.replay = forward
@@ -147,13 +170,13 @@ class DecodeGraphs:
             compiled, started = self._compiled, time.perf_counter()
 
             def replay_compiled() -> torch.Tensor:
-                return compiled(step.input_ids, step.meta)
+                return compiled(*step.inputs)
 
             replay_compiled()  # compiles now (on the static inputs: padding only, which writes the scratch slot)
             step.replay = replay_compiled
-            log.info("decode steps of %d sequences x %d tokens over %d positions compiled (or matched to a graph "
-                     "compiled before) in %.1f s (%d shapes)", batch, query_len, context, time.perf_counter() - started,
-                     len(self._graphs) + 1)
+            log.info("%s steps of %d sequences x %d tokens over %d positions compiled (or matched to a graph "
+                     "compiled before) in %.1f s (%d shapes)", self.pass_name, batch, query_len, context,
+                     time.perf_counter() - started, len(self._graphs) + 1)
             return step
         # warm-up outside the capture (lazy initialisations), on a side stream as capture requires
         stream = torch.cuda.Stream()
@@ -170,19 +193,27 @@ class DecodeGraphs:
             return hidden
 
         step.replay = replay
-        log.info("captured a CUDA graph for decode steps of %d sequences x %d tokens over %d positions "
-                 "(%d graphs)", batch, query_len, context, len(self._graphs) + 1)
+        log.info("captured a CUDA graph for %s steps of %d sequences x %d tokens over %d positions "
+                 "(%d graphs)", self.pass_name, batch, query_len, context, len(self._graphs) + 1)
         return step
+
+    @property
+    def pass_name(self) -> str:
+        return "decode" if self.mtp_module is None else f"MTP module {self.mtp_module}"
 
 
 class _StepGraph:
-    """The static inputs of one graphed shape: B sequences padded to `batch`, Q tokens each, S key positions."""
+    """The static inputs of one graphed shape: B sequences padded to `batch`, Q tokens each, S key positions, and
+    for an MTP module the previous module's hidden states (`hidden_size` wide)."""
 
-    def __init__(self, kv_cache: torch.Tensor, batch: int, query_len: int, context: int, scratch_slot: int):
+    def __init__(self, kv_cache: torch.Tensor, batch: int, query_len: int, context: int, scratch_slot: int,
+                 hidden_size: int | None = None):
         device = kv_cache.device
         num_tokens = batch * query_len
         self.batch, self.query_len, self.context, self.scratch_slot = batch, query_len, context, scratch_slot
         self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+        self.prev_hidden = None if hidden_size is None else \
+            torch.zeros(num_tokens, hidden_size, dtype=kv_cache.dtype, device=device)
         positions = torch.zeros(num_tokens, dtype=torch.int64, device=device)
         # one view per layer: a compiled forward writes a latent into it in place, where a write into a slice of
         # the one stacked cache tensor made it copy the whole cache on every step
@@ -193,17 +224,26 @@ class _StepGraph:
         self.meta = Paged(positions, slot_mapping, None, None, key_slots, attend_bias, layers, batch, query_len)
         self.replay: Callable[[], torch.Tensor] = lambda: torch.empty(0)
 
-    def load(self, input_ids: list[int], arrays: PagedArrays) -> None:
-        """Copy a step into the static inputs, padded: extra tokens are id 0 at position 0 writing to the scratch
-        slot, extra keys are slot 0 and masked."""
+    @property
+    def inputs(self) -> tuple[Any, ...]:
+        """The graphed pass's arguments (see `DecodeGraphs._pass`)."""
+        if self.prev_hidden is None:
+            return self.input_ids, self.meta
+        return self.input_ids, self.prev_hidden, self.meta
+
+    def load(self, input_ids: list[int], arrays: PagedArrays, prev_hidden: torch.Tensor | None = None) -> None:
+        """Copy a step into the static inputs, padded: a sequence's tokens fill the first rows of its Q, extra
+        tokens (of a shorter sequence, or a padding sequence) are id 0 at position 0 writing to the scratch slot and
+        attend to nothing; extra keys are slot 0 and masked."""
         real = len(input_ids)
         num_seqs, context = arrays.num_seqs, arrays.key_slots.shape[1]
+        rows = slice(0, real) if arrays.query_rows is None else arrays.query_rows  # in the [B*Q] grid
         ids = np.zeros(self.input_ids.shape[0], dtype=np.int64)
-        ids[:real] = input_ids
+        ids[rows] = input_ids
         positions = np.zeros_like(ids)
-        positions[:real] = arrays.positions
+        positions[rows] = arrays.positions
         slots = np.full_like(ids, self.scratch_slot)
-        slots[:real] = arrays.slot_mapping
+        slots[rows] = arrays.slot_mapping
         keys = np.zeros((self.batch, self.context), dtype=np.int64)
         keys[:num_seqs, :context] = arrays.key_slots
         bias = np.full((self.batch, self.query_len, 1, self.context), Paged.MASKED, dtype=np.float32)
@@ -212,3 +252,9 @@ class _StepGraph:
         for static, value in ((self.input_ids, ids), (meta.positions, positions), (meta.slot_mapping, slots),
                               (meta.key_slots, keys.reshape(-1)), (meta.attend_bias, bias)):
             static.copy_(torch.from_numpy(value))
+        if self.prev_hidden is not None:
+            if arrays.query_rows is None:
+                self.prev_hidden[:real].copy_(prev_hidden)
+            else:
+                self.prev_hidden.index_copy_(0, torch.from_numpy(arrays.query_rows).to(prev_hidden.device),
+                                             prev_hidden)

@@ -95,7 +95,10 @@ class Engine:
         max_drafts = self.config.num_speculative_tokens if mc.num_nextn_predict_layers else 0
         self.policy = SpeculationPolicy(max_drafts, adaptive=self.config.adaptive_speculation)
         self.drafter = MTPDrafter(model, self.cache)
-        self.graphs = self._decode_graphs(model)
+        self.graphs: DecodeGraphs | None = None
+        kind = self._decode_graph_kind(model)
+        if kind is not None:
+            self.use_decode_graphs(kind)
         self.stop_ids = set(mc.eos_token_id)
         self._requests: dict[str, tuple[Sequence, Detokenizer | None]] = {}
         self._ids = itertools.count()
@@ -104,23 +107,47 @@ class Engine:
                  "module(s), decode steps %s", num_blocks, self.config.block_size, self.max_model_len, max_drafts,
                  mc.num_nextn_predict_layers, f"from {self.graphs.kind} graphs" if self.graphs else "eager")
 
-    def _decode_graphs(self, model: DeepseekV3ForCausalLM) -> DecodeGraphs | None:
-        """CUDA graphs where the model allows them and they are on (captured when first needed); on the CPU,
-        compiled steps where asked for, compiled now."""
+    def _decode_graph_kind(self, model: DeepseekV3ForCausalLM) -> str | None:
+        """CUDA graphs where the model allows them and they are on; on the CPU, compiled steps where asked for."""
         c = self.config
-        max_query_len = 1 + self.policy.max_drafts
         if c.cuda_graphs and DecodeGraphs.supports(model, "cuda"):
-            return DecodeGraphs(model, self.cache, c.max_num_seqs, self.max_model_len, max_query_len, "cuda")
+            return "cuda"
         if not c.compile_decode:
             return None
         if self.device.type != "cpu" or not DecodeGraphs.supports(model, "compiled"):
             log.warning("compile_decode is for an engine on the CPU whose experts are local: decode steps run "
                         "eagerly")
             return None
-        graphs = DecodeGraphs(model, self.cache, c.max_num_seqs, self.max_model_len, max_query_len, "compiled")
-        with torch.inference_mode():  # as steps run: a graph compiled outside it would not serve them
-            graphs.warm_up()
-        return graphs
+        return "compiled"
+
+    def use_decode_graphs(self, kind: str) -> None:
+        """Run decode steps from graphs of `kind` (see `DecodeGraphs`; "eager" checks their padding), and, except
+        compiled, the passes of the MTP modules the drafts come from. CUDA graphs are captured when first needed;
+        compiled ones are built now, 10-30 s each on 2 cores.
+
+        Compiled MTP passes did not pay on the CPU: a decode step of one sequence is bound by the bytes it reads,
+        and one verifying a draft reads more experts, plus an MTP pass and the output head again, about the bytes
+        per token of a plain step. With the bundled model a step verifying one draft (accepted 73% of the time)
+        took 4.1 ms with compiled MTP passes and 4.2 ms with eager ones, against 1.8-2.1 ms for a plain step; the
+        speculation policy drafts nothing there either way, and compiling them took an engine of 2 sequences and
+        2 drafts 95 s more to start."""
+        c, drafts = self.config, self.policy.max_drafts
+        self.graphs = DecodeGraphs(self.model, self.cache, c.max_num_seqs, self.max_model_len, 1 + drafts, kind)
+        if kind == "compiled":
+            with torch.inference_mode():  # as steps run: a graph compiled outside it would not serve them
+                self.graphs.warm_up()
+            return
+        # module m's pass: the positions the main pass just verified (up to 1 + drafts), and, chained, its m draft
+        # positions (m < drafts)
+        self.drafter.graphs = [
+            DecodeGraphs(self.model, self.cache, c.max_num_seqs, self.max_model_len, 2 * drafts, kind, mtp_module=m,
+                         scratch_slot=self.graphs.scratch_slot)
+            for m in range(min(drafts, self.drafter.num_modules))]
+
+    @property
+    def num_graphs(self) -> int:
+        """Graphs built so far, of the main pass and the MTP modules'."""
+        return sum(g.num_graphs for g in [*([self.graphs] if self.graphs else []), *self.drafter.graphs])
 
     # --- requests -------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -258,12 +285,12 @@ class Engine:
         self._settle_mtp_modules(batch)
         started = time.perf_counter()
         timed_drafts = self._uniform_decode_drafts(batch) if self.policy.measures else None
-        graphs_before = self.graphs.num_graphs if self.graphs else 0
+        graphs_before = self.num_graphs
         with single_thread_if_small(sum(s.num_fed for s in batch), self.config.single_thread_max_tokens,
                                     self.device):
             hidden = self._run_main(batch)
             outputs, verified = self._postprocess(batch, hidden)
-            if self.graphs and self.graphs.num_graphs > graphs_before:
+            if self.num_graphs > graphs_before:
                 timed_drafts = None  # this step's time includes capturing a CUDA graph: not what its drafts cost
             if self.policy.measures:
                 self.policy.record_verify(timed_drafts, len(batch), time.perf_counter() - started)
@@ -412,14 +439,15 @@ class Engine:
         was a pure decode step, whose MTP work tells the policy what drafting costs."""
         if self.policy.max_drafts == 0:
             return
-        started = time.perf_counter()
+        started, graphs_before = time.perf_counter(), self.num_graphs
         # a prefill worker's sequences never draft here: the policy is for decoding batches
         batch_size = sum(not s.prefill_only for s in self.scheduler.running)
         k = self.policy.choose(batch_size) if batch_size else 0
         drafted = self._draft(verified, k)
         if self.policy.measures:
-            self.policy.record_draft(k if timed and k > 0 and drafted else None, batch_size,
-                                     time.perf_counter() - started)
+            # not a drafting time: one that includes capturing a CUDA graph
+            timed = timed and k > 0 and drafted and self.num_graphs == graphs_before
+            self.policy.record_draft(k if timed else None, batch_size, time.perf_counter() - started)
 
     def _draft(self, verified: list[tuple[Sequence, int, torch.Tensor]], k: int) -> bool:
         """`_speculate`'s MTP work for k drafts; whether any ran."""

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.engine.decode_graphs import DecodeGraphs
 from tandem.engine.kv_cache import PagedKVCache
 from tandem.engine.sampling import sample, target_probs
 from tandem.engine.sequence import Sequence
-from tandem.model.attention_metadata import Paged
+from tandem.model.attention_metadata import Paged, PagedArrays
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM
 
 
@@ -277,6 +278,7 @@ class MTPDrafter:
         self.cache = cache
         self.num_modules = len(model.mtp_layers)
         self.parallel = model.config.mtp_head_type == "meta"
+        self.graphs: list[DecodeGraphs] = []  # per module drafted from, when its passes run from graphs
 
     @property
     def max_drafts(self) -> int | None:
@@ -284,16 +286,16 @@ class MTPDrafter:
         return self.num_modules if self.parallel else None
 
     def _run(self, module: int, work: list[MTPWork]) -> list[torch.Tensor]:
-        """One batched pass of MTP module `module`; returns each sequence's output hidden states."""
-        meta = Paged.build(
-            query_lens=[len(w.token_ids) for w in work],
-            context_lens=[w.start + len(w.token_ids) for w in work],
-            block_tables=[w.seq.block_table for w in work],
-            block_size=self.cache.block_size, kv_cache=self.cache.tensor)
-        device = self.cache.tensor.device
-        ids = torch.tensor([t for w in work for t in w.token_ids], dtype=torch.int64, device=device)
+        """One batched pass of MTP module `module`, from a graph where it has one; returns each sequence's output
+        hidden states."""
+        arrays = PagedArrays.build([len(w.token_ids) for w in work], [w.start + len(w.token_ids) for w in work],
+                                   [w.seq.block_table for w in work], self.cache.block_size)
+        ids = [t for w in work for t in w.token_ids]
         hidden = torch.cat([w.hidden for w in work])
-        out = self.model.mtp_forward(module, ids, hidden, meta)
+        out = self.graphs[module].run(ids, arrays, hidden) if module < len(self.graphs) else None
+        if out is None:
+            out = self.model.mtp_forward(module, torch.tensor(ids, dtype=torch.int64, device=hidden.device), hidden,
+                                         Paged.from_arrays(arrays, self.cache.tensor))
         return list(out.split([len(w.token_ids) for w in work]))
 
     def advance(self, seqs: list[Sequence], main_hidden: list[tuple[int, torch.Tensor]], num_drafts: list[int],
