@@ -220,6 +220,13 @@ class StepFlops:
         mtp = batch * (self.mtp_per_token + context_len * self.attention_per_key)
         return 2 * (main + drafts_per_seq * mtp)
 
+    def generation(self, batch: int, prompt_len: int, new_tokens: int) -> float:
+        """A whole run with no speculation: the prompts' pass (token i attends to i + 1 positions), then a decode
+        step per new token after the first."""
+        keys = prompt_len * (prompt_len + 1) / 2
+        prefill = 2 * batch * (prompt_len * self.main_per_token + self.num_main_layers * keys * self.attention_per_key)
+        return prefill + sum(self.decode_step(batch, prompt_len + i + 1) for i in range(new_tokens - 1))
+
 
 def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul in `dtype`: what the compute-bound part of a step can hope for."""
@@ -413,6 +420,18 @@ def model_info(model: DeepseekV3ForCausalLM, name: str, dtype: torch.dtype) -> d
     inactive = routed_main * (1 - c.num_experts_per_tok / c.n_routed_experts) if c.n_routed_experts else 0
     return {"name": name, "dtype": str(dtype).removeprefix("torch."), **{k: getattr(c, k) for k in keys},
             "num_params": total, "num_params_mtp": mtp, "num_params_active_per_token": int(total - mtp - inactive)}
+
+
+def compute_bounds(results: list[dict], step_flops: StepFlops, prompt_len: int, new_tokens: int,
+                   flops: float) -> dict:
+    """Per batch size, the seconds a run's multiplies take at the measured matmul peak, and transformers' time over
+    that: the most any engine could gain on transformers here without doing less work (a ceiling no real run
+    reaches, since a decode step's small matmuls run well below the peak)."""
+    out = {}
+    for hf in (r for r in results if r["engine"] == "transformers"):
+        seconds = step_flops.generation(hf["batch"], prompt_len, new_tokens) / flops
+        out[f"B={hf['batch']}"] = {"compute_bound_seconds": seconds, "transformers_over_bound": hf["seconds"] / seconds}
+    return out
 
 
 def speedups(results: list[dict], key: str) -> dict:
@@ -623,6 +642,8 @@ def main(argv: list[str] | None = None) -> None:
     report["results"] = results
     report["speedup"] = speedups(results, "tokens_per_s")
     report["decode_speedup"] = speedups(results, "decode_tokens_per_s")
+    report["compute_bound"] = compute_bounds(results, step_flops, args.prompt_len, args.new_tokens,
+                                             report["machine"]["matmul_tflops"] * 1e12)
     report["mismatches"] = [f"tandem B={r['batch']} spec={r['spec_tokens']} vs {other}: {c['prompts_equal']}/"
                             f"{c['prompts']} prompts equal, first prompt diverges at {c['first_prompt_divergence']}"
                             for r in results for other in ("transformers", "tandem_no_spec")
@@ -635,6 +656,8 @@ def main(argv: list[str] | None = None) -> None:
     log(f"wrote {args.out / 'results.json'} and {args.out / 'throughput.png'}")
     rates = {f"{r['engine']} B={r['batch']} spec={r['spec_tokens']}": round(r["tokens_per_s"], 1) for r in results}
     print(json.dumps({"speedup": report["speedup"], "decode_speedup": report["decode_speedup"],
+                      "speedup_ceiling": {b: round(v["transformers_over_bound"], 1)
+                                          for b, v in report["compute_bound"].items()},
                       "tokens_per_s": rates}, indent=2))
 
 
