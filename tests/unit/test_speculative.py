@@ -8,7 +8,7 @@ import torch
 
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.sampling import SamplingParams
-from tandem.engine.speculative import SpeculationPolicy
+from tandem.engine.speculative import SpeculationPolicy, StepCostModel
 from tandem.model.attention_metadata import DenseCausal
 from tandem.model.config import ModelConfig
 from tandem.model.presets import random_model
@@ -387,3 +387,17 @@ def test_sequences_skipped_by_the_policy_resync_and_draft_again(model):
 
     run_with_scripted_policy(model, [2, 2, 0, 0, 0, 0], watch)
     assert seen == {"stale": True, "drafted_after": True}
+
+
+def test_step_cost_model_fits_seconds_as_a_line_in_the_batch_size():
+    model = StepCostModel(window=3)
+    assert model.predict(4) == 0.0  # nothing measured
+    for batch_size, seconds in [(9, 100.0), (1, 1.0), (3, 2.0), (5, 3.0)]:  # the first falls out of the window
+        model.record(batch_size, seconds)
+    assert model.predict(7) == pytest.approx(4.0) and model.predict(3) == pytest.approx(2.0)
+    for seconds in (1.0, 2.0, 3.0):  # one batch size: the mean
+        model.record(4, seconds)
+    assert model.predict(4) == pytest.approx(2.0) and model.predict(40) == pytest.approx(2.0)
+    for batch_size, seconds in [(1, 3.0), (2, 2.0), (3, 1.0)]:  # faster with more sequences is noise: flat
+        model.record(batch_size, seconds)
+    assert model.predict(1) == model.predict(30) == pytest.approx(2.0)

@@ -58,11 +58,16 @@ class StepCostModel:
             self._renewing = False
         self.samples.append((batch_size, seconds))
         self.last_recorded = now
-        n = len(self.samples)
-        x_mean = sum(b for b, _ in self.samples) / n
-        y_mean = sum(t for _, t in self.samples) / n
-        spread = sum((b - x_mean) ** 2 for b, _ in self.samples)
-        slope = sum((b - x_mean) * (t - y_mean) for b, t in self.samples) / spread if spread else 0.0
+        # least squares in one pass (batch sizes are integers: with one batch size, `spread` is exactly 0)
+        n, sum_b, sum_t, sum_bb, sum_bt = len(self.samples), 0, 0.0, 0, 0.0
+        for b, t in self.samples:
+            sum_b += b
+            sum_t += t
+            sum_bb += b * b
+            sum_bt += b * t
+        x_mean, y_mean = sum_b / n, sum_t / n
+        spread = sum_bb - sum_b * sum_b / n
+        slope = (sum_bt - sum_b * y_mean) / spread if spread else 0.0
         self._fit = (x_mean, y_mean, max(slope, 0.0))
 
     def renew(self) -> None:
@@ -135,10 +140,10 @@ class SpeculationPolicy:
         worker, whose sequences leave the batch after their first token, asks for none: bucket 1 too.)"""
         return max(batch_size, 1).bit_length()
 
-    def _models(self, k: int, batch_size: int) -> list[StepCostModel]:
-        """What a step with k drafts costs at this batch size: [verifying them] and, for k > 0, [..., producing
-        them]. Made once per (k, bucket): the policy asks for them a dozen times a step."""
-        key = (k, self.bucket(batch_size))
+    def _models(self, k: int, bucket: int) -> list[StepCostModel]:
+        """What a step with k drafts costs at the batch sizes of a bucket: [verifying them] and, for k > 0, [...,
+        producing them]. Made once per (k, bucket): the policy asks for them several times a step."""
+        key = (k, bucket)
         models = self._costs.get(key)
         if models is None:
             models = self._costs[key] = [StepCostModel() for _ in range(2 if k else 1)]
@@ -153,7 +158,7 @@ class SpeculationPolicy:
         self._last_verified = num_drafts
         if steady:
             self._steps += 1
-            self._models(num_drafts, batch_size)[0].record(batch_size, seconds, self._steps)
+            self._models(num_drafts, self.bucket(batch_size))[0].record(batch_size, seconds, self._steps)
 
     def record_draft(self, num_drafts: int | None, batch_size: int, seconds: float) -> None:
         """The MTP work after a decode step that drafted `num_drafts` tokens for `batch_size` sequences (None: work
@@ -161,29 +166,30 @@ class SpeculationPolicy:
         steady = num_drafts is not None and num_drafts == self._last_drafted
         self._last_drafted = num_drafts
         if steady:
-            self._models(num_drafts, batch_size)[-1].record(batch_size, seconds, self._steps)
+            self._models(num_drafts, self.bucket(batch_size))[-1].record(batch_size, seconds, self._steps)
 
-    def _samples(self, k: int, batch_size: int) -> int:
-        return min(len(m) for m in self._models(k, batch_size))
+    def _samples(self, k: int, bucket: int) -> int:
+        return min(len(m) for m in self._models(k, bucket))
 
-    def _untried(self, batch_size: int) -> list[int]:
-        """Draft counts not yet measured (or measured again) often enough at this batch size, largest first."""
-        bucket = self.bucket(batch_size)
+    def _untried(self, bucket: int) -> list[int]:
+        """Draft counts not yet measured (or measured again) often enough in this batch size bucket, largest
+        first."""
         return [k for k in range(self.max_drafts, -1, -1)
-                if min(m.new_samples for m in self._models(k, batch_size)) < self.SAMPLES_TO_TRUST
+                if min(m.new_samples for m in self._models(k, bucket)) < self.SAMPLES_TO_TRUST
                 and self._tries[k, bucket] < self.MAX_TRIES]
 
     def drafts_in_use(self, batch_size: int) -> int:
         """The most drafts a sequence decoding at this batch size may be asked for: the count chosen here and any
         still to be measured (all of them before the first choice)."""
-        choice = self.choices.get(self.bucket(batch_size))
+        bucket = self.bucket(batch_size)
+        choice = self.choices.get(bucket)
         if not self.adaptive or choice is None:
             return self.max_drafts
-        return max([choice] + self._untried(batch_size))
+        return max([choice] + self._untried(bucket))
 
     def exploring(self, batch_size: int) -> bool:
         """Some draft count is still to be measured at this batch size."""
-        return self.measures and bool(self._untried(batch_size))
+        return self.measures and bool(self._untried(self.bucket(batch_size)))
 
     def settled_choices(self) -> tuple[tuple[int, int], ...]:
         """(smallest batch size of a bucket, drafts chosen there) for every bucket measured, smallest first."""
@@ -211,52 +217,52 @@ class SpeculationPolicy:
         return total
 
     def seconds_per_step(self, k: int, batch_size: int) -> float:
-        return sum(m.predict(batch_size) for m in self._models(k, batch_size))
+        return sum(m.predict(batch_size) for m in self._models(k, self.bucket(batch_size)))
 
     def choose(self, batch_size: int) -> int:
         if not self.adaptive or self.max_drafts == 0:
             return self.max_drafts
         self._fold_pending()
-        untried = self._untried(batch_size)
-        if untried:
-            self._tries[untried[0], self.bucket(batch_size)] += 1
-            return untried[0]
         bucket = self.bucket(batch_size)
+        untried = self._untried(bucket)
+        if untried:
+            self._tries[untried[0], bucket] += 1
+            return untried[0]
         # a larger count must pay clearly, or it is not worth the risk; turning speculation back on must pay
         # more, since sequences whose MTP modules were skipped first recompute what they missed
         factor = self.SWITCH_ON_GAIN if self.choices.get(bucket) == 0 else self.GAIN
         best_k, best_rate = 0, 0.0
         for k in range(self.max_drafts + 1):
-            if not self._samples(k, batch_size):
+            models = self._models(k, bucket)
+            if not min(len(m) for m in models):
                 continue
-            rate = self.expected_tokens(k) / self.seconds_per_step(k, batch_size)
+            rate = self.expected_tokens(k) / sum(m.predict(batch_size) for m in models)
             if rate > best_rate * (factor if best_k == 0 else self.GAIN):
                 best_k, best_rate = k, rate
-        stale = [k for k in range(best_k + 1) if self._stale(k, batch_size)]
+        stale = [k for k in range(best_k + 1) if self._stale(k, bucket)]
         if best_k != self.choices.get(bucket, best_k) and best_k in stale:
             stale = [best_k]  # measured again before the policy switches to it
         elif best_k in stale:
             stale.remove(best_k)  # the count being run: its next steps measure it
         if stale:
             for k in stale:
-                self._renew(k, batch_size)
+                self._renew(k, bucket)
             return self.choose(batch_size)
         self.choices[bucket] = best_k
         return best_k
 
-    def _stale(self, k: int, batch_size: int) -> bool:
+    def _stale(self, k: int, bucket: int) -> bool:
         """Measured, but not in the last FRESH_STEPS timed steps, nor tried again since (a count that cannot be
         measured any more, say every request now drafts fewer, is tried again once every FRESH_STEPS)."""
-        if not self._samples(k, batch_size):
+        if not self._samples(k, bucket):
             return False
-        measured = min(m.last_recorded for m in self._models(k, batch_size))  # verifying and drafting both
-        newest = max(measured, self._renewed_at.get((k, self.bucket(batch_size)), 0))
+        measured = min(m.last_recorded for m in self._models(k, bucket))  # verifying and drafting both
+        newest = max(measured, self._renewed_at.get((k, bucket), 0))
         return self._steps - newest > self.FRESH_STEPS
 
-    def _renew(self, k: int, batch_size: int) -> None:
-        for m in self._models(k, batch_size):
+    def _renew(self, k: int, bucket: int) -> None:
+        for m in self._models(k, bucket):
             m.renew()
-        bucket = self.bucket(batch_size)
         self._tries[k, bucket] = 0
         self._renewed_at[k, bucket] = self._steps
 
