@@ -182,6 +182,20 @@ def test_paged_batch_logits_match_transformers(case):
     assert torch.equal(written, expected)
 
 
+def test_paged_prompts_of_one_length_match_transformers(case):
+    """Whole prompts of one length in one pass: attention with the plain causal mask, no explicit one."""
+    model, prompts = case.model, [p[:17] for p in case.prompts[1:]]
+    blocks = [math.ceil(17 / BLOCK_SIZE)] * 2
+    kv_cache = kv_cache_for(model, sum(blocks))
+    meta = Paged.build(query_lens=[17, 17], context_lens=[17, 17], block_tables=scattered_block_tables(
+        blocks, sum(blocks), seed=case.params["seed"]), block_size=BLOCK_SIZE, kv_cache=kv_cache)
+    assert meta.query_index is None
+    with torch.inference_mode():
+        logits = model.logits(model(torch.tensor(prompts[0] + prompts[1]), meta))
+    for prompt, rows in zip(prompts, logits.split(17)):
+        assert_logits_close(rows, case.hf_logits(prompt))
+
+
 @pytest.mark.parametrize("preset", ["tiny", "moonlight"])
 def test_prompt_chunks_expand_and_decode_steps_attend_over_the_latent(preset):
     """The bundled model's attention dims, and Moonlight's (DeepSeek-V3's, with 16 heads)."""

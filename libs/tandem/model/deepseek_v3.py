@@ -188,11 +188,13 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)], dim=-1)  # [B, S, H, N+R]
         q = torch.cat([q_nope, q_pe], dim=-1)
         q = q[meta.query_index] if meta.query_index is not None else q.view(B, -1, H, q.shape[-1])  # [B, Q, H, N+R]
-        mask = meta.attend_bias.transpose(1, 2).to(q.dtype)  # [B, 1, Q, S]
+        # whole prompts of one length: the plain causal mask, whose masked blocks the fused kernel skips
+        whole_prompts = meta.query_index is None and q.shape[1] == S
+        mask = None if whole_prompts else meta.attend_bias.transpose(1, 2).to(q.dtype)  # [B, 1, Q, S]
         # values zero-padded to the query/key head size: the fused kernels want one head size for all three
         v = F.pad(v, (0, q.shape[-1] - self.v_head_dim))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, scale=self.softmax_scale)  # [B, H, Q, N+R]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                             is_causal=whole_prompts, scale=self.softmax_scale)  # [B, H, Q, N+R]
         return out.transpose(1, 2)[..., : self.v_head_dim].reshape(-1, H, self.v_head_dim)
 
     def _attend_latent(self, q_nope, q_pe, keys, meta: Paged) -> torch.Tensor:
