@@ -13,9 +13,9 @@ on the tokens just verified and draft. It serves steps of a few new tokens per s
 or one plus drafts; sequences bringing fewer tokens than the step's most are padded with tokens that attend to
 nothing. Prompt chunks run eagerly, and so does sampling. A CUDA graph is captured the first time its shape is
 met, which takes a moment. A CPU compile takes 10-30 s on 2 cores, so compiled graphs are built before serving
-(`warm_up`); their dims are dynamic, so a few compiles serve every shape. Graphs need a forward with no host sync and local experts
-(`DecodeGraphs.supports`); remote experts exchange on the host. The kind "eager" runs the same padded
-static-buffer forward eagerly: tests run it on the CPU to check the padding.
+(`warm_up`); their dims are dynamic, so a few compiles serve every shape. Graphs need a forward with no host
+sync and local experts (`DecodeGraphs.supports`); remote experts exchange on the host. The kind "eager" runs
+the same padded static-buffer forward eagerly: tests run it on the CPU to check the padding.
 """
 
 from __future__ import annotations
