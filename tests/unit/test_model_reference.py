@@ -161,8 +161,8 @@ def test_dense_logits_match_transformers(case):
 
 
 def test_paged_batch_logits_match_transformers(case):
-    """All three prompts in one engine-style prefill pass over a paged cache with scattered block tables (prompt
-    chunks: attention over expanded keys and values)."""
+    """All three prompts in one engine-style prefill pass over a paged cache with scattered block tables (first
+    chunks: each attends to itself over keys and values expanded from its latents)."""
     assert all(layer.self_attn._expanding_pays(n, n) for layer in case.model.main_layers for n in PROMPT_LENS)
     model, lengths = case.model, [len(p) for p in case.prompts]
     blocks = [math.ceil(n / BLOCK_SIZE) for n in lengths]
@@ -189,7 +189,7 @@ def test_paged_prompts_of_one_length_match_transformers(case):
     kv_cache = kv_cache_for(model, sum(blocks))
     meta = Paged.build(query_lens=[17, 17], context_lens=[17, 17], block_tables=scattered_block_tables(
         blocks, sum(blocks), seed=case.params["seed"]), block_size=BLOCK_SIZE, kv_cache=kv_cache)
-    assert meta.query_index is None
+    assert meta.query_index is None and meta.first_chunk_lens == [17, 17]
     with torch.inference_mode():
         logits = model.logits(model(torch.tensor(prompts[0] + prompts[1]), meta))
     for prompt, rows in zip(prompts, logits.split(17)):

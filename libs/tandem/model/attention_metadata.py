@@ -46,6 +46,9 @@ class Paged:
     kv_cache: torch.Tensor | list[torch.Tensor]  # indexed by layer
     num_seqs: int
     max_query_len: int  # Q
+    # each sequence's new tokens, when none has anything cached before them (prompts' first chunks): they attend
+    # to themselves alone, and attention can skip the cache
+    first_chunk_lens: list[int] | None = None
 
     MASKED = torch.finfo(torch.float32).min
     """Added to the scores a query must not see. Finite, so that the all-masked rows of padded queries give a
@@ -64,7 +67,7 @@ class Paged:
         return cls(_to(a.positions, device), _to(a.slot_mapping, device),
                    None if uniform else _to(a.query_index, device), None if uniform else _to(a.query_rows, device),
                    _to(a.key_slots.reshape(-1), device), _to(a.attend_bias, device), kv_cache, a.num_seqs,
-                   a.max_query_len)
+                   a.max_query_len, a.first_chunk_lens)
 
 
 @dataclass(slots=True)
@@ -77,6 +80,7 @@ class PagedArrays:
     query_rows: np.ndarray | None  # [T]
     key_slots: np.ndarray  # [B, S]
     attend_bias: np.ndarray  # [B, Q, 1, S]
+    first_chunk_lens: list[int] | None = None  # see `Paged`
 
     @property
     def num_seqs(self) -> int:
@@ -116,7 +120,8 @@ class PagedArrays:
         else:
             query_index = np.where(query_mask, starts[:, None] + q_off[None, :], 0)
             query_rows = np.flatnonzero(query_mask)
-        return cls(positions, slot_mapping, query_index, query_rows, key_slots, attend_bias)
+        first_chunk_lens = list(query_lens) if list(query_lens) == list(context_lens) else None
+        return cls(positions, slot_mapping, query_index, query_rows, key_slots, attend_bias, first_chunk_lens)
 
 
 def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:

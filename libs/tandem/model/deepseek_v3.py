@@ -9,6 +9,7 @@ are grouped into sequences and where their KV cache lives.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -159,12 +160,39 @@ class MLA(nn.Module):
                                              is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, L, H, V]
 
+    def _attend_prompts(self, q_nope, q_pe, c_kv, k_pe, lengths: list[int]) -> torch.Tensor:
+        """Sequences with nothing before them, their tokens one sequence after another (`lengths`): each attends
+        causally to itself, over keys and values expanded from its own latents, in the fused kernel (no cache
+        read, no padding, the masked half of each sequence's blocks skipped). Sequences of one length run as one
+        batch. Returns [T, H, V]."""
+        T, H = q_nope.shape[0], self.num_heads
+        k_nope, v = self.kv_b_proj(c_kv).view(T, H, -1).split_with_sizes(
+            [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(-1, H, -1)], dim=-1)  # [T, H, N+R]
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        # values zero-padded to the query/key head size: the fused kernels want one head size for all three
+        v = F.pad(v, (0, q.shape[-1] - self.v_head_dim))
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # [B, L, H, N+R]
+            # 4-d: the fused CPU kernel takes nothing else
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True, scale=self.softmax_scale).transpose(1, 2)
+
+        if len(set(lengths)) == 1:
+            out = attend(*(t.view(-1, lengths[0], H, t.shape[-1]) for t in (q, k, v)))
+        else:
+            starts = itertools.accumulate(lengths, initial=0)
+            out = torch.cat([attend(*(t[None, s:s + n] for t in (q, k, v))) for s, n in zip(starts, lengths)], dim=1)
+        return out.reshape(T, H, -1)[..., : self.v_head_dim]
+
     def _attend_paged(self, q_nope, q_pe, c_kv, k_pe, meta: Paged) -> torch.Tensor:
         """Cache the new tokens' latents, then attend over every sequence's context in the cheaper form."""
         # B sequences, Q query rows each, S context positions
         cache = meta.kv_cache[self.layer_idx]
         cache.index_copy_(0, meta.slot_mapping, torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype))
         B, Q = meta.num_seqs, meta.max_query_len
+        if meta.first_chunk_lens is not None and self._expanding_pays(Q, Q):
+            return self._attend_prompts(q_nope, q_pe, c_kv, k_pe, meta.first_chunk_lens)
         # index_select, not cache[key_slots]: several times faster for whole rows on CPU
         keys = cache.index_select(0, meta.key_slots).view(B, -1, cache.shape[-1]).to(q_nope.dtype)  # [B, S, C+R]
         attend = self._attend_expanded_keys if self._expanding_pays(Q, keys.shape[1]) else self._attend_latent
@@ -188,13 +216,10 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)], dim=-1)  # [B, S, H, N+R]
         q = torch.cat([q_nope, q_pe], dim=-1)
         q = q[meta.query_index] if meta.query_index is not None else q.view(B, -1, H, q.shape[-1])  # [B, Q, H, N+R]
-        # whole prompts of one length: the plain causal mask, whose masked blocks the fused kernel skips
-        whole_prompts = meta.query_index is None and q.shape[1] == S
-        mask = None if whole_prompts else meta.attend_bias.transpose(1, 2).to(q.dtype)  # [B, 1, Q, S]
-        # values zero-padded to the query/key head size: the fused kernels want one head size for all three
-        v = F.pad(v, (0, q.shape[-1] - self.v_head_dim))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                             is_causal=whole_prompts, scale=self.softmax_scale)  # [B, H, Q, N+R]
+        mask = meta.attend_bias.transpose(1, 2).to(q.dtype)  # [B, 1, Q, S]
+        v = F.pad(v, (0, q.shape[-1] - self.v_head_dim))  # as in `_attend_prompts`
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, scale=self.softmax_scale)  # [B, H, Q, N+R]
         return out.transpose(1, 2)[..., : self.v_head_dim].reshape(-1, H, self.v_head_dim)
 
     def _attend_latent(self, q_nope, q_pe, keys, meta: Paged) -> torch.Tensor:
