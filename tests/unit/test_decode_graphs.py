@@ -76,17 +76,26 @@ def test_steps_that_capture_a_graph_are_not_timed_for_the_speculation_policy(mod
     record_verify = engine.policy.record_verify
     # every step reports to the policy; one that tells it nothing reports no draft count (None)
     engine.policy.record_verify = lambda *args: (args[0] is not None and recorded.append(args), record_verify(*args))
+    drafted = []  # the same for the MTP work after a step
+    record_draft = engine.policy.record_draft
+    engine.policy.record_draft = lambda *args: (args[0] is not None and drafted.append(args), record_draft(*args))
     for prompt, n in zip(PROMPTS, MAX_TOKENS):
         engine.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True))
-    capturing_steps = timed_steps = 0
+    capturing_steps = timed_steps = capturing_drafts = timed_drafts = 0
     while engine.has_unfinished:
         graphs, records = engine.graphs.num_graphs, len(recorded)
+        mtp_graphs, draft_records = sum(g.num_graphs for g in engine.drafter.graphs), len(drafted)
         engine.step()
         if engine.graphs.num_graphs > graphs:
             capturing_steps += 1
             assert len(recorded) == records, "a step that captured a graph was timed"
+        if sum(g.num_graphs for g in engine.drafter.graphs) > mtp_graphs:
+            capturing_drafts += 1
+            assert len(drafted) == draft_records, "MTP work that captured a graph was timed"
         timed_steps += len(recorded) > records
+        timed_drafts += len(drafted) > draft_records
     assert capturing_steps >= 3 and timed_steps > 0
+    assert capturing_drafts >= 3 and timed_drafts > 0
 
 
 @pytest.mark.parametrize("mtp_module", [None, 0])
