@@ -150,14 +150,29 @@ class MLA(nn.Module):
             out = self._attend_paged(q_nope, q_pe, c_kv, k_pe, meta)
         return self.o_proj(out.reshape(T, -1))
 
+    def _expand(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys [..., H, N+R] and values [..., H, V] from latents [..., C] and rope keys [..., R]."""
+        k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (self.num_heads, -1)).split_with_sizes(
+            [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        return torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], -1)], dim=-1), v
+
+    def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                         causal: bool = False) -> torch.Tensor:
+        """[B, L, H, V] from queries and keys [B, L|S, H, N+R] and values [B, S, H, V], in the fused kernel: values
+        are zero-padded to the query/key head size, since it wants one head size for all three (and 4-d inputs)."""
+        v = F.pad(v, (0, q.shape[-1] - self.v_head_dim))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                             is_causal=causal, scale=self.softmax_scale)
+        return out.transpose(1, 2)[..., : self.v_head_dim]
+
     def _attend_expanded(self, q_nope, q_pe, c_kv, k_pe, meta: DenseCausal) -> torch.Tensor:
-        B, L, H = meta.batch_size, meta.seq_len, self.num_heads
-        kv = self.kv_b_proj(c_kv).view(B, L, H, -1)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.view(B, L, 1, -1).expand(-1, -1, H, -1)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).view(B, L, H, -1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=self.softmax_scale)
+        B, L = meta.batch_size, meta.seq_len
+        k, v = self._expand(c_kv, k_pe)
+        q = torch.cat([q_nope, q_pe], dim=-1).view(B, L, self.num_heads, -1)
+        # not `_fused_attention`: its padded values round differently, and the references were fixed on this
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.view(B, L, *k.shape[1:]).transpose(1, 2),
+                                             v.view(B, L, *v.shape[1:]).transpose(1, 2), is_causal=True,
+                                             scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, L, H, V]
 
     def _attend_prompts(self, q_nope, q_pe, c_kv, k_pe, lengths: list[int]) -> torch.Tensor:
@@ -165,25 +180,14 @@ class MLA(nn.Module):
         causally to itself, over keys and values expanded from its own latents, in the fused kernel (no cache
         read, no padding, the masked half of each sequence's blocks skipped). Sequences of one length run as one
         batch. Returns [T, H, V]."""
-        T, H = q_nope.shape[0], self.num_heads
-        k_nope, v = self.kv_b_proj(c_kv).view(T, H, -1).split_with_sizes(
-            [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, None].expand(-1, H, -1)], dim=-1)  # [T, H, N+R]
+        k, v = self._expand(c_kv, k_pe)  # [T, H, N+R], [T, H, V]
         q = torch.cat([q_nope, q_pe], dim=-1)
-        # values zero-padded to the query/key head size: the fused kernels want one head size for all three
-        v = F.pad(v, (0, q.shape[-1] - self.v_head_dim))
-
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # [B, L, H, N+R]
-            # 4-d: the fused CPU kernel takes nothing else
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  is_causal=True, scale=self.softmax_scale).transpose(1, 2)
-
         if len(set(lengths)) == 1:
-            out = attend(*(t.view(-1, lengths[0], H, t.shape[-1]) for t in (q, k, v)))
-        else:
-            starts = itertools.accumulate(lengths, initial=0)
-            out = torch.cat([attend(*(t[None, s:s + n] for t in (q, k, v))) for s, n in zip(starts, lengths)], dim=1)
-        return out.reshape(T, H, -1)[..., : self.v_head_dim]
+            out = self._fused_attention(*(t.view(-1, lengths[0], *t.shape[1:]) for t in (q, k, v)), causal=True)
+            return out.flatten(0, 1)
+        starts = itertools.accumulate(lengths, initial=0)
+        return torch.cat([self._fused_attention(*(t[None, s:s + n] for t in (q, k, v)), causal=True)[0]
+                          for s, n in zip(starts, lengths)])
 
     def _attend_paged(self, q_nope, q_pe, c_kv, k_pe, meta: Paged) -> torch.Tensor:
         """Cache the new tokens' latents, then attend over every sequence's context in the cheaper form."""
@@ -209,18 +213,11 @@ class MLA(nn.Module):
         return (context_len - query_len) * C * (N + V) < query_len * context_len * (2 * C - N - V)
 
     def _attend_expanded_keys(self, q_nope, q_pe, keys, meta: Paged) -> torch.Tensor:
-        B, S, H = keys.shape[0], keys.shape[1], self.num_heads
-        c_kv, k_pe = keys.split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, -1).split_with_sizes(
-            [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)], dim=-1)  # [B, S, H, N+R]
+        k, v = self._expand(*keys.split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1))
         q = torch.cat([q_nope, q_pe], dim=-1)
-        q = q[meta.query_index] if meta.query_index is not None else q.view(B, -1, H, q.shape[-1])  # [B, Q, H, N+R]
+        q = q[meta.query_index] if meta.query_index is not None else q.view(keys.shape[0], -1, *q.shape[1:])
         mask = meta.attend_bias.transpose(1, 2).to(q.dtype)  # [B, 1, Q, S]
-        v = F.pad(v, (0, q.shape[-1] - self.v_head_dim))  # as in `_attend_prompts`
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, scale=self.softmax_scale)  # [B, H, Q, N+R]
-        return out.transpose(1, 2)[..., : self.v_head_dim].reshape(-1, H, self.v_head_dim)
+        return self._fused_attention(q, k, v, mask).flatten(0, 1)  # [B*Q, H, V]
 
     def _attend_latent(self, q_nope, q_pe, keys, meta: Paged) -> torch.Tensor:
         """Weight-absorbed: W_UK folds into the queries, which attend over the cached latents directly, and W_UV
