@@ -64,6 +64,10 @@ class DecodeGraphs:
         self.cache = cache
         self.kind = kind
         self.mtp_module = mtp_module
+        # the pass graphed: (input_ids, meta) -> hidden for the main model, (input_ids, prev_hidden, meta) -> hidden
+        # for an MTP module
+        self._pass: Callable[..., torch.Tensor] = model if mtp_module is None \
+            else functools.partial(model.mtp_forward, mtp_module)
         self.buckets = batch_buckets(max_batch)
         self.max_query_len = max_query_len
         self.max_context = -(-max_context // CONTEXT_STEP) * CONTEXT_STEP
@@ -80,14 +84,6 @@ class DecodeGraphs:
             # between: 10-20% faster a step.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS)
             self._compiled = torch.compile(self._pass, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
-
-    @property
-    def _pass(self) -> Callable[..., torch.Tensor]:
-        """The pass graphed: (input_ids, meta) -> hidden for the main model, (input_ids, prev_hidden, meta) ->
-        hidden for an MTP module."""
-        if self.mtp_module is None:
-            return self.model
-        return functools.partial(self.model.mtp_forward, self.mtp_module)
 
     @staticmethod
     def supports(model: DeepseekV3ForCausalLM, kind: str = "cuda") -> bool:
