@@ -221,11 +221,9 @@ class StepFlops:
         return 2 * (main + drafts_per_seq * mtp)
 
     def generation(self, batch: int, prompt_len: int, new_tokens: int) -> float:
-        """A whole run with no speculation: the prompts' pass (token i attends to i + 1 positions), then a decode
-        step per new token after the first."""
-        keys = prompt_len * (prompt_len + 1) / 2
-        prefill = 2 * batch * (prompt_len * self.main_per_token + self.num_main_layers * keys * self.attention_per_key)
-        return prefill + sum(self.decode_step(batch, prompt_len + i + 1) for i in range(new_tokens - 1))
+        """A whole run with no speculation: every position but the last passes once, attending to itself and all
+        before it (the prompts' positions in their pass, the others one decode step each)."""
+        return sum(self.decode_step(batch, context) for context in range(1, prompt_len + new_tokens))
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
