@@ -499,8 +499,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run Tandem's decode steps eagerly on CUDA (by default it replays them from CUDA graphs "
                         "where the model allows: bfloat16 with grouped expert matmuls)")
     p.add_argument("--no-compile", action="store_true",
-                   help="run Tandem's decode steps eagerly on the CPU (by default they run from torch.compile'd "
-                        "forwards there, compiled when each engine starts)")
+                   help="run Tandem's decode steps eagerly on the CPU (by default they run from forwards compiled "
+                        "ahead of time there, when each engine starts)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the median is kept")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     p.add_argument("--out", type=Path, default=Path("bench/results/engine"), help="where results.json and "

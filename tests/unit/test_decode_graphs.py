@@ -129,7 +129,7 @@ def generate_two(engine: Engine) -> list[list[int]]:
 
 
 def test_compiled_decode_steps_give_the_tokens_of_eager_steps(model):
-    """`compile_decode`: uniform decode steps run from torch.compile'd forwards (batch buckets 2 and 1 here), built
+    """`compile_decode`: uniform decode steps run from passes compiled ahead of time (batch buckets 2 and 1 here), built
     when the engine starts, and write their latents into the engine's cache in place: a lost write would change
     every later token."""
     want = generate_two(two_sequence_engine(model))

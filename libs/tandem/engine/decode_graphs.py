@@ -2,8 +2,9 @@
 
 A decode step of a small batch runs hundreds of small operations, and their per-call costs, not their work, set
 its time: kernel launches on a GPU, dispatch and Python on a CPU. A CUDA graph records a step's kernels once and
-replays them with one launch; on the CPU, `torch.compile` turns the step into a few fused C++ kernels around the
-BLAS calls (about 3x faster a forward than eager at batch 1 on a 2-core Xeon, 1.6-2x at batch 8 and 32). Both fix
+replays them with one launch; on the CPU, AOTInductor compiles the step ahead of time into a library of fused C++
+kernels around the BLAS calls, called with no Python in between (`tandem.engine.aot_passes`; a forward of the
+bundled model at batch 1 takes 0.97 ms there on a 2-core Xeon, 1.47 ms torch.compile'd, 3.9 ms eager). Both fix
 every shape, so a step is padded to a bucket: the batch to the next of `batch_buckets`, the context to the next
 multiple of `CONTEXT_STEP` positions. Padding sequences attend to nothing and write their latent to a scratch
 slot the cache reserves for them; padding keys are masked.
@@ -12,10 +13,11 @@ A graph serves one pass: the main model's, or one MTP module's (`mtp_module`), w
 on the tokens just verified and draft. It serves steps of a few new tokens per sequence (`max_query_len`): one,
 or one plus drafts; sequences bringing fewer tokens than the step's most are padded with tokens that attend to
 nothing. Prompt chunks run eagerly, and so does sampling. A CUDA graph is captured the first time its shape is
-met, which takes a moment. A CPU compile takes 10-30 s on 2 cores, so compiled graphs are built before serving
-(`warm_up`); their dims are dynamic, so a few compiles serve every shape. Graphs need a forward with no host
-sync and local experts (`DecodeGraphs.supports`); remote experts exchange on the host. The kind "eager" runs
-the same padded static-buffer forward eagerly: tests run it on the CPU to check the padding.
+met, which takes a moment. A CPU compile takes 15-30 s on 2 cores, so compiled graphs are built before serving
+(`warm_up`); their dims are dynamic, so a few libraries serve every shape, and they are cached on disk. Graphs
+need a forward with no host sync and local experts (`DecodeGraphs.supports`); remote experts exchange on the
+host. The kind "eager" runs the same padded static-buffer forward eagerly: tests run it on the CPU to check the
+padding.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tandem.engine.aot_passes import AOTPasses
 from tandem.engine.kv_cache import PagedKVCache
 from tandem.model.attention_metadata import Paged, PagedArrays
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM, MoE
@@ -49,7 +52,7 @@ def batch_buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """Runs decode steps of one pass of `model` (the main model, or MTP module `mtp_module`) from graphs built per
     (batch bucket, query length, context bucket), of one kind: "cuda" (CUDA graphs, captured when first needed),
-    "compiled" (`torch.compile` with dynamic dims, built by `warm_up`) or "eager"."""
+    "compiled" (AOTInductor libraries with dynamic dims, built by `warm_up`) or "eager"."""
 
     def __init__(self, model: DeepseekV3ForCausalLM, cache: PagedKVCache, max_batch: int, max_context: int,
                  max_query_len: int, kind: str = "cuda", mtp_module: int | None = None,
@@ -77,13 +80,9 @@ class DecodeGraphs:
         self.num_replays = 0
         self.failed = False  # building a graph failed: no more are tried
         self._graphs: dict[tuple[int, int, int], _StepGraph] = {}
-        self._compiled = None
-        if kind == "compiled":
-            # dynamic dims: a graph compiled for one shape serves every shape of its class (see `warm_up`). Compiles
-            # of one forward are limited to 8 by default. The C++ wrapper calls the kernels without Python in
-            # between: 10-20% faster a step.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS)
-            self._compiled = torch.compile(self._pass, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+        # compiled: libraries built ahead of time by AOTInductor, one per shape class
+        self._aot = AOTPasses(model, mtp_module, self.buckets[-1], self.max_context, CONTEXT_STEP) \
+            if kind == "compiled" else None
 
     @staticmethod
     def supports(model: DeepseekV3ForCausalLM, kind: str = "cuda") -> bool:
@@ -124,8 +123,8 @@ class DecodeGraphs:
     def warm_up(self) -> None:
         """Build the graph of every batch bucket and query length now, at the first context bucket, so that no
         step waits for one later. Meant for compiled steps: their dims other than 1 are dynamic, so these shapes
-        fall into a few classes (one sequence or more, one token each or more, few tokens or many for the
-        experts), each compiled once, 10-30 s on 2 cores, and other contexts reuse them."""
+        fall into a few classes (`aot_passes.shape_classes`: per token count, one sequence or more, few tokens or
+        many for the experts), each compiled once, 15-30 s on 2 cores, and other contexts reuse them."""
         shapes = [(b, q) for b in self.buckets for q in range(1, self.max_query_len + 1)]
         started = time.perf_counter()
         log.info("building %s graphs of %s steps for %d shapes before serving", self.kind, self.pass_name,
@@ -163,16 +162,19 @@ class DecodeGraphs:
             step.replay = forward
             return step
         if self.kind == "compiled":
-            compiled, started = self._compiled, time.perf_counter()
+            started = time.perf_counter()
+            runner = self._aot.runner(batch, query_len, lambda context: _StepGraph(
+                self.cache.tensor, batch, query_len, context, self.scratch_slot, hidden_size).flat_inputs)
+            inputs = step.flat_inputs
 
             def replay_compiled() -> torch.Tensor:
-                return compiled(*step.inputs)
+                return runner(*inputs)
 
-            replay_compiled()  # compiles now (on the static inputs: padding only, which writes the scratch slot)
+            replay_compiled()  # fails now, not on a served step, should the library not run (padding only)
             step.replay = replay_compiled
-            log.info("%s steps of %d sequences x %d tokens over %d positions compiled (or matched to a graph "
-                     "compiled before) in %.1f s (%d shapes)", self.pass_name, batch, query_len, context,
-                     time.perf_counter() - started, len(self._graphs) + 1)
+            log.info("%s steps of %d sequences x %d tokens over %d positions run compiled (%.1f s, %d shapes)",
+                     self.pass_name, batch, query_len, context, time.perf_counter() - started,
+                     len(self._graphs) + 1)
             return step
         # warm-up outside the capture (lazy initialisations), on a side stream as capture requires
         stream = torch.cuda.Stream()
@@ -219,6 +221,14 @@ class _StepGraph:
         attend_bias = torch.full((batch, query_len, 1, context), Paged.MASKED, dtype=torch.float32, device=device)
         self.meta = Paged(positions, slot_mapping, None, None, key_slots, attend_bias, layers, batch, query_len)
         self.replay: Callable[[], torch.Tensor] = lambda: torch.empty(0)
+
+    @property
+    def flat_inputs(self) -> tuple[Any, ...]:
+        """The inputs as `FlatPass` takes them (a compiled pass's)."""
+        m = self.meta
+        inputs = (self.input_ids, m.positions, m.slot_mapping, m.key_slots.view(self.batch, self.context),
+                  m.attend_bias, m.kv_cache)
+        return inputs if self.prev_hidden is None else (*inputs, self.prev_hidden)
 
     @property
     def inputs(self) -> tuple[Any, ...]:

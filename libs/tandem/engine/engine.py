@@ -43,7 +43,7 @@ class EngineConfig:
     # CPU steps feeding at most this many tokens run on one intra-op thread (0: never; see `cpu_threads`)
     single_thread_max_tokens: int = 0
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs where the model allows (`DecodeGraphs`)
-    # on the CPU, run decode steps from torch.compile'd forwards (`DecodeGraphs`), compiled when the engine starts
+    # on the CPU, run decode steps from forwards compiled ahead of time (`DecodeGraphs`) when the engine starts
     compile_decode: bool = False
 
     def __post_init__(self) -> None:
@@ -123,12 +123,12 @@ class Engine:
     def use_decode_graphs(self, kind: str) -> None:
         """Run decode steps from graphs of `kind` (see `DecodeGraphs`; "eager" checks their padding), and, except
         compiled, the passes of the MTP modules the drafts come from. CUDA graphs are captured when first needed;
-        compiled ones are built now, 10-30 s each on 2 cores.
+        compiled ones are built now, 15-30 s per class of shapes on 2 cores (seconds when cached).
 
         Compiled MTP passes did not pay on the CPU: a decode step of one sequence is bound by the bytes it reads,
         and one verifying a draft reads more experts, plus an MTP pass and the output head again, about the bytes
         per token of a plain step. With the bundled model a step verifying one draft (accepted 73% of the time)
-        took 4.1 ms with compiled MTP passes and 4.2 ms with eager ones, against 1.8-2.1 ms for a plain step; the
+        took 4.1 ms with torch.compile'd MTP passes and 4.2 ms with eager ones, against 1.8-2.1 ms for a plain step; the
         speculation policy drafts nothing there either way, and compiling them took an engine of 2 sequences and
         2 drafts 95 s more to start."""
         c, drafts = self.config, self.policy.max_drafts

@@ -42,7 +42,7 @@ class ExpertBank(nn.Module):
         The (token, expert) pairs are sorted by slot so that each expert's tokens are one contiguous run; one
         grouped matmul per projection then runs every expert, with no host sync and no per-expert launches,
         where that pays (see `_grouped_mm_pays`). A single token on the CPU skips all of that (`_one_token`).
-        Under `torch.compile`, except where grouped matmuls have kernels, `_traceable` runs instead.
+        Compiled (torch.compile or torch.export), except where grouped matmuls have kernels, `_traceable` runs.
         """
         # T tokens, K active experts, D hidden, I expert intermediate
         if torch.compiler.is_compiling() and not grouped_mm_available(x.device, x.dtype):
@@ -75,7 +75,7 @@ class ExpertBank(nn.Module):
         return out
 
     def _traceable(self, x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """What `torch.compile` traces where the eager paths cannot go: `_one_token` and `_per_expert` read slots
+        """What the compilers trace where the eager paths cannot go: `_one_token` and `_per_expert` read slots
         on the host, and `F.grouped_mm` has no float32 kernel for the compiler outside CUDA bfloat16.
 
         While the (token, expert) pairs are no more than the slots, each pair reads its expert's weights:
@@ -84,7 +84,7 @@ class ExpertBank(nn.Module):
         batched matmuls, each output weighed by the token's gate weight (zero for experts it did not choose):
         each weight is read once, for up to P/K times the multiplies, in three matmul calls. On a 2-core Xeon
         either made a compiled forward of the bundled model (16 experts, 4 active) 1.7-3x faster than eager."""
-        if slot_ids.numel() <= self.num_slots:
+        if x.shape[0] <= self.max_gathered_tokens(slot_ids.shape[1]):
             gate = (x[:, None, None, :] * self.gate_proj[slot_ids]).sum(-1)  # [T, K, I]
             h = F.silu(gate) * (x[:, None, None, :] * self.up_proj[slot_ids]).sum(-1)
             out = (h[..., None, :] * self.down_proj[slot_ids]).sum(-1)  # [T, K, D]
@@ -94,6 +94,11 @@ class ExpertBank(nn.Module):
         h = F.silu(torch.matmul(x, self.gate_proj.mT)) * torch.matmul(x, self.up_proj.mT)  # [P, T, I]
         out = torch.matmul(h, self.down_proj.mT)  # [P, T, D]
         return (out * combine.t()[..., None]).sum(0)
+
+    def max_gathered_tokens(self, top_k: int) -> int:
+        """The most tokens of `top_k` experts each that `_traceable` runs by gathering their experts' weights
+        (no more (token, expert) pairs than slots); more run densely. A compiled graph serves one side of this."""
+        return self.num_slots // top_k
 
     def _per_expert(self, h: torch.Tensor, sorted_slots: torch.Tensor) -> torch.Tensor:
         """The experts one at a time, each over its run of `h`; one host sync for the run lengths."""

@@ -1,0 +1,172 @@
+"""Decode passes compiled ahead of time by AOTInductor: what a compiled CPU decode step runs.
+
+`torch.compile` turns a decode step into fused C++ kernels around the BLAS calls, but every call of a compiled
+function still passes through Dynamo: guards over the model's parameters and the step's inputs, the AOT autograd
+wrappers, and symbolic sizes turned into tensors. On a 2-core Xeon that was a third of a compiled forward at
+batch 1 (1.47 ms against 0.97 ms compiled ahead of time) and an eighth at batch 32. AOTInductor compiles the
+same graph, from `torch.export`, into a shared library whose C++ runner calls the kernels directly; the library
+reads the weights from the model's own tensors (they are not copied into it), and its dims are bound by export's
+ranges instead of guards.
+
+One library serves a shape class (`ShapeClass`): a pass, a query length, a range of batch sizes over which the
+pass takes the same branches, and every context that is a multiple of `context_step` up to the largest. Libraries
+are cached on disk by everything they were built from, so a second engine of the same model starts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from tandem.model.attention_metadata import Paged
+from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM, MoE
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "TANDEM_AOT_CACHE"
+
+
+class FlatPass(nn.Module):
+    """A decode pass of the main model, or of MTP module `mtp_module`, taking tensors only, as torch.export wants:
+    (input_ids [B*Q], positions [B*Q], slot_mapping [B*Q], key_slots [B, S], attend_bias [B, Q, 1, S],
+    kv cache layers[, prev_hidden [B*Q, D]]) -> hidden [B*Q, D]. key_slots is 2-d since export cannot bound a
+    dim that is the product of two dynamic ones."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, mtp_module: int | None = None):
+        super().__init__()
+        self.model = model
+        self.mtp_module = mtp_module
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                key_slots: torch.Tensor, attend_bias: torch.Tensor, kv_layers: list[torch.Tensor],
+                prev_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        meta = Paged(positions, slot_mapping, None, None, key_slots.reshape(-1), attend_bias, list(kv_layers),
+                     attend_bias.shape[0], attend_bias.shape[1])
+        if self.mtp_module is None:
+            return self.model(input_ids, meta)
+        return self.model.mtp_forward(self.mtp_module, input_ids, prev_hidden, meta)
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    """Steps of `query_len` tokens per sequence whose batch lies in [min_batch, max_batch]."""
+
+    query_len: int
+    min_batch: int
+    max_batch: int
+
+
+def shape_classes(model: DeepseekV3ForCausalLM, max_batch: int, query_len: int) -> list[ShapeClass]:
+    """The batch ranges one library can serve: batch 1 on its own (export specialises dims of size 1), then
+    ranges split where a MoE layer's experts change how they run the step's tokens (`ExpertBank.gathers`)."""
+    top_k = model.config.num_experts_per_tok
+    token_limits = {layer.mlp.experts.bank.max_gathered_tokens(top_k)
+                    for layer in [*model.main_layers, *model.mtp_layers] if isinstance(layer.mlp, MoE)}
+    cuts = sorted({limit // query_len for limit in token_limits if 2 <= limit // query_len < max_batch})
+    starts = [1, 2, *(c + 1 for c in cuts)]
+    ends = [1, *cuts, max_batch]
+    return [ShapeClass(query_len, lo, hi) for lo, hi in zip(starts, ends) if lo <= hi]
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $TANDEM_AOT_CACHE, by default beside torch's own compile cache."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    return Path(os.environ.get(CACHE_ENV) or Path(inductor_cache_dir()) / "tandem-aot")
+
+
+class AOTPasses:
+    """Builds, caches and loads the library of each shape class of one pass, on first use."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, mtp_module: int | None, max_batch: int, max_context: int,
+                 context_step: int):
+        self.flat = FlatPass(model, mtp_module)
+        self.max_batch = max_batch
+        self.max_blocks = max_context // context_step
+        self.context_step = context_step
+        self.num_built = 0  # libraries compiled by this process (the others came from the cache)
+        self._runners: dict[ShapeClass, Callable[..., torch.Tensor]] = {}
+
+    def shape_class(self, batch: int, query_len: int) -> ShapeClass:
+        model = self.flat.model
+        return next(c for c in shape_classes(model, self.max_batch, query_len) if c.min_batch <= batch <= c.max_batch)
+
+    def runner(self, batch: int, query_len: int,
+               example: Callable[[int], tuple]) -> Callable[..., torch.Tensor]:
+        """The compiled pass serving steps of `batch` sequences x `query_len` tokens. example(context) gives the
+        pass's inputs for such a step over `context` positions; export only reads their shapes and strides."""
+        shape = self.shape_class(batch, query_len)
+        runner = self._runners.get(shape)
+        if runner is None:
+            runner = self._runners[shape] = self._load(shape, example)
+        return runner
+
+    def _dynamic_shapes(self, shape: ShapeClass, inputs: tuple) -> tuple:
+        """Export's dims, in `FlatPass`'s argument order: the batch where the class has more than one size, the
+        context in whole steps where there is more than one."""
+        b = Dim(f"batch_from_{shape.min_batch}", min=shape.min_batch, max=shape.max_batch) \
+            if shape.max_batch > shape.min_batch else None
+        s = self.context_step * Dim("context_steps", min=1, max=self.max_blocks) if self.max_blocks > 1 else None
+
+        def dims(by_axis: dict) -> dict | None:
+            return {axis: dim for axis, dim in by_axis.items() if dim is not None} or None
+
+        tokens = dims({0: b if b is None or shape.query_len == 1 else shape.query_len * b})
+        spec = [tokens, tokens, tokens, dims({0: b, 1: s}), dims({0: b, 3: s}), [None] * len(inputs[5])]
+        return tuple(spec + [tokens] * (len(inputs) - len(spec)))  # prev_hidden, for an MTP pass
+
+    def _load(self, shape: ShapeClass, example: Callable[[int], tuple]) -> Callable[..., torch.Tensor]:
+        started = time.perf_counter()
+        # a dynamic context is exported from two steps' worth: export specialises a dim whose example is 1
+        inputs = example(self.context_step * min(2, self.max_blocks))
+        dynamic_shapes = self._dynamic_shapes(shape, inputs)
+        with torch.inference_mode(False), torch.no_grad():
+            program = torch.export.export(self.flat, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        constants = {**dict(self.flat.named_parameters(remove_duplicate=False)),
+                     **dict(self.flat.named_buffers(remove_duplicate=False))}
+        path = cache_dir() / f"{self._key(program, inputs, constants)}.pt2"
+        built = not path.exists()
+        if built:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                staged = torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(Path(tmp) / path.name),
+                    inductor_configs={"aot_inductor.package_constants_in_so": False})
+                os.replace(staged, path)  # whole, or not at all, for another process reading the cache
+            self.num_built += 1
+        runner = torch._inductor.aoti_load_package(str(path))
+        # user-managed: the library reads the parameters in place, no copy of the weights
+        runner.load_constants({name: constants[name] for name in runner.get_constant_fqns()},
+                              check_full_update=True, user_managed=True)
+        log.info("%s for %d-%d sequences x %d tokens %s in %.1f s", self._name, shape.min_batch, shape.max_batch,
+                 shape.query_len, "compiled ahead of time" if built else "loaded from the cache",
+                 time.perf_counter() - started)
+        return runner
+
+    @property
+    def _name(self) -> str:
+        m = self.flat.mtp_module
+        return "decode pass" if m is None else f"MTP module {m}'s pass"
+
+    @staticmethod
+    def _key(program: torch.export.ExportedProgram, inputs: tuple, constants: dict[str, torch.Tensor]) -> str:
+        """A digest of what the library is compiled from: the graph with its dims' ranges, the layouts of the
+        inputs and weights (not their values: the library reads those at run time), torch and the CPU's ISA."""
+        def layout(t: torch.Tensor) -> str:
+            return f"{t.dtype}{tuple(t.shape)}{t.stride()}"
+
+        flat_inputs = [t for x in inputs for t in (x if isinstance(x, list) else [x])]
+        parts = [torch.__version__, torch.backends.cpu.get_cpu_capability(), program.graph_module.code,
+                 str(program.range_constraints), *map(layout, flat_inputs),
+                 *(f"{name}:{layout(t)}" for name, t in sorted(constants.items()))]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]

@@ -1,0 +1,69 @@
+"""Decode passes compiled ahead of time (`tandem.engine.aot_passes`): one library per shape class, reading the
+model's own weights, cached on disk. tests/unit/test_decode_graphs.py runs whole engines on them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tandem.engine.aot_passes import CACHE_ENV, ShapeClass, shape_classes
+from tandem.engine.decode_graphs import DecodeGraphs
+from tandem.engine.engine import Engine, EngineConfig
+from tandem.model.attention_metadata import Paged, PagedArrays
+from tandem.model.loading import load_model
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-code"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(MODEL, dtype=torch.float32)
+
+
+def test_shape_classes_split_the_batches_where_the_experts_change_path(model):
+    """The bundled model's 16 experts, 4 per token, gather their weights for up to 4 tokens and run densely
+    beyond: a library serves batches on one side of that, and batch 1 alone."""
+    assert model.model.layers[1].mlp.experts.bank.max_gathered_tokens(4) == 4
+    assert shape_classes(model, 32, 1) == [ShapeClass(1, 1, 1), ShapeClass(1, 2, 4), ShapeClass(1, 5, 32)]
+    assert shape_classes(model, 32, 2) == [ShapeClass(2, 1, 1), ShapeClass(2, 2, 2), ShapeClass(2, 3, 32)]
+    assert shape_classes(model, 32, 3) == [ShapeClass(3, 1, 1), ShapeClass(3, 2, 32)]
+    assert shape_classes(model, 3, 1) == [ShapeClass(1, 1, 1), ShapeClass(1, 2, 3)]
+    assert shape_classes(model, 1, 1) == [ShapeClass(1, 1, 1)]
+    for query_len in (1, 2, 3, 5):
+        classes = shape_classes(model, 64, query_len)
+        assert [b for c in classes for b in range(c.min_batch, c.max_batch + 1)] == list(range(1, 65))
+        for c in classes:
+            assert len({b * query_len <= 4 for b in range(c.min_batch, c.max_batch + 1)}) == 1
+
+
+def one_step(model, graphs: DecodeGraphs, cache: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step of one sequence over `context` positions: (compiled hidden states, eager ones)."""
+    arrays = PagedArrays.build([1], [context], [list(range(1, -(-context // 16) + 1))], 16)
+    with torch.inference_mode():
+        got = graphs.run([57], arrays)
+        want = model(torch.tensor([57]), Paged.from_arrays(arrays, cache))
+    return got, want
+
+
+def test_a_compiled_pass_reads_the_models_weights_and_comes_from_the_cache_next_time(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    model = load_model(MODEL, dtype=torch.float32)  # its own: a weight is changed below
+    engine = Engine(model, EngineConfig(max_num_seqs=1, max_model_len=512, kv_cache_bytes=32 << 20))
+    engine.cache.tensor.normal_(generator=torch.Generator().manual_seed(0))  # contexts to attend over
+    graphs = DecodeGraphs(model, engine.cache, max_batch=1, max_context=512, max_query_len=1, kind="compiled")
+    for context in (40, 300):  # both context buckets, from one library
+        got, want = one_step(model, graphs, engine.cache.tensor, context)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert graphs.num_graphs == 2 and graphs._aot.num_built == 1 and len(list(tmp_path.glob("*.pt2"))) == 1
+
+    # the weights are the model's tensors, not copies: a change shows in the next step
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    got, want = one_step(model, graphs, engine.cache.tensor, 40)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    again = DecodeGraphs(model, engine.cache, max_batch=1, max_context=512, max_query_len=1, kind="compiled",
+                         scratch_slot=graphs.scratch_slot)
+    got, want = one_step(model, again, engine.cache.tensor, 300)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert again._aot.num_built == 0 and not again.failed
