@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import pytest
 import redis
 import torch
 
+from tandem.cluster.launcher import free_port
 from tandem.model.checkpoint import SINGLE_FILE, Checkpoint, save_checkpoint
 from tandem.model.config import ModelConfig
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM as TandemModel
@@ -135,12 +135,6 @@ def hf_checkpoint(tmp_path_factory):
 
 
 # --- a real redis-server for the integration tests -------------------------------------------------------
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tandem.engine.aot_passes import CACHE_ENV, ShapeClass, shape_classes
+from tandem.engine.aot_passes import CACHE_ENV, ShapeClass, shape_classes, writable_cache_dir
 from tandem.engine.decode_graphs import DecodeGraphs
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.model.attention_metadata import Paged, PagedArrays
@@ -67,3 +67,14 @@ def test_a_compiled_pass_reads_the_models_weights_and_comes_from_the_cache_next_
     got, want = one_step(model, again, engine.cache.tensor, 300)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert again._aot.num_built == 0 and not again.failed
+
+
+def test_an_unwritable_cache_directory_falls_back_to_one_of_the_process(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    assert writable_cache_dir() == tmp_path / "cache" and (tmp_path / "cache").is_dir()
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "a-file" / "cache"))  # cannot be created
+    own = writable_cache_dir()
+    assert own.is_dir() and own != tmp_path / "a-file" / "cache"
+    assert f"cannot write compiled passes to {tmp_path / 'a-file' / 'cache'}" in caplog.text
+    own.rmdir()

@@ -96,6 +96,19 @@ def test_up_flags_reach_the_topology():
     assert _build_parser().parse_args(["up", "--model", "m"]).rebalance_interval_s == 0.0
 
 
+def test_free_ports_come_from_below_the_ephemeral_range():
+    """Outgoing connections take source ports from the ephemeral range: a port picked there for a server could be
+    taken before the server binds it."""
+    from tandem.cluster.launcher import free_port, free_port_range, listening_ports
+
+    ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = listening_ports()
+    assert ports.start >= 10000 and ports.stop <= max(ephemeral_start, 32768)
+    assert all(free_port() in ports for _ in range(20))
+    start = free_port_range(6)
+    assert start in ports and start + 5 in ports
+
+
 def test_the_dockerfile_holds_the_bundled_model_and_runs_tandem():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY models ./models" in dockerfile and "WORKDIR /opt/tandem" in dockerfile

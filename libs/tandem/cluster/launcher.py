@@ -42,10 +42,20 @@ class LaunchError(RuntimeError):
     """The cluster could not start (the message says which service and why, with the end of its log)."""
 
 
+def listening_ports() -> range:
+    """Where to pick ports for servers: below the kernel's ephemeral range. Outgoing connections take their
+    source ports from that range (and bind(0) its port), so a free port picked there can be taken by one before
+    the server meant to listen on it binds it ("Address already in use")."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux
+        low = 32768
+    return range(10000, low if low > 11000 else 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on now, from `listening_ports`."""
+    return free_port_range(1)
 
 
 def port_in_use(port: int) -> bool:
@@ -258,10 +268,11 @@ def _distinct_free_ports(n: int) -> list[int]:
     return sorted(ports)
 
 
-def free_port_range(n: int, lowest: int = 20000, highest: int = 60000) -> int:
-    """The first port of `n` consecutive free ports (searched from a random start)."""
+def free_port_range(n: int) -> int:
+    """The first port of `n` consecutive free ports (searched from a random start in `listening_ports`)."""
+    ports = listening_ports()
     for _ in range(200):
-        start = random.randrange(lowest, highest - n)
+        start = random.randrange(ports.start, ports.stop - n)
         if not any(port_in_use(p) for p in range(start, start + n)):
             return start
     raise LaunchError(f"no {n} consecutive free ports found")

@@ -85,6 +85,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path(inductor_cache_dir()) / "tandem-aot")
 
 
+def writable_cache_dir() -> Path:
+    """`cache_dir()`, or where it cannot be written (a read-only home, say), a directory of this process's own."""
+    path = cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    own = Path(tempfile.mkdtemp(prefix="tandem-aot-"))
+    log.warning("cannot write compiled passes to %s (set %s to a writable directory); this process keeps them in "
+                "%s", path, CACHE_ENV, own)
+    return own
+
+
 class AOTPasses:
     """Builds, caches and loads the library of each shape class of one pass, on first use."""
 
@@ -95,6 +110,7 @@ class AOTPasses:
         self.max_blocks = max_context // context_step
         self.context_step = context_step
         self.num_built = 0  # libraries compiled by this process (the others came from the cache)
+        self._dir: Path | None = None  # the cache directory, found when first needed
         self._runners: dict[ShapeClass, Callable[..., torch.Tensor]] = {}
 
     def shape_class(self, batch: int, query_len: int) -> ShapeClass:
@@ -134,10 +150,10 @@ class AOTPasses:
             program = torch.export.export(self.flat, inputs, dynamic_shapes=dynamic_shapes, strict=False)
         constants = {**dict(self.flat.named_parameters(remove_duplicate=False)),
                      **dict(self.flat.named_buffers(remove_duplicate=False))}
-        path = cache_dir() / f"{self._key(program, inputs, constants)}.pt2"
+        self._dir = self._dir or writable_cache_dir()
+        path = self._dir / f"{self._key(program, inputs, constants)}.pt2"
         built = not path.exists()
         if built:
-            path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 staged = torch._inductor.aoti_compile_and_package(
                     program, package_path=str(Path(tmp) / path.name),
