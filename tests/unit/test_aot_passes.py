@@ -62,9 +62,11 @@ def test_a_compiled_pass_reads_the_models_weights_and_comes_from_the_cache_next_
     got, want = one_step(model, graphs, engine.cache.tensor, 40)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
-    again = DecodeGraphs(model, engine.cache, max_batch=1, max_context=512, max_query_len=1, kind="compiled",
-                         scratch_slot=graphs.scratch_slot)
-    got, want = one_step(model, again, engine.cache.tensor, 300)
+    # an engine of other limits (cache size, context, sequences) serves its steps from the same library
+    other = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=1024, kv_cache_bytes=16 << 20))
+    other.cache.tensor.normal_(generator=torch.Generator().manual_seed(1))
+    again = DecodeGraphs(model, other.cache, max_batch=4, max_context=1024, max_query_len=1, kind="compiled")
+    got, want = one_step(model, again, other.cache.tensor, 700)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert again._aot.num_built == 0 and not again.failed
 

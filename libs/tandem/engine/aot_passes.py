@@ -34,6 +34,10 @@ from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM, MoE
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "TANDEM_AOT_CACHE"
+# the bounds of a library's dynamic dims, however few sequences or positions the engine building it serves, so
+# that engines of one model (a server, the CLI, a restart with other limits) share libraries
+MAX_BATCH = 1024
+MAX_CONTEXT_STEPS = 64
 
 
 class FlatPass(nn.Module):
@@ -106,8 +110,8 @@ class AOTPasses:
     def __init__(self, model: DeepseekV3ForCausalLM, mtp_module: int | None, max_batch: int, max_context: int,
                  context_step: int):
         self.flat = FlatPass(model, mtp_module)
-        self.max_batch = max_batch
-        self.max_blocks = max_context // context_step
+        self.max_batch = max(max_batch, MAX_BATCH)
+        self.max_blocks = max(-(-max_context // context_step), MAX_CONTEXT_STEPS)
         self.context_step = context_step
         self.num_built = 0  # libraries compiled by this process (the others came from the cache)
         self._dir: Path | None = None  # the cache directory, found when first needed
@@ -129,29 +133,30 @@ class AOTPasses:
 
     def _dynamic_shapes(self, shape: ShapeClass, inputs: tuple) -> tuple:
         """Export's dims, in `FlatPass`'s argument order: the batch where the class has more than one size, the
-        context in whole steps where there is more than one."""
+        context in whole steps, and the cache's slots."""
         b = Dim(f"batch_from_{shape.min_batch}", min=shape.min_batch, max=shape.max_batch) \
             if shape.max_batch > shape.min_batch else None
-        s = self.context_step * Dim("context_steps", min=1, max=self.max_blocks) if self.max_blocks > 1 else None
+        s = self.context_step * Dim("context_steps", min=1, max=self.max_blocks)
+        slots = Dim("cache_slots", min=2)
 
         def dims(by_axis: dict) -> dict | None:
             return {axis: dim for axis, dim in by_axis.items() if dim is not None} or None
 
         tokens = dims({0: b if b is None or shape.query_len == 1 else shape.query_len * b})
-        spec = [tokens, tokens, tokens, dims({0: b, 1: s}), dims({0: b, 3: s}), [None] * len(inputs[5])]
+        spec = [tokens, tokens, tokens, dims({0: b, 1: s}), dims({0: b, 3: s}), [{0: slots}] * len(inputs[5])]
         return tuple(spec + [tokens] * (len(inputs) - len(spec)))  # prev_hidden, for an MTP pass
 
     def _load(self, shape: ShapeClass, example: Callable[[int], tuple]) -> Callable[..., torch.Tensor]:
         started = time.perf_counter()
-        # a dynamic context is exported from two steps' worth: export specialises a dim whose example is 1
-        inputs = example(self.context_step * min(2, self.max_blocks))
+        # the context is exported from two steps' worth: export specialises a dim whose example is 1
+        inputs = example(2 * self.context_step)
         dynamic_shapes = self._dynamic_shapes(shape, inputs)
         with torch.inference_mode(False), torch.no_grad():
             program = torch.export.export(self.flat, inputs, dynamic_shapes=dynamic_shapes, strict=False)
         constants = {**dict(self.flat.named_parameters(remove_duplicate=False)),
                      **dict(self.flat.named_buffers(remove_duplicate=False))}
         self._dir = self._dir or writable_cache_dir()
-        path = self._dir / f"{self._key(program, inputs, constants)}.pt2"
+        path = self._dir / f"{self._key(program)}.pt2"
         built = not path.exists()
         if built:
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -175,14 +180,12 @@ class AOTPasses:
         return "decode pass" if m is None else f"MTP module {m}'s pass"
 
     @staticmethod
-    def _key(program: torch.export.ExportedProgram, inputs: tuple, constants: dict[str, torch.Tensor]) -> str:
-        """A digest of what the library is compiled from: the graph with its dims' ranges, the layouts of the
-        inputs and weights (not their values: the library reads those at run time), torch and the CPU's ISA."""
-        def layout(t: torch.Tensor) -> str:
-            return f"{t.dtype}{tuple(t.shape)}{t.stride()}"
-
-        flat_inputs = [t for x in inputs for t in (x if isinstance(x, list) else [x])]
+    def _key(program: torch.export.ExportedProgram) -> str:
+        """A digest of what the library is compiled from: the graph, its inputs' and weights' dtypes, shapes
+        (symbolic where dynamic) and strides, the dims' ranges, torch and the CPU's ISA. Not the weights' values:
+        the library reads those at run time."""
+        placeholders = [f"{node.name}:{v.dtype}{tuple(v.shape)}{v.stride()}" for node in program.graph.nodes
+                        if node.op == "placeholder" and isinstance(v := node.meta.get("val"), torch.Tensor)]
         parts = [torch.__version__, torch.backends.cpu.get_cpu_capability(), program.graph_module.code,
-                 str(program.range_constraints), *map(layout, flat_inputs),
-                 *(f"{name}:{layout(t)}" for name, t in sorted(constants.items()))]
+                 str(program.range_constraints), *placeholders]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
