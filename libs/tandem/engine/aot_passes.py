@@ -9,8 +9,9 @@ reads the weights from the model's own tensors (they are not copied into it), an
 ranges instead of guards.
 
 One library serves a shape class (`ShapeClass`): a pass, a query length, a range of batch sizes over which the
-pass takes the same branches, and every context that is a multiple of `context_step` up to the largest. Libraries
-are cached on disk by everything they were built from, so a second engine of the same model starts at once.
+pass takes the same branches, and every context that is a multiple of `context_step`. The bounds of those ranges
+do not depend on the engine, and libraries are cached on disk by everything they were built from, so another engine
+of the same model (a restart, the CLI beside a server) starts at once.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class ShapeClass:
 
 def shape_classes(model: DeepseekV3ForCausalLM, max_batch: int, query_len: int) -> list[ShapeClass]:
     """The batch ranges one library can serve: batch 1 on its own (export specialises dims of size 1), then
-    ranges split where a MoE layer's experts change how they run the step's tokens (`ExpertBank.gathers`)."""
+    ranges split where a MoE layer's experts change how they run the step's tokens
+    (`ExpertBank.max_gathered_tokens`)."""
     top_k = model.config.num_experts_per_tok
     token_limits = {layer.mlp.experts.bank.max_gathered_tokens(top_k)
                     for layer in [*model.main_layers, *model.mtp_layers] if isinstance(layer.mlp, MoE)}
@@ -118,8 +120,8 @@ class AOTPasses:
         self._runners: dict[ShapeClass, Callable[..., torch.Tensor]] = {}
 
     def shape_class(self, batch: int, query_len: int) -> ShapeClass:
-        model = self.flat.model
-        return next(c for c in shape_classes(model, self.max_batch, query_len) if c.min_batch <= batch <= c.max_batch)
+        classes = shape_classes(self.flat.model, self.max_batch, query_len)
+        return next(c for c in classes if c.min_batch <= batch <= c.max_batch)
 
     def runner(self, batch: int, query_len: int,
                example: Callable[[int], tuple]) -> Callable[..., torch.Tensor]:
