@@ -42,10 +42,10 @@ MAX_CONTEXT_STEPS = 64
 
 
 class FlatPass(nn.Module):
-    """A decode pass of the main model, or of MTP module `mtp_module`, taking tensors only, as torch.export wants:
-    (input_ids [B*Q], positions [B*Q], slot_mapping [B*Q], key_slots [B, S], attend_bias [B, Q, 1, S],
-    kv cache layers[, prev_hidden [B*Q, D]]) -> hidden [B*Q, D]. key_slots is 2-d since export cannot bound a
-    dim that is the product of two dynamic ones."""
+    """A decode pass of the main model, or of MTP module `mtp_module`, taking tensors only, as torch.export wants
+    (every kind of decode graph runs it on a step's static inputs): (input_ids [B*Q], positions [B*Q],
+    slot_mapping [B*Q], key_slots [B, S], attend_bias [B, Q, 1, S], kv cache layers[, prev_hidden [B*Q, D]])
+    -> hidden [B*Q, D]. key_slots is 2-d since export cannot bound a dim that is the product of two dynamic ones."""
 
     def __init__(self, model: DeepseekV3ForCausalLM, mtp_module: int | None = None):
         super().__init__()
@@ -109,9 +109,8 @@ def writable_cache_dir() -> Path:
 class AOTPasses:
     """Builds, caches and loads the library of each shape class of one pass, on first use."""
 
-    def __init__(self, model: DeepseekV3ForCausalLM, mtp_module: int | None, max_batch: int, max_context: int,
-                 context_step: int):
-        self.flat = FlatPass(model, mtp_module)
+    def __init__(self, flat: FlatPass, max_batch: int, max_context: int, context_step: int):
+        self.flat = flat
         self.max_batch = max(max_batch, MAX_BATCH)
         self.max_blocks = max(-(-max_context // context_step), MAX_CONTEXT_STEPS)
         self.context_step = context_step

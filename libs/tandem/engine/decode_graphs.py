@@ -22,7 +22,6 @@ padding.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tandem.engine.aot_passes import AOTPasses
+from tandem.engine.aot_passes import AOTPasses, FlatPass
 from tandem.engine.kv_cache import PagedKVCache
 from tandem.model.attention_metadata import Paged, PagedArrays
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM, MoE
@@ -67,10 +66,7 @@ class DecodeGraphs:
         self.cache = cache
         self.kind = kind
         self.mtp_module = mtp_module
-        # the pass graphed: (input_ids, meta) -> hidden for the main model, (input_ids, prev_hidden, meta) -> hidden
-        # for an MTP module
-        self._pass: Callable[..., torch.Tensor] = model if mtp_module is None \
-            else functools.partial(model.mtp_forward, mtp_module)
+        self._pass = FlatPass(model, mtp_module)  # the pass graphed, on a step's static inputs
         self.buckets = batch_buckets(max_batch)
         self.max_query_len = max_query_len
         self.max_context = -(-max_context // CONTEXT_STEP) * CONTEXT_STEP
@@ -81,7 +77,7 @@ class DecodeGraphs:
         self.failed = False  # building a graph failed: no more are tried
         self._graphs: dict[tuple[int, int, int], _StepGraph] = {}
         # compiled: libraries built ahead of time by AOTInductor, one per shape class
-        self._aot = AOTPasses(model, mtp_module, self.buckets[-1], self.max_context, CONTEXT_STEP) \
+        self._aot = AOTPasses(self._pass, self.buckets[-1], self.max_context, CONTEXT_STEP) \
             if kind == "compiled" else None
 
     @staticmethod
@@ -164,8 +160,8 @@ class DecodeGraphs:
         if self.kind == "compiled":
             started = time.perf_counter()
             runner = self._aot.runner(batch, query_len, lambda context: _StepGraph(
-                self.cache.tensor, batch, query_len, context, self.scratch_slot, hidden_size).flat_inputs)
-            inputs = step.flat_inputs
+                self.cache.tensor, batch, query_len, context, self.scratch_slot, hidden_size).inputs)
+            inputs = step.inputs
 
             def replay_compiled() -> torch.Tensor:
                 return runner(*inputs)
@@ -223,19 +219,12 @@ class _StepGraph:
         self.replay: Callable[[], torch.Tensor] = lambda: torch.empty(0)
 
     @property
-    def flat_inputs(self) -> tuple[Any, ...]:
-        """The inputs as `FlatPass` takes them (a compiled pass's)."""
+    def inputs(self) -> tuple[Any, ...]:
+        """The graphed pass's arguments, as `FlatPass` takes them."""
         m = self.meta
         inputs = (self.input_ids, m.positions, m.slot_mapping, m.key_slots.view(self.batch, self.context),
                   m.attend_bias, m.kv_cache)
         return inputs if self.prev_hidden is None else (*inputs, self.prev_hidden)
-
-    @property
-    def inputs(self) -> tuple[Any, ...]:
-        """The graphed pass's arguments (see `DecodeGraphs._pass`)."""
-        if self.prev_hidden is None:
-            return self.input_ids, self.meta
-        return self.input_ids, self.prev_hidden, self.meta
 
     def load(self, input_ids: list[int], arrays: PagedArrays, prev_hidden: torch.Tensor | None = None) -> None:
         """Copy a step into the static inputs, padded: a sequence's tokens fill the first rows of its Q, extra
