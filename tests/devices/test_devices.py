@@ -11,6 +11,7 @@ import torch
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.sampling import SamplingParams
 from tandem.model.attention_metadata import DenseCausal
+from tandem.model.deepseek_v3 import latent_attention_dtype
 from tandem.model.loading import load_model
 from tandem.moe.experts import ExpertBank
 
@@ -141,3 +142,10 @@ def test_bfloat16_decode_steps_replay_from_cuda_graphs():
         # bfloat16 sums round differently in padded batches; a near tie may flip a token late in a sequence
         same_start = sum(a[:8] == b[:8] for a, b in zip(graphed, eager))
         assert same_start >= 2, f"k={k}: graphed {graphed} against eager {eager}"
+
+
+def test_latent_attention_computes_in_float32_on_the_cpu_only():
+    """bfloat16's small batched matmuls cost more than float32's on the CPU (see `latent_attention_dtype`)."""
+    query = torch.zeros(2, 3, dtype=torch.bfloat16)
+    assert latent_attention_dtype(query) == torch.float32
+    assert latent_attention_dtype(query.to("meta")) == torch.bfloat16

@@ -198,9 +198,12 @@ class MLA(nn.Module):
         if meta.first_chunk_lens is not None and self._expanding_pays(Q, Q):
             return self._attend_prompts(q_nope, q_pe, c_kv, k_pe, meta.first_chunk_lens)
         # index_select, not cache[key_slots]: several times faster for whole rows on CPU
-        keys = cache.index_select(0, meta.key_slots).view(B, -1, cache.shape[-1]).to(q_nope.dtype)  # [B, S, C+R]
-        attend = self._attend_expanded_keys if self._expanding_pays(Q, keys.shape[1]) else self._attend_latent
-        out = attend(q_nope, q_pe, keys, meta)  # [B*Q, H, V]
+        keys = cache.index_select(0, meta.key_slots).view(B, -1, cache.shape[-1])  # [B, S, C+R]
+        if self._expanding_pays(Q, keys.shape[1]):
+            out = self._attend_expanded_keys(q_nope, q_pe, keys.to(q_nope.dtype), meta)  # [B*Q, H, V]
+        else:
+            dtype = latent_attention_dtype(q_nope)
+            out = self._attend_latent(q_nope.to(dtype), q_pe.to(dtype), keys.to(dtype), meta).to(q_nope.dtype)
         return out if meta.query_rows is None else out.index_select(0, meta.query_rows)  # [T, H, V]
 
     def _expanding_pays(self, query_len: int, context_len: int) -> bool:
@@ -223,7 +226,7 @@ class MLA(nn.Module):
         """Weight-absorbed: W_UK folds into the queries, which attend over the cached latents directly, and W_UV
         projects the attended latent to each head's value."""
         H, C = self.num_heads, self.kv_lora_rank
-        w_kv = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)
+        w_kv = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C).to(keys.dtype)
         w_uk, w_uv = w_kv.split_with_sizes([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, C]
         q_full = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, C+R]
@@ -235,6 +238,13 @@ class MLA(nn.Module):
         out_latent = torch.bmm(probs.view(B, Q * H, -1), keys[..., :C])  # [B, Q*H, C]
         out = torch.bmm(out_latent.view(B * Q, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*Q, V]
         return out.transpose(0, 1)
+
+
+def latent_attention_dtype(q: torch.Tensor) -> torch.dtype:
+    """What the weight-absorbed attention computes in: float32 on the CPU, else the model's dtype. Its batched
+    matmuls are small (a few query rows per sequence and head), and oneDNN's bfloat16 ones cost about 40 us each
+    whatever their size on a Xeon with AMX, 2-4x MKL's float32 ones at the bundled model's batch-32 shapes."""
+    return torch.float32 if q.device.type == "cpu" else q.dtype
 
 
 # --- Feed-forward: dense MLP and DeepSeekMoE ---------------------------------------------------------------
