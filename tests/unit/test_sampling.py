@@ -8,6 +8,7 @@ import torch
 from tandem.engine.sampling import (
     SamplingError,
     SamplingParams,
+    greedy_tokens,
     make_generator,
     sample,
     target_probs,
@@ -325,3 +326,13 @@ def test_sample_follows_the_target_probabilities():
     probs = target_probs(logits.expand(ROWS, 5), [SamplingParams(temperature=0.8)] * ROWS)
     ids = sample(probs, [make_generator(5)] * ROWS)
     assert chi_square_p_value(torch.bincount(ids, minlength=5), (logits / 0.8).softmax(-1)) > ALPHA
+
+
+def test_greedy_tokens_are_the_argmax_with_the_lowest_index_on_ties():
+    logits = torch.randn(32, 4096, generator=torch.Generator().manual_seed(0))
+    logits[3, [7, 900, 4000]] = 100.0  # a three-way tie
+    want = logits.argmax(-1).tolist()
+    assert want[3] == 7
+    assert greedy_tokens(logits) == want
+    assert greedy_tokens(logits.bfloat16()) == logits.bfloat16().argmax(-1).tolist()
+    assert greedy_tokens(logits[:1]) == want[:1]

@@ -18,7 +18,7 @@ from tandem.engine.cpu_threads import single_thread_if_small
 from tandem.engine.decode_graphs import DecodeGraphs
 from tandem.engine.detokenizer import Detokenizer
 from tandem.engine.kv_cache import PagedKVCache
-from tandem.engine.sampling import SamplingError, SamplingParams, sample, target_probs, verify_drafts
+from tandem.engine.sampling import SamplingError, SamplingParams, greedy_tokens, sample, target_probs, verify_drafts
 from tandem.engine.scheduler import ScheduledSeq, Scheduler
 from tandem.engine.handoff import PrefilledSequence
 from tandem.engine.kv_cache import OutOfBlocks
@@ -294,7 +294,7 @@ class Engine:
                 timed_drafts = None  # this step's time includes capturing a CUDA graph: not what its drafts cost
             if self.policy.measures:
                 self.policy.record_verify(timed_drafts, len(batch), time.perf_counter() - started)
-            self._speculate(verified, timed=timed_drafts is not None)
+            self._speculate(hidden, verified, timed=timed_drafts is not None)
         return outputs
 
     @staticmethod
@@ -317,40 +317,44 @@ class Engine:
                           Paged.from_arrays(arrays, self.cache.tensor))
 
     def _postprocess(self, batch: list[ScheduledSeq], hidden: torch.Tensor) \
-            -> tuple[list[StepOutput], list[tuple[Sequence, int, torch.Tensor]]]:
+            -> tuple[list[StepOutput], list[tuple[Sequence, int, slice]]]:
         """Sample or verify, emit; returns the outputs and, per unfinished sequence, what the main pass verified
-        (first new position, hidden rows) for the MTP modules to catch up on."""
-        rows = torch.split(hidden, [s.num_fed for s in batch])
-        new_tokens = self._accept([(s, h) for s, h in zip(batch, rows) if s.samples])
+        (first new position, its rows of `hidden`) for the MTP modules to catch up on."""
+        ends = list(itertools.accumulate(s.num_fed for s in batch))  # one past each sequence's rows of `hidden`
+        new_tokens = self._accept([(s, end) for s, end in zip(batch, ends) if s.samples], hidden)
         outputs: list[StepOutput] = []
-        verified: list[tuple[Sequence, int, torch.Tensor]] = []  # seq, first new position, hidden rows verified
-        for s, h in zip(batch, rows):
-            seq, start = s.seq, s.seq.num_cached
+        verified: list[tuple[Sequence, int, slice]] = []  # seq, first new position, hidden rows verified
+        for s, end in zip(batch, ends):
+            seq, start, first_row = s.seq, s.seq.num_cached, end - s.num_fed
             if not s.samples:
                 seq.num_cached += s.num_new
-                verified.append((seq, start, h))
+                verified.append((seq, start, slice(first_row, end)))
                 continue
             tokens = new_tokens[id(seq)]
             seq.num_cached += s.num_new + len(tokens) - 1  # the fed tokens whose successors are now known
-            verified.append((seq, start, h[: s.num_new + len(tokens) - 1]))
+            verified.append((seq, start, slice(first_row, first_row + s.num_new + len(tokens) - 1)))
             outputs.append(self._emit(seq, tokens))
         return outputs, [v for v in verified if not v[0].is_finished]
 
-    def _accept(self, sampling: list[tuple[ScheduledSeq, torch.Tensor]]) -> dict[int, list[int]]:
+    def _accept(self, sampling: list[tuple[ScheduledSeq, int]], hidden: torch.Tensor) -> dict[int, list[int]]:
         """New tokens per sequence: a sample from the last logits, or the accepted drafts plus one token from
         the main model. Greedy sequences take the argmax and keep their drafts up to the first that differs from
-        it; sampled ones are sampled in one batch, or rejection-sampled per sequence when they drafted."""
+        it; sampled ones are sampled in one batch, or rejection-sampled per sequence when they drafted.
+        `sampling`: the sequences that sample, each with the end of its rows of `hidden`."""
         if not sampling:
             return {}
         counts = [len(s.draft_ids) + 1 for s, _ in sampling]
-        logits = self.model.logits(torch.cat([h[-n:] for (_, h), n in zip(sampling, counts)]))
+        if sum(counts) < hidden.shape[0]:  # else every row samples (a decode step): no gather
+            rows = [row for (_, end), n in zip(sampling, counts) for row in range(end - n, end)]
+            hidden = hidden.index_select(0, torch.tensor(rows, device=hidden.device))
+        logits = self.model.logits(hidden)
         self._constrain_first_tokens(logits, [s.seq for s, _ in sampling], counts)
         out: dict[int, list[int]] = {}
         rows = list(itertools.accumulate(counts, initial=0))
         greedy = [i for i, (s, _) in enumerate(sampling) if s.seq.params.is_greedy]
         if greedy:
             # argmax: the lowest index on ties, as target_probs' one-hot rows
-            best = logits.argmax(-1).tolist()
+            best = greedy_tokens(logits)
             for i in greedy:
                 s = sampling[i][0]
                 target = best[rows[i]:rows[i + 1]]
@@ -434,16 +438,17 @@ class Engine:
             self.scheduler.running.remove(seq)
         return StepOutput(seq.request_id, emitted, text, False, None, is_prefilled=seq.prefill_only)
 
-    def _speculate(self, verified: list[tuple[Sequence, int, torch.Tensor]], timed: bool) -> None:
-        """Catch the MTP modules up on what the main model verified, then draft for the next step. `timed`: this
-        was a pure decode step, whose MTP work tells the policy what drafting costs."""
+    def _speculate(self, hidden: torch.Tensor, verified: list[tuple[Sequence, int, slice]], timed: bool) -> None:
+        """Catch the MTP modules up on what the main model verified (`_postprocess`'s rows of the main pass's
+        `hidden`), then draft for the next step. `timed`: this was a pure decode step, whose MTP work tells the
+        policy what drafting costs."""
         if self.policy.max_drafts == 0:
             return
         started, graphs_before = time.perf_counter(), self.num_graphs
         # a prefill worker's sequences never draft here: the policy is for decoding batches
         batch_size = sum(not s.prefill_only for s in self.scheduler.running)
         k = self.policy.choose(batch_size) if batch_size else 0
-        drafted = self._draft(verified, k)
+        drafted = self._draft([(seq, start, hidden[rows]) for seq, start, rows in verified], k)
         if self.policy.measures:
             # not a drafting time: one that includes capturing a CUDA graph
             timed = timed and k > 0 and drafted and self.num_graphs == graphs_before

@@ -26,7 +26,7 @@ import torch
 
 from tandem.engine.decode_graphs import DecodeGraphs
 from tandem.engine.kv_cache import PagedKVCache
-from tandem.engine.sampling import sample, target_probs
+from tandem.engine.sampling import greedy_tokens, sample, target_probs
 from tandem.engine.sequence import Sequence
 from tandem.model.attention_metadata import Paged, PagedArrays
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -403,7 +403,7 @@ class MTPDrafter:
                        probs_by_seq: dict[int, list[torch.Tensor]]) -> None:
         logits = self.model.mtp_logits(module, torch.cat(hidden))
         if all(s.params.is_greedy for s in seqs):  # a greedy drafter needs no probabilities
-            for seq, token in zip(seqs, logits.argmax(-1).tolist()):
+            for seq, token in zip(seqs, greedy_tokens(logits)):
                 seq.draft_ids.append(token)
             return
         probs = target_probs(logits, [s.params for s in seqs])
