@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tandem.engine.aot_passes import CACHE_ENV, ShapeClass, shape_classes, writable_cache_dir
+from tandem.engine.aot_passes import (CACHE_ENV, AOTPasses, FlatPass, ShapeClass, packs_weights, shape_classes,
+                                      writable_cache_dir)
 from tandem.engine.decode_graphs import DecodeGraphs
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.model.attention_metadata import Paged, PagedArrays
@@ -80,3 +81,38 @@ def test_an_unwritable_cache_directory_falls_back_to_one_of_the_process(tmp_path
     assert own.is_dir() and own != tmp_path / "a-file" / "cache"
     assert f"cannot write compiled passes to {tmp_path / 'a-file' / 'cache'}" in caplog.text
     own.rmdir()
+
+
+def test_only_bfloat16_weights_are_packed_and_only_on_a_cpu_with_amx():
+    assert not packs_weights(torch.float32)
+    assert packs_weights(torch.bfloat16) == torch.cpu._is_amx_tile_supported()
+
+
+def test_libraries_holding_packed_weights_are_keyed_by_the_weights_values():
+    """A library of packed weights is one model's: another's weights get their own (a library reading the weights
+    in place is keyed by none)."""
+    model = load_model(MODEL, dtype=torch.bfloat16)
+    passes = [AOTPasses(FlatPass(model), 1, 256, 256) for _ in range(2)]
+    for p in passes:
+        p.packs_weights = True  # whatever this CPU has
+    digest = passes[0]._weights_digest()
+    assert passes[1]._weights_digest() == digest
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1
+    changed, reading = AOTPasses(FlatPass(model), 1, 256, 256), AOTPasses(FlatPass(model), 1, 256, 256)
+    changed.packs_weights, reading.packs_weights = True, False
+    assert changed._weights_digest() != digest
+    assert reading._weights_digest() == ""
+
+
+@pytest.mark.skipif(not packs_weights(torch.bfloat16), reason="packed weights need a CPU with AMX")
+def test_a_bfloat16_pass_on_packed_weights_gives_the_eager_hidden_states(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    model = load_model(MODEL, dtype=torch.bfloat16)
+    engine = Engine(model, EngineConfig(max_num_seqs=1, max_model_len=512, kv_cache_bytes=32 << 20))
+    engine.cache.tensor.normal_(generator=torch.Generator().manual_seed(0))
+    graphs = DecodeGraphs(model, engine.cache, max_batch=1, max_context=512, max_query_len=1, kind="compiled")
+    got, want = one_step(model, graphs, engine.cache.tensor, 300)
+    assert graphs._aot.packs_weights and graphs._aot.num_built == 1 and not graphs.failed
+    error = (got.float() - want.float()).norm() / want.float().norm()
+    assert error < 0.02, f"relative error {error:.4f}"
