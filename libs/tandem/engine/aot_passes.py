@@ -182,8 +182,9 @@ class AOTPasses:
         built = not path.exists()
         if built:
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                staged = torch._inductor.aoti_compile_and_package(
-                    program, package_path=str(Path(tmp) / path.name), inductor_configs=configs)
+                staged = torch._inductor.aoti_compile_and_package(  # no table of timings per matmul on stderr
+                    program, package_path=str(Path(tmp) / path.name),
+                    inductor_configs={**configs, "autotune_num_choices_displayed": 0})
                 os.replace(staged, path)  # whole, or not at all, for another process reading the cache
             self.num_built += 1
         runner = torch._inductor.aoti_load_package(str(path))

@@ -123,7 +123,8 @@ class Engine:
     def use_decode_graphs(self, kind: str) -> None:
         """Run decode steps from graphs of `kind` (see `DecodeGraphs`; "eager" checks their padding), and, except
         compiled, the passes of the MTP modules the drafts come from. CUDA graphs are captured when first needed;
-        compiled ones are built now, 15-30 s per class of shapes on 2 cores (seconds when cached).
+        compiled ones are built now, 15-30 s per class of shapes on 2 cores, about 50 s in bfloat16 on a CPU
+        with AMX (`aot_passes.packs_weights`), seconds when cached.
 
         Compiled MTP passes did not pay on the CPU: a decode step of one sequence is bound by the bytes it reads,
         and one verifying a draft reads more experts, plus an MTP pass and the output head again, about the bytes
