@@ -182,9 +182,9 @@ class AOTPasses:
         built = not path.exists()
         if built:
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                staged = torch._inductor.aoti_compile_and_package(  # no table of timings per matmul on stderr
-                    program, package_path=str(Path(tmp) / path.name),
-                    inductor_configs={**configs, "autotune_num_choices_displayed": 0})
+                staged = torch._inductor.aoti_compile_and_package(  # no timings per matmul on stderr
+                    program, package_path=str(Path(tmp) / path.name), inductor_configs={
+                        **configs, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False})
                 os.replace(staged, path)  # whole, or not at all, for another process reading the cache
             self.num_built += 1
         runner = torch._inductor.aoti_load_package(str(path))
