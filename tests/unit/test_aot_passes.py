@@ -41,8 +41,12 @@ def one_step(model, graphs: DecodeGraphs, cache: torch.Tensor, context: int) -> 
     """A decode step of one sequence over `context` positions: (compiled hidden states, eager ones)."""
     arrays = PagedArrays.build([1], [context], [list(range(1, -(-context // 16) + 1))], 16)
     with torch.inference_mode():
-        got = graphs.run([57], arrays)
+        got, logits = graphs.run([57], arrays)
         want = model(torch.tensor([57]), Paged.from_arrays(arrays, cache))
+    # the main pass's library runs the output head too
+    expected = model.logits(got)
+    error = (logits - expected).norm() / expected.norm()
+    assert error < (1e-5 if got.dtype == torch.float32 else 0.02), f"logits off by {error:.2e} (relative)"
     return got, want
 
 

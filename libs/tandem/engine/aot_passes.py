@@ -53,21 +53,27 @@ class FlatPass(nn.Module):
     """A decode pass of the main model, or of MTP module `mtp_module`, taking tensors only, as torch.export wants
     (every kind of decode graph runs it on a step's static inputs): (input_ids [B*Q], positions [B*Q],
     slot_mapping [B*Q], key_slots [B, S], attend_bias [B, Q, 1, S], kv cache layers[, prev_hidden [B*Q, D]])
-    -> hidden [B*Q, D]. key_slots is 2-d since export cannot bound a dim that is the product of two dynamic ones."""
+    -> hidden [B*Q, D], or with `with_logits` (the main model's pass) (hidden, logits [B*Q, V] float32): the
+    output head then runs in the graph too. key_slots is 2-d since export cannot bound a dim that is the product
+    of two dynamic ones."""
 
-    def __init__(self, model: DeepseekV3ForCausalLM, mtp_module: int | None = None):
+    def __init__(self, model: DeepseekV3ForCausalLM, mtp_module: int | None = None, with_logits: bool = False):
         super().__init__()
+        if with_logits and mtp_module is not None:
+            raise ValueError("with_logits is for the main model's pass")
         self.model = model
         self.mtp_module = mtp_module
+        self.with_logits = with_logits
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 key_slots: torch.Tensor, attend_bias: torch.Tensor, kv_layers: list[torch.Tensor],
                 prev_hidden: torch.Tensor | None = None) -> torch.Tensor:
         meta = Paged(positions, slot_mapping, None, None, key_slots.reshape(-1), attend_bias, list(kv_layers),
                      attend_bias.shape[0], attend_bias.shape[1])
-        if self.mtp_module is None:
-            return self.model(input_ids, meta)
-        return self.model.mtp_forward(self.mtp_module, input_ids, prev_hidden, meta)
+        if self.mtp_module is not None:
+            return self.model.mtp_forward(self.mtp_module, input_ids, prev_hidden, meta)
+        hidden = self.model(input_ids, meta)
+        return (hidden, self.model.logits(hidden)) if self.with_logits else hidden
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,10 @@ class DecodeGraphs:
         self.cache = cache
         self.kind = kind
         self.mtp_module = mtp_module
-        self._pass = FlatPass(model, mtp_module)  # the pass graphed, on a step's static inputs
+        # the pass graphed, on a step's static inputs; the main model's with its output head, except in CUDA graphs:
+        # each keeps its own output buffers, and [B*Q, vocab] logits per bucket add up to gigabytes there
+        self.with_logits = mtp_module is None and kind != "cuda"
+        self._pass = FlatPass(model, mtp_module, self.with_logits)
         self.buckets = batch_buckets(max_batch)
         self.max_query_len = max_query_len
         self.max_context = -(-max_context // CONTEXT_STEP) * CONTEXT_STEP
@@ -96,10 +99,10 @@ class DecodeGraphs:
         return len(self._graphs)
 
     def run(self, input_ids: list[int], arrays: PagedArrays, prev_hidden: torch.Tensor | None = None) \
-            -> torch.Tensor | None:
-        """The pass's hidden states [T, D] for a step (an MTP module reads `prev_hidden` [T, D]), or None when it
-        has no graph (a prompt chunk, beyond the largest bucket, or building its graph failed): the caller then
-        runs it eagerly."""
+            -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The pass's hidden states [T, D] for a step (an MTP module reads `prev_hidden` [T, D]) and, where the
+        graph ran the output head (`with_logits`), the logits [T, V]; or None when it has no graph (a prompt
+        chunk, beyond the largest bucket, or building its graph failed): the caller then runs it eagerly."""
         if arrays.max_query_len > self.max_query_len:
             return None
         num_seqs, query_len, context = arrays.num_seqs, arrays.max_query_len, arrays.key_slots.shape[1]
@@ -111,10 +114,13 @@ class DecodeGraphs:
             return None
         graph.load(input_ids, arrays, prev_hidden)
         self.num_replays += 1
-        hidden = graph.replay()
+        hidden, logits = graph.replay() if self.with_logits else (graph.replay(), None)
+        # hidden may be a CUDA graph's static output, which the next replay overwrites; logits are new each time
         if arrays.query_rows is None:
-            return hidden[: num_seqs * query_len].clone()
-        return hidden.index_select(0, torch.from_numpy(arrays.query_rows).to(hidden.device))
+            real = num_seqs * query_len
+            return hidden[:real].clone(), None if logits is None else logits[:real]
+        rows = torch.from_numpy(arrays.query_rows).to(hidden.device)
+        return hidden.index_select(0, rows), None if logits is None else logits.index_select(0, rows)
 
     def warm_up(self) -> None:
         """Build the graph of every batch bucket and query length now, at the first context bucket, so that no
@@ -151,7 +157,7 @@ class DecodeGraphs:
         hidden_size = self.model.config.hidden_size if self.mtp_module is not None else None
         step = _StepGraph(self.cache.tensor, batch, query_len, context, self.scratch_slot, hidden_size)
 
-        def forward() -> torch.Tensor:
+        def forward() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
             return self._pass(*step.inputs)
 
         if self.kind == "eager":
@@ -163,7 +169,7 @@ class DecodeGraphs:
                 self.cache.tensor, batch, query_len, context, self.scratch_slot, hidden_size).inputs)
             inputs = step.inputs
 
-            def replay_compiled() -> torch.Tensor:
+            def replay_compiled() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
                 return runner(*inputs)
 
             replay_compiled()  # fails now, not on a served step, should the library not run (padding only)
@@ -216,7 +222,7 @@ class _StepGraph:
         key_slots = torch.zeros(batch * context, dtype=torch.int64, device=device)
         attend_bias = torch.full((batch, query_len, 1, context), Paged.MASKED, dtype=torch.float32, device=device)
         self.meta = Paged(positions, slot_mapping, None, None, key_slots, attend_bias, layers, batch, query_len)
-        self.replay: Callable[[], torch.Tensor] = lambda: torch.empty(0)
+        self.replay: Callable[[], Any] = lambda: torch.empty(0)  # the graphed pass's outputs
 
     @property
     def inputs(self) -> tuple[Any, ...]:

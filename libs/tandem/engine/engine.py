@@ -289,8 +289,8 @@ class Engine:
         graphs_before = self.num_graphs
         with single_thread_if_small(sum(s.num_fed for s in batch), self.config.single_thread_max_tokens,
                                     self.device):
-            hidden = self._run_main(batch)
-            outputs, verified = self._postprocess(batch, hidden)
+            hidden, logits = self._run_main(batch)
+            outputs, verified = self._postprocess(batch, hidden, logits)
             if self.num_graphs > graphs_before:
                 timed_drafts = None  # this step's time includes capturing a CUDA graph: not what its drafts cost
             if self.policy.measures:
@@ -306,23 +306,24 @@ class Engine:
         pure = len(counts) == 1 and all(s.num_new == 1 and s.samples for s in batch)
         return counts.pop() if pure else None
 
-    def _run_main(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+    def _run_main(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The main pass over the batch's tokens: hidden states [T, D], and logits [T, V] where a graph ran the
+        output head too."""
         ids = [t for s in batch for t in s.seq.token_ids[s.seq.num_cached:s.seq.num_cached + s.num_new] + s.draft_ids]
         arrays = PagedArrays.build([s.num_fed for s in batch], [s.seq.num_cached + s.num_fed for s in batch],
                                    [s.seq.block_table for s in batch], self.cache.block_size)
-        if self.graphs is not None:
-            hidden = self.graphs.run(ids, arrays)
-            if hidden is not None:
-                return hidden
+        graphed = self.graphs.run(ids, arrays) if self.graphs is not None else None
+        if graphed is not None:
+            return graphed
         return self.model(torch.tensor(ids, dtype=torch.int64, device=self.device),
-                          Paged.from_arrays(arrays, self.cache.tensor))
+                          Paged.from_arrays(arrays, self.cache.tensor)), None
 
-    def _postprocess(self, batch: list[ScheduledSeq], hidden: torch.Tensor) \
+    def _postprocess(self, batch: list[ScheduledSeq], hidden: torch.Tensor, logits: torch.Tensor | None) \
             -> tuple[list[StepOutput], list[tuple[Sequence, int, slice]]]:
         """Sample or verify, emit; returns the outputs and, per unfinished sequence, what the main pass verified
         (first new position, its rows of `hidden`) for the MTP modules to catch up on."""
         ends = list(itertools.accumulate(s.num_fed for s in batch))  # one past each sequence's rows of `hidden`
-        new_tokens = self._accept([(s, end) for s, end in zip(batch, ends) if s.samples], hidden)
+        new_tokens = self._accept([(s, end) for s, end in zip(batch, ends) if s.samples], hidden, logits)
         outputs: list[StepOutput] = []
         verified: list[tuple[Sequence, int, slice]] = []  # seq, first new position, hidden rows verified
         for s, end in zip(batch, ends):
@@ -337,18 +338,21 @@ class Engine:
             outputs.append(self._emit(seq, tokens))
         return outputs, [v for v in verified if not v[0].is_finished]
 
-    def _accept(self, sampling: list[tuple[ScheduledSeq, int]], hidden: torch.Tensor) -> dict[int, list[int]]:
+    def _accept(self, sampling: list[tuple[ScheduledSeq, int]], hidden: torch.Tensor,
+                logits: torch.Tensor | None) -> dict[int, list[int]]:
         """New tokens per sequence: a sample from the last logits, or the accepted drafts plus one token from
         the main model. Greedy sequences take the argmax and keep their drafts up to the first that differs from
         it; sampled ones are sampled in one batch, or rejection-sampled per sequence when they drafted.
-        `sampling`: the sequences that sample, each with the end of its rows of `hidden`."""
+        `sampling`: the sequences that sample, each with the end of its rows of `hidden` (and of `logits`, when
+        the main pass gave them)."""
         if not sampling:
             return {}
         counts = [len(s.draft_ids) + 1 for s, _ in sampling]
-        if sum(counts) < hidden.shape[0]:  # else every row samples (a decode step): no gather
+        source = hidden if logits is None else logits
+        if sum(counts) < source.shape[0]:  # else every row samples (a decode step): no gather
             rows = [row for (_, end), n in zip(sampling, counts) for row in range(end - n, end)]
-            hidden = hidden.index_select(0, torch.tensor(rows, device=hidden.device))
-        logits = self.model.logits(hidden)
+            source = source.index_select(0, torch.tensor(rows, device=source.device))
+        logits = self.model.logits(source) if logits is None else source
         self._constrain_first_tokens(logits, [s.seq for s, _ in sampling], counts)
         out: dict[int, list[int]] = {}
         rows = list(itertools.accumulate(counts, initial=0))

@@ -298,7 +298,8 @@ class MTPDrafter:
                                    [w.seq.block_table for w in work], self.cache.block_size)
         ids = [t for w in work for t in w.token_ids]
         hidden = torch.cat([w.hidden for w in work])
-        out = self.graphs[module].run(ids, arrays, hidden) if module < len(self.graphs) else None
+        graphed = self.graphs[module].run(ids, arrays, hidden) if module < len(self.graphs) else None
+        out = graphed[0] if graphed is not None else None
         if out is None:
             out = self.model.mtp_forward(module, torch.tensor(ids, dtype=torch.int64, device=hidden.device), hidden,
                                          Paged.from_arrays(arrays, self.cache.tensor))
