@@ -12,8 +12,9 @@ slot the cache reserves for them; padding keys are masked.
 A graph serves one pass: the main model's, or one MTP module's (`mtp_module`), whose passes catch the module up
 on the tokens just verified and draft. It serves steps of a few new tokens per sequence (`max_query_len`): one,
 or one plus drafts; sequences bringing fewer tokens than the step's most are padded with tokens that attend to
-nothing. Prompt chunks run eagerly, and so does sampling. A CUDA graph is captured the first time its shape is
-met, which takes a moment. A CPU compile takes 15-30 s on 2 cores, so compiled graphs are built before serving
+nothing. The main model's pass also runs the output head, except in CUDA graphs (`with_logits`). Prompt chunks
+run eagerly, and so does sampling. A CUDA graph is captured the first time its shape is met, which takes a
+moment. A CPU compile takes 15-60 s on 2 cores, so compiled graphs are built before serving
 (`warm_up`); their dims are dynamic, so a few libraries serve every shape, and they are cached on disk. Graphs
 need a forward with no host sync and local experts (`DecodeGraphs.supports`); remote experts exchange on the
 host. The kind "eager" runs the same padded static-buffer forward eagerly: tests run it on the CPU to check the
