@@ -18,8 +18,9 @@ oneDNN's matmuls cost about 40 us a call whatever their size, a decode step make
 Inductor's own AMX GEMM kernels, chosen per matmul by measuring them at build time, need their weights packed
 into AMX tiles ahead of time. Those libraries hold packed copies of the matrices they multiply by (the weights'
 digest is part of their cache key; a weight changed in place does not reach them) and take 3x longer to build.
-A batch-32 step of the bundled model took 4.3 ms with them against 5.4 ms without, in one A/B run on a 2-core
-Xeon (Sapphire Rapids).
+Decode steps of the bundled model with them against without, in one process, alternating, on a 2-core Xeon
+(Sapphire Rapids): 1.38 against 2.82 ms at batch 1, 3.59 against 5.30 ms at batch 8, 4.47 against 5.62 ms at
+batch 32.
 """
 
 from __future__ import annotations
