@@ -131,7 +131,8 @@ class Engine:
         per token of a plain step. With the bundled model, one sequence and MTP passes compiled ahead of time as
         well, a step verifying one draft took 3.2 ms against 1.65 ms for a plain step, for 1.73 tokens (73% of
         the drafts accepted): no gain, for more libraries to build at start-up (per MTP module, token count and
-        batch class)."""
+        batch class). In bfloat16 on AMX with packed weights (`aot_passes.packs_weights`), 128 tokens of one
+        sequence took 0.256 s drafting one token every step (94% accepted) against 0.222 s without drafts."""
         c, drafts = self.config, self.policy.max_drafts
         self.graphs = DecodeGraphs(self.model, self.cache, c.max_num_seqs, self.max_model_len, 1 + drafts, kind)
         if kind == "compiled":
