@@ -454,14 +454,15 @@ class Engine:
         # a prefill worker's sequences never draft here: the policy is for decoding batches
         batch_size = sum(not s.prefill_only for s in self.scheduler.running)
         k = self.policy.choose(batch_size) if batch_size else 0
-        drafted = self._draft([(seq, start, hidden[rows]) for seq, start, rows in verified], k)
+        drafted = self._draft(hidden, verified, k)
         if self.policy.measures:
             # not a drafting time: one that includes capturing a CUDA graph
             timed = timed and k > 0 and drafted and self.num_graphs == graphs_before
             self.policy.record_draft(k if timed else None, batch_size, time.perf_counter() - started)
 
-    def _draft(self, verified: list[tuple[Sequence, int, torch.Tensor]], k: int) -> bool:
-        """`_speculate`'s MTP work for k drafts; whether any ran."""
+    def _draft(self, hidden: torch.Tensor, verified: list[tuple[Sequence, int, slice]], k: int) -> bool:
+        """`_speculate`'s MTP work for k drafts; whether any ran. A sequence's hidden rows are sliced only if its
+        modules run (with no drafts, usually none do)."""
         if k > 0:
             self._resync_stale()
         verified = [v for v in verified if v[0].can_draft]
@@ -481,7 +482,7 @@ class Engine:
         # a prefill worker hands every module its sequence keeps over caught up; a pinned sequence drafts its own
         # count
         needed = max([modules] + [min(c, num_modules) for c in counts] + [len(s.mtp) for s in seqs if s.prefill_only])
-        self.drafter.advance(seqs, [(start, h) for _, start, h in verified], counts, needed)
+        self.drafter.advance(seqs, [(start, hidden[rows]) for _, start, rows in verified], counts, needed)
         return True
 
     def mtp_modules_for_arrival(self) -> int:
