@@ -68,7 +68,7 @@ class FlatPass(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 key_slots: torch.Tensor, attend_bias: torch.Tensor, kv_layers: list[torch.Tensor],
-                prev_hidden: torch.Tensor | None = None) -> torch.Tensor:
+                prev_hidden: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         meta = Paged(positions, slot_mapping, None, None, key_slots.reshape(-1), attend_bias, list(kv_layers),
                      attend_bias.shape[0], attend_bias.shape[1])
         if self.mtp_module is not None:
