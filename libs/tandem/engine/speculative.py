@@ -299,8 +299,9 @@ class MTPDrafter:
         ids = [t for w in work for t in w.token_ids]
         hidden = torch.cat([w.hidden for w in work])
         graphed = self.graphs[module].run(ids, arrays, hidden) if module < len(self.graphs) else None
-        out = graphed[0] if graphed is not None else None
-        if out is None:
+        if graphed is not None:
+            out = graphed[0]  # an MTP pass's graph gives no logits
+        else:
             out = self.model.mtp_forward(module, torch.tensor(ids, dtype=torch.int64, device=hidden.device), hidden,
                                          Paged.from_arrays(arrays, self.cache.tensor))
         return list(out.split([len(w.token_ids) for w in work]))
