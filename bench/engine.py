@@ -113,13 +113,9 @@ def transformers_from_tandem(model: DeepseekV3ForCausalLM):
     source = dict(model.named_parameters())
     targets = [n for n, _ in hf.named_parameters()] + [n for n, _ in hf.named_buffers() if "rotary_emb" not in n]
     for name in targets:
-        if name.endswith("experts.gate_up_proj"):  # transformers stacks gate and up: [E, 2I, D]
-            bank = name.removesuffix("gate_up_proj") + "bank."
-            value = torch.cat([source[bank + "gate_proj"], source[bank + "up_proj"]], dim=1)
-            for proj in ("gate_proj", "up_proj"):
-                source[bank + proj].data = torch.empty(0, device=device)
-        elif name.endswith("experts.down_proj"):
-            value = source[name.removesuffix("down_proj") + "bank.down_proj"].data
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # stacked as our expert banks stack them
+            owner, _, proj = name.rpartition(".")
+            value = source[f"{owner}.bank.{proj}"].data
         else:
             value = source[name].data
         owner_name, _, attr = name.rpartition(".")

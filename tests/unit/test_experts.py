@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tandem.model.layout import experts_side_by_side
 from tandem.moe.experts import ExpertBank
 
 NUM_SLOTS, HIDDEN, INTER, TOP_K = 6, 16, 8, 3
@@ -45,12 +46,16 @@ def test_grouped_and_per_expert_paths_match_the_definition(bank, num_tokens):
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 40])
-@pytest.mark.parametrize("layout", ["row_major", "column_major"])
+@pytest.mark.parametrize("layout", ["row_major", "column_major", "side_by_side"])
 def test_the_path_torch_compile_traces_matches_the_definition(bank, num_tokens, layout):
     """`_traceable`, run eagerly: per-pair gathers while the pairs fit in the slots (1 and 2 tokens of 3 experts
-    in 6 slots), every expert on every token past that (3 and 40)."""
-    if layout == "column_major":
+    in 6 slots), every expert on every token past that (3 and 40): batched matmuls, or with the gate and up
+    projections side by side, one matmul over every expert's weights."""
+    if layout != "row_major":
         bank = ExpertBank.from_weights({n: getattr(bank, n).detach() for n in ("gate_proj", "up_proj", "down_proj")})
+    if layout == "side_by_side":  # as a bfloat16 bank is laid out, here in float32 to compare tightly
+        bank.gate_up_proj.data = experts_side_by_side(bank.gate_up_proj.data)
+    assert bank._side_by_side == (layout == "side_by_side")
     x = torch.randn(num_tokens, HIDDEN)
     slots = torch.stack([torch.randperm(NUM_SLOTS)[:TOP_K] for _ in range(num_tokens)])
     weights = torch.rand(num_tokens, TOP_K)

@@ -1,8 +1,8 @@
 """Between checkpoint tensors and model parameters.
 
 A parameter's name is its checkpoint name, with two exceptions: the routed experts of a layer are stacked
-into one `ExpertBank` (`...mlp.experts.bank.gate_proj` [E, I, D] holds `...mlp.experts.{e}.gate_proj.weight`
-for every e), and MTP layers use the main model's embedding and output head (DeepSeek's checkpoints store
+into one `ExpertBank` (`...mlp.experts.bank.down_proj` [E, D, I] holds `...mlp.experts.{e}.down_proj.weight`
+for every e, and `...bank.gate_up_proj` [E, 2I, D] each expert's gate_proj and up_proj, one above the other), and MTP layers use the main model's embedding and output head (DeepSeek's checkpoints store
 copies of both in every MTP layer; we write them on export so vLLM and SGLang can read our checkpoints).
 """
 
@@ -20,12 +20,14 @@ from tqdm import tqdm
 from tandem.model.checkpoint import Checkpoint, CheckpointError
 from tandem.model.config import ModelConfig
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM
-from tandem.model.layout import use_column_major_weights_
+from tandem.model.layout import use_decode_layout_
 
 log = logging.getLogger(__name__)
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-_BANK = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.bank\.(gate_proj|up_proj|down_proj)$")
+_BANK = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.bank\.(gate_up_proj|down_proj)$")
+# a bank parameter's checkpoint tensors per expert, stacked along dim 1
+_BANK_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 
 
@@ -84,10 +86,12 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         target_dtype = torch.float32 if is_router else dtype
         bank = _BANK.match(name)
         if bank:
-            layer, proj = int(bank.group(1)), bank.group(2)
+            layer, parts = int(bank.group(1)), _BANK_PARTS[bank.group(2)]
             experts = range(param.shape[0]) if load_routed_experts else []
-            value = torch.stack([ckpt.load(expert_key(layer, e, proj), shape=tuple(param.shape[1:]),
-                                           dtype=target_dtype, device=device) for e in experts]) \
+            shape = (param.shape[1] // len(parts), param.shape[2])
+            value = torch.stack([torch.cat([ckpt.load(expert_key(layer, e, part), shape=shape, dtype=target_dtype,
+                                                      device=device) for part in parts])
+                                 for e in experts]) \
                 if experts else torch.empty(0, *param.shape[1:], dtype=target_dtype, device=device)
         else:
             value = ckpt.load(name, shape=tuple(param.shape), dtype=target_dtype, device=device)
@@ -95,7 +99,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if column_major:
-        use_column_major_weights_(model)
+        use_decode_layout_(model)
     model.eval()
     return model
 
@@ -114,9 +118,10 @@ def export_state_dict(model: DeepseekV3ForCausalLM) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         bank = _BANK.match(name)
         if bank:
-            layer, proj = int(bank.group(1)), bank.group(2)
+            layer, parts = int(bank.group(1)), _BANK_PARTS[bank.group(2)]
             for e in range(tensor.shape[0]):
-                out[expert_key(layer, e, proj)] = tensor[e].detach().clone()
+                for part, value in zip(parts, tensor[e].chunk(len(parts))):
+                    out[expert_key(layer, e, part)] = value.detach().clone()
         elif not (c.tie_word_embeddings and name == "lm_head.weight"):
             out[name] = tensor.detach().clone()
     for k in range(c.num_nextn_predict_layers):

@@ -6,35 +6,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.model.layout import column_major
+from tandem.model.layout import decode_layout
 from tandem.moe.placement import LayerPlacement
 
 
 class ExpertBank(nn.Module):
-    """The physical experts one process holds for one MoE layer, stacked: [P, I, D] gate/up and [P, D, I] down."""
+    """The physical experts one process holds for one MoE layer, stacked: the gate and up projections as one
+    [P, 2I, D] (each expert's gate rows, then its up rows, as transformers stacks them) and down [P, D, I]."""
 
     def __init__(self, num_slots: int, hidden_size: int, intermediate_size: int,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
-        self.gate_proj = nn.Parameter(torch.empty(num_slots, intermediate_size, hidden_size, **kw))
-        self.up_proj = nn.Parameter(torch.empty(num_slots, intermediate_size, hidden_size, **kw))
+        self.gate_up_proj = nn.Parameter(torch.empty(num_slots, 2 * intermediate_size, hidden_size, **kw))
         self.down_proj = nn.Parameter(torch.empty(num_slots, hidden_size, intermediate_size, **kw))
 
     @classmethod
     def from_weights(cls, weights: dict[str, torch.Tensor]) -> "ExpertBank":
-        """A bank holding the given stacked weights ({"gate_proj", "up_proj", "down_proj"}), column-major on the
-        CPU (see `tandem.model.layout`)."""
+        """A bank holding the given stacked weights ({"gate_proj", "up_proj", "down_proj"}), on the CPU in the
+        layout decoding reads fastest (see `tandem.model.layout`)."""
         _, inter, hidden = weights["gate_proj"].shape
         bank = cls(0, hidden, inter)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            w = weights[name]
-            setattr(bank, name, nn.Parameter(column_major(w) if w.device.type == "cpu" else w, requires_grad=False))
+        stacked = {"gate_up_proj": torch.cat([weights["gate_proj"], weights["up_proj"]], dim=1),
+                   "down_proj": weights["down_proj"]}
+        for name, w in stacked.items():
+            setattr(bank, name, nn.Parameter(decode_layout(name, w) if w.device.type == "cpu" else w,
+                                             requires_grad=False))
         return bank
 
     @property
     def num_slots(self) -> int:
-        return self.gate_proj.shape[0]
+        return self.gate_up_proj.shape[0]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.down_proj.shape[2]
+
+    @property
+    def gate_proj(self) -> torch.Tensor:
+        """[P, I, D], a view."""
+        return self.gate_up_proj[:, :self.intermediate_size]
+
+    @property
+    def up_proj(self) -> torch.Tensor:
+        """[P, I, D], a view."""
+        return self.gate_up_proj[:, self.intermediate_size:]
 
     def forward(self, x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum over each token's experts. x [T, D], slot_ids [T, K] (local slots), weights [T, K].
@@ -59,7 +75,7 @@ class ExpertBank(nn.Module):
             # CUDA graph could not capture it
             counts = torch.zeros(self.num_slots, dtype=torch.int64, device=x.device)
             ends = counts.scatter_add_(0, flat_slots, torch.ones_like(flat_slots)).cumsum(0).to(torch.int32)
-            h = F.silu(F.grouped_mm(h, self.gate_proj.mT, offs=ends)) * F.grouped_mm(h, self.up_proj.mT, offs=ends)
+            h = _swiglu(F.grouped_mm(h, self.gate_up_proj.mT, offs=ends))
             h = F.grouped_mm(h, self.down_proj.mT, offs=ends)
         else:
             h = self._per_expert(h, flat_slots[order])
@@ -70,7 +86,7 @@ class ExpertBank(nn.Module):
         gathering; the same sums in the same order as the other paths. About a third fewer ops."""
         out = torch.zeros_like(x)
         for slot, w in sorted(zip(slots.tolist(), weights.to(x.dtype).tolist())):
-            h = F.silu(F.linear(x, self.gate_proj[slot])) * F.linear(x, self.up_proj[slot])
+            h = _swiglu(F.linear(x, self.gate_up_proj[slot]))
             out.add_(F.linear(h, self.down_proj[slot]).mul_(w))
         return out
 
@@ -80,20 +96,36 @@ class ExpertBank(nn.Module):
 
         While the (token, expert) pairs are no more than the slots, each pair reads its expert's weights:
         products written as gather-multiply-sum, which the compiler fuses into one pass over those weights, so a
-        decode step of one token reads just its K experts. Past that, every expert runs on every token as
-        batched matmuls, each output weighed by the token's gate weight (zero for experts it did not choose):
-        each weight is read once, for up to P/K times the multiplies, in three matmul calls. On a 2-core Xeon
-        either made a compiled forward of the bundled model (16 experts, 4 active) 1.7-3x faster than eager."""
+        decode step of one token reads just its K experts. Past that, every expert runs on every token, each
+        output weighed by the token's gate weight (zero for experts it did not choose): each weight is read
+        once, for up to P/K times the multiplies. On a 2-core Xeon either made a compiled forward of the bundled
+        model (16 experts, 4 active) 1.7-3x faster than eager."""
         if x.shape[0] <= self.max_gathered_tokens(slot_ids.shape[1]):
-            gate = (x[:, None, None, :] * self.gate_proj[slot_ids]).sum(-1)  # [T, K, I]
-            h = F.silu(gate) * (x[:, None, None, :] * self.up_proj[slot_ids]).sum(-1)
+            h = _swiglu((x[:, None, None, :] * self.gate_up_proj[slot_ids]).sum(-1))  # [T, K, I]
             out = (h[..., None, :] * self.down_proj[slot_ids]).sum(-1)  # [T, K, D]
             return (weights.to(x.dtype)[..., None] * out).sum(1)
         combine = torch.zeros(x.shape[0], self.num_slots, dtype=x.dtype, device=x.device)
         combine.scatter_(1, slot_ids, weights.to(x.dtype))  # [T, P]
-        h = F.silu(torch.matmul(x, self.gate_proj.mT)) * torch.matmul(x, self.up_proj.mT)  # [P, T, I]
+        if self._side_by_side:
+            return self._every_expert_as_one_matmul(x, combine)
+        h = _swiglu(torch.matmul(x, self.gate_up_proj.mT))  # [P, T, I]
         out = torch.matmul(h, self.down_proj.mT)  # [P, T, D]
         return (out * combine.t()[..., None]).sum(0)
+
+    @property
+    def _side_by_side(self) -> bool:
+        """Whether the gate and up projections lie in memory as one [D, P*2I] matrix and the down projections as
+        one [P*I, D] (`tandem.model.layout.experts_side_by_side`, `column_major`)."""
+        return self.gate_up_proj.permute(2, 0, 1).is_contiguous() and self.down_proj.mT.is_contiguous()
+
+    def _every_expert_as_one_matmul(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, as two matmuls over all the experts' weights side by side: the tokens by
+        every gate and up column, then the gate-weighed intermediates of every expert by the down rows, whose sum
+        over the experts is the matmul's own."""
+        T, (P, I, D) = x.shape[0], (self.num_slots, self.intermediate_size, x.shape[1])
+        gate_up = x @ self.gate_up_proj.permute(2, 0, 1).reshape(D, P * 2 * I)  # views, no copy
+        h = _swiglu(gate_up.view(T, P, 2 * I)) * combine[..., None]  # [T, P, I]
+        return h.reshape(T, P * I) @ self.down_proj.mT.reshape(P * I, D)
 
     def max_gathered_tokens(self, top_k: int) -> int:
         """The most tokens of `top_k` experts each that `_traceable` runs by gathering their experts' weights
@@ -106,11 +138,16 @@ class ExpertBank(nn.Module):
         start = 0
         for slot, count in enumerate(torch.bincount(sorted_slots, minlength=self.num_slots).tolist()):
             if count:
-                rows = h[start:start + count]
-                rows = F.silu(F.linear(rows, self.gate_proj[slot])) * F.linear(rows, self.up_proj[slot])
+                rows = _swiglu(F.linear(h[start:start + count], self.gate_up_proj[slot]))
                 out[start:start + count] = F.linear(rows, self.down_proj[slot])
                 start += count
         return out
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, from gate and up projections side by side in the last dim ([..., 2I] -> [..., I])."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
