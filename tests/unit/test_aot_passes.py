@@ -10,7 +10,7 @@ from tandem.engine.aot_passes import (CACHE_ENV, AOTPasses, FlatPass, ShapeClass
                                       writable_cache_dir)
 from tandem.engine.decode_graphs import DecodeGraphs
 from tandem.engine.engine import Engine, EngineConfig
-from tandem.model.attention_metadata import Paged, PagedArrays
+from tandem.model.attention_metadata import Paged, PagedStep
 from tandem.model.loading import load_model
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-code"
@@ -39,10 +39,10 @@ def test_shape_classes_split_the_batches_where_the_experts_change_path(model):
 
 def one_step(model, graphs: DecodeGraphs, cache: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step of one sequence over `context` positions: (compiled hidden states, eager ones)."""
-    arrays = PagedArrays.build([1], [context], [list(range(1, -(-context // 16) + 1))], 16)
+    step = PagedStep([1], [context], [list(range(1, -(-context // 16) + 1))], 16)
     with torch.inference_mode():
-        got, logits = graphs.run([57], arrays)
-        want = model(torch.tensor([57]), Paged.from_arrays(arrays, cache))
+        got, logits = graphs.run([57], step)
+        want = model(torch.tensor([57]), Paged.from_arrays(step.arrays(), cache))
     # the main pass's library runs the output head too
     error = relative_error(logits, model.logits(got))
     assert error < (1e-5 if got.dtype == torch.float32 else 0.02), f"logits off by {error:.2e} (relative)"
@@ -99,14 +99,14 @@ def test_libraries_holding_packed_weights_are_keyed_by_the_weights_values():
     """A library of packed weights is one model's: another's weights get their own (a library reading the weights
     in place is keyed by none)."""
     model = load_model(MODEL, dtype=torch.bfloat16)
-    passes = [AOTPasses(FlatPass(model), 1, 256, 256) for _ in range(2)]
+    passes = [AOTPasses(FlatPass(model, 16), 1, 256, 256) for _ in range(2)]
     for p in passes:
         p.packs_weights = True  # whatever this CPU has
     digest = passes[0]._weights_digest()
     assert passes[1]._weights_digest() == digest
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] += 1
-    changed, reading = AOTPasses(FlatPass(model), 1, 256, 256), AOTPasses(FlatPass(model), 1, 256, 256)
+    changed, reading = AOTPasses(FlatPass(model, 16), 1, 256, 256), AOTPasses(FlatPass(model, 16), 1, 256, 256)
     changed.packs_weights, reading.packs_weights = True, False
     assert changed._weights_digest() != digest
     assert reading._weights_digest() == ""

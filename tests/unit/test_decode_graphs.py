@@ -9,7 +9,7 @@ import torch
 from tandem.engine.decode_graphs import CONTEXT_STEP, DecodeGraphs, batch_buckets
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.engine.sampling import SamplingParams
-from tandem.model.attention_metadata import Paged, PagedArrays
+from tandem.model.attention_metadata import Paged, PagedStep
 from tandem.model.loading import load_model
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-code"
@@ -60,11 +60,11 @@ def test_steps_without_a_graph_shape_run_eagerly(model):
     graphs = DecodeGraphs(model, engine.cache, max_batch=2, max_context=CONTEXT_STEP, max_query_len=1, kind="eager")
     tables = [[1, 2, 3]] * 3
     # a prompt chunk, even one every sequence of the step brings alike
-    assert graphs.run([5, 6, 7, 8], PagedArrays.build([2, 2], [10, 4], tables[:2], 16)) is None
+    assert graphs.run([5, 6, 7, 8], PagedStep([2, 2], [10, 4], tables[:2], 16)) is None
     # more sequences than the largest bucket
-    assert graphs.run([5, 6, 7], PagedArrays.build([1, 1, 1], [4, 4, 4], tables, 16)) is None
+    assert graphs.run([5, 6, 7], PagedStep([1, 1, 1], [4, 4, 4], tables, 16)) is None
     # a context past the largest captured one
-    assert graphs.run([5], PagedArrays.build([1], [CONTEXT_STEP + 1], [list(range(20))], 16)) is None
+    assert graphs.run([5], PagedStep([1], [CONTEXT_STEP + 1], [list(range(20))], 16)) is None
     assert graphs.num_graphs == 0
 
 
@@ -108,12 +108,12 @@ def test_uneven_steps_are_padded_into_a_graph(model, mtp_module, kind):
     engine.cache.tensor.normal_(generator=torch.Generator().manual_seed(0))  # contexts to attend over
     graphs = DecodeGraphs(model, engine.cache, max_batch=4, max_context=512, max_query_len=3, kind=kind,
                           mtp_module=mtp_module)
-    arrays = PagedArrays.build([3, 1, 2], [40, 21, 300], [[1, 2, 3], [4, 5], list(range(6, 25))], 16)
+    step = PagedStep([3, 1, 2], [40, 21, 300], [[1, 2, 3], [4, 5], list(range(6, 25))], 16)
     ids = [5, 6, 7, 8, 9, 10]
     hidden = torch.randn(len(ids), model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        got, logits = graphs.run(ids, arrays, hidden if mtp_module is not None else None)
-        meta = Paged.from_arrays(arrays, engine.cache.tensor)
+        got, logits = graphs.run(ids, step, hidden if mtp_module is not None else None)
+        meta = Paged.from_arrays(step.arrays(), engine.cache.tensor)
         ids_t = torch.tensor(ids)
         want = model(ids_t, meta) if mtp_module is None else model.mtp_forward(0, ids_t, hidden, meta)
     assert graphs.num_graphs == 1 and graphs.num_replays == 1  # batch bucket 4, 3 tokens, 512 positions

@@ -53,24 +53,25 @@ MAX_CONTEXT_STEPS = 64
 class FlatPass(nn.Module):
     """A decode pass of the main model, or of MTP module `mtp_module`, taking tensors only, as torch.export wants
     (every kind of decode graph runs it on a step's static inputs): (input_ids [B*Q], positions [B*Q],
-    slot_mapping [B*Q], key_slots [B, S], attend_bias [B, Q, 1, S], kv cache layers[, prev_hidden [B*Q, D]])
-    -> hidden [B*Q, D], or with `with_logits` (the main model's pass) (hidden, logits [B*Q, V] float32): the
-    output head then runs in the graph too. key_slots is 2-d since export cannot bound a dim that is the product
-    of two dynamic ones."""
+    slot_mapping [B*Q], block_tables [B, N] of the cache's `block_size`-slot blocks, kv cache layers[,
+    prev_hidden [B*Q, D]]) -> hidden [B*Q, D], or with `with_logits` (the main model's pass) (hidden, logits
+    [B*Q, V] float32): the output head then runs in the graph too. The key slots and attention bias over the
+    N * block_size positions are derived in the graph (`Paged.from_block_tables`)."""
 
-    def __init__(self, model: DeepseekV3ForCausalLM, mtp_module: int | None = None, with_logits: bool = False):
+    def __init__(self, model: DeepseekV3ForCausalLM, block_size: int, mtp_module: int | None = None,
+                 with_logits: bool = False):
         super().__init__()
         if with_logits and mtp_module is not None:
             raise ValueError("with_logits is for the main model's pass")
         self.model = model
+        self.block_size = block_size
         self.mtp_module = mtp_module
         self.with_logits = with_logits
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                key_slots: torch.Tensor, attend_bias: torch.Tensor, kv_layers: list[torch.Tensor],
+                block_tables: torch.Tensor, kv_layers: list[torch.Tensor],
                 prev_hidden: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        meta = Paged(positions, slot_mapping, None, None, key_slots.reshape(-1), attend_bias, list(kv_layers),
-                     attend_bias.shape[0], attend_bias.shape[1])
+        meta = Paged.from_block_tables(positions, slot_mapping, block_tables, self.block_size, list(kv_layers))
         if self.mtp_module is not None:
             return self.model.mtp_forward(self.mtp_module, input_ids, prev_hidden, meta)
         hidden = self.model(input_ids, meta)
@@ -158,17 +159,17 @@ class AOTPasses:
 
     def _dynamic_shapes(self, shape: ShapeClass, inputs: tuple) -> tuple:
         """Export's dims, in `FlatPass`'s argument order: the batch where the class has more than one size, the
-        context in whole steps, and the cache's slots."""
+        context in whole steps (as blocks of the cache), and the cache's slots."""
         b = Dim(f"batch_from_{shape.min_batch}", min=shape.min_batch, max=shape.max_batch) \
             if shape.max_batch > shape.min_batch else None
-        s = self.context_step * Dim("context_steps", min=1, max=self.max_blocks)
+        blocks = self.context_step // self.flat.block_size * Dim("context_steps", min=1, max=self.max_blocks)
         slots = Dim("cache_slots", min=2)
 
         def dims(by_axis: dict) -> dict | None:
             return {axis: dim for axis, dim in by_axis.items() if dim is not None} or None
 
         tokens = dims({0: b if b is None or shape.query_len == 1 else shape.query_len * b})
-        spec = [tokens, tokens, tokens, dims({0: b, 1: s}), dims({0: b, 3: s}), [{0: slots}] * len(inputs[5])]
+        spec = [tokens, tokens, tokens, dims({0: b, 1: blocks}), [{0: slots}] * len(inputs[4])]
         return tuple(spec + [tokens] * (len(inputs) - len(spec)))  # prev_hidden, for an MTP pass
 
     def _load(self, shape: ShapeClass, example: Callable[[int], tuple]) -> Callable[..., torch.Tensor]:

@@ -6,8 +6,11 @@ replays them with one launch; on the CPU, AOTInductor compiles the step ahead of
 kernels around the BLAS calls, called with no Python in between (`tandem.engine.aot_passes`; a forward of the
 bundled model at batch 1 takes 0.97 ms there on a 2-core Xeon, 1.47 ms torch.compile'd, 3.9 ms eager). Both fix
 every shape, so a step is padded to a bucket: the batch to the next of `batch_buckets`, the context to the next
-multiple of `CONTEXT_STEP` positions. Padding sequences attend to nothing and write their latent to a scratch
-slot the cache reserves for them; padding keys are masked.
+multiple of `CONTEXT_STEP` positions (of whole cache blocks). A step's inputs are its tokens, their positions and
+cache slots, and each sequence's block table: the graph derives the key slots and attention bias from those
+(`Paged.from_block_tables`), so the host builds and copies no [batch, context] arrays. Padding tokens write their
+latent to a scratch slot the cache reserves for them; their outputs are discarded; keys past a query's position
+are masked.
 
 A graph serves one pass: the main model's, or one MTP module's (`mtp_module`), whose passes catch the module up
 on the tokens just verified and draft. It serves steps of a few new tokens per sequence (`max_query_len`): one,
@@ -24,6 +27,7 @@ padding.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +37,7 @@ import torch
 
 from tandem.engine.aot_passes import AOTPasses, FlatPass
 from tandem.engine.kv_cache import PagedKVCache
-from tandem.model.attention_metadata import Paged, PagedArrays
+from tandem.model.attention_metadata import PagedStep
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM, MoE
 from tandem.moe.experts import LocalExperts, grouped_mm_available
 
@@ -70,10 +74,11 @@ class DecodeGraphs:
         # the pass graphed, on a step's static inputs; the main model's with its output head, except in CUDA graphs:
         # each keeps its own output buffers, and [B*Q, vocab] logits per bucket add up to gigabytes there
         self.with_logits = mtp_module is None and kind != "cuda"
-        self._pass = FlatPass(model, mtp_module, self.with_logits)
+        self._pass = FlatPass(model, cache.block_size, mtp_module, self.with_logits)
         self.buckets = batch_buckets(max_batch)
         self.max_query_len = max_query_len
-        self.max_context = -(-max_context // CONTEXT_STEP) * CONTEXT_STEP
+        self.context_step = math.lcm(CONTEXT_STEP, cache.block_size)  # whole blocks
+        self.max_context = -(-max_context // self.context_step) * self.context_step
         self.scratch_slot = scratch_slot if scratch_slot is not None \
             else cache.allocator.allocate(1)[0] * cache.block_size
         self.pool = torch.cuda.graph_pool_handle() if kind == "cuda" else None
@@ -81,7 +86,7 @@ class DecodeGraphs:
         self.failed = False  # building a graph failed: no more are tried
         self._graphs: dict[tuple[int, int, int], _StepGraph] = {}
         # compiled: libraries built ahead of time by AOTInductor, one per shape class
-        self._aot = AOTPasses(self._pass, self.buckets[-1], self.max_context, CONTEXT_STEP) \
+        self._aot = AOTPasses(self._pass, self.buckets[-1], self.max_context, self.context_step) \
             if kind == "compiled" else None
 
     @staticmethod
@@ -99,28 +104,28 @@ class DecodeGraphs:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
-    def run(self, input_ids: list[int], arrays: PagedArrays, prev_hidden: torch.Tensor | None = None) \
+    def run(self, input_ids: list[int], step: PagedStep, prev_hidden: torch.Tensor | None = None) \
             -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The pass's hidden states [T, D] for a step (an MTP module reads `prev_hidden` [T, D]) and, where the
         graph ran the output head (`with_logits`), the logits [T, V]; or None when it has no graph (a prompt
         chunk, beyond the largest bucket, or building its graph failed): the caller then runs it eagerly."""
-        if arrays.max_query_len > self.max_query_len:
+        if step.max_query_len > self.max_query_len:
             return None
-        num_seqs, query_len, context = arrays.num_seqs, arrays.max_query_len, arrays.key_slots.shape[1]
+        num_seqs, query_len, context = step.num_seqs, step.max_query_len, step.max_context_len
         batch = next((b for b in self.buckets if b >= num_seqs), None)
         if batch is None or context > self.max_context:
             return None
-        graph = self._graph(batch, query_len, -(-context // CONTEXT_STEP) * CONTEXT_STEP)
+        graph = self._graph(batch, query_len, -(-context // self.context_step) * self.context_step)
         if graph is None:
             return None
-        graph.load(input_ids, arrays, prev_hidden)
+        rows = graph.load(input_ids, step, prev_hidden)
         self.num_replays += 1
         hidden, logits = graph.replay() if self.with_logits else (graph.replay(), None)
         # hidden may be a CUDA graph's static output, which the next replay overwrites; logits are new each time
-        if arrays.query_rows is None:
+        if rows is None:
             real = num_seqs * query_len
             return hidden[:real].clone(), None if logits is None else logits[:real]
-        rows = torch.from_numpy(arrays.query_rows).to(hidden.device)
+        rows = rows.to(hidden.device)
         return hidden.index_select(0, rows), None if logits is None else logits.index_select(0, rows)
 
     def warm_up(self) -> None:
@@ -133,7 +138,7 @@ class DecodeGraphs:
         log.info("building %s graphs of %s steps for %d shapes before serving", self.kind, self.pass_name,
                  len(shapes))
         for batch, query_len in shapes:
-            if self._graph(batch, query_len, CONTEXT_STEP) is None:
+            if self._graph(batch, query_len, self.context_step) is None:
                 return  # building failed (logged; steps run eagerly) or MAX_GRAPHS shapes are built
         log.info("%s graphs of %s steps ready in %.1f s", self.kind, self.pass_name, time.perf_counter() - started)
 
@@ -156,7 +161,7 @@ class DecodeGraphs:
 
     def _build(self, batch: int, query_len: int, context: int) -> "_StepGraph":
         hidden_size = self.model.config.hidden_size if self.mtp_module is not None else None
-        step = _StepGraph(self.cache.tensor, batch, query_len, context, self.scratch_slot, hidden_size)
+        step = _StepGraph(self.cache, batch, query_len, context, self.scratch_slot, hidden_size)
 
         def forward() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
             return self._pass(*step.inputs)
@@ -167,7 +172,7 @@ class DecodeGraphs:
         if self.kind == "compiled":
             started = time.perf_counter()
             runner = self._aot.runner(batch, query_len, lambda context: _StepGraph(
-                self.cache.tensor, batch, query_len, context, self.scratch_slot, hidden_size).inputs)
+                self.cache, batch, query_len, context, self.scratch_slot, hidden_size).inputs)
             inputs = step.inputs
 
             def replay_compiled() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -204,59 +209,62 @@ class DecodeGraphs:
 
 
 class _StepGraph:
-    """The static inputs of one graphed shape: B sequences padded to `batch`, Q tokens each, S key positions, and
-    for an MTP module the previous module's hidden states (`hidden_size` wide)."""
+    """The static inputs of one graphed shape: B sequences padded to `batch`, Q tokens each, the first
+    context / block_size blocks of each sequence's cache, and for an MTP module the previous module's hidden
+    states (`hidden_size` wide)."""
 
-    def __init__(self, kv_cache: torch.Tensor, batch: int, query_len: int, context: int, scratch_slot: int,
+    def __init__(self, cache: PagedKVCache, batch: int, query_len: int, context: int, scratch_slot: int,
                  hidden_size: int | None = None):
-        device = kv_cache.device
+        device = cache.tensor.device
         num_tokens = batch * query_len
-        self.batch, self.query_len, self.context, self.scratch_slot = batch, query_len, context, scratch_slot
+        self.batch, self.query_len, self.scratch_slot = batch, query_len, scratch_slot
+        self.block_size = cache.block_size
         self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-        self.prev_hidden = None if hidden_size is None else \
-            torch.zeros(num_tokens, hidden_size, dtype=kv_cache.dtype, device=device)
-        positions = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((num_tokens,), scratch_slot, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(batch, context // cache.block_size, dtype=torch.int64, device=device)
         # one view per layer: a compiled forward writes a latent into it in place, where a write into a slice of
         # the one stacked cache tensor made it copy the whole cache on every step
-        layers = list(kv_cache.unbind(0))
-        slot_mapping = torch.full((num_tokens,), scratch_slot, dtype=torch.int64, device=device)
-        key_slots = torch.zeros(batch * context, dtype=torch.int64, device=device)
-        attend_bias = torch.full((batch, query_len, 1, context), Paged.MASKED, dtype=torch.float32, device=device)
-        self.meta = Paged(positions, slot_mapping, None, None, key_slots, attend_bias, layers, batch, query_len)
+        self.kv_layers = list(cache.tensor.unbind(0))
+        self.prev_hidden = None if hidden_size is None else \
+            torch.zeros(num_tokens, hidden_size, dtype=cache.tensor.dtype, device=device)
         self.replay: Callable[[], Any] = lambda: torch.empty(0)  # the graphed pass's outputs
 
     @property
     def inputs(self) -> tuple[Any, ...]:
         """The graphed pass's arguments, as `FlatPass` takes them."""
-        m = self.meta
-        inputs = (self.input_ids, m.positions, m.slot_mapping, m.key_slots.view(self.batch, self.context),
-                  m.attend_bias, m.kv_cache)
+        inputs = (self.input_ids, self.positions, self.slot_mapping, self.block_tables, self.kv_layers)
         return inputs if self.prev_hidden is None else (*inputs, self.prev_hidden)
 
-    def load(self, input_ids: list[int], arrays: PagedArrays, prev_hidden: torch.Tensor | None = None) -> None:
+    def load(self, input_ids: list[int], step: PagedStep, prev_hidden: torch.Tensor | None = None) \
+            -> torch.Tensor | None:
         """Copy a step into the static inputs, padded: a sequence's tokens fill the first rows of its Q, extra
-        tokens (of a shorter sequence, or a padding sequence) are id 0 at position 0 writing to the scratch slot and
-        attend to nothing; extra keys are slot 0 and masked."""
-        real = len(input_ids)
-        num_seqs, context = arrays.num_seqs, arrays.key_slots.shape[1]
-        rows = slice(0, real) if arrays.query_rows is None else arrays.query_rows  # in the [B*Q] grid
+        tokens (of a shorter sequence, or a padding sequence) are id 0 at position 0 writing to the scratch slot.
+        Returns the rows of the step's tokens in the [batch*Q] grid, or None when they are its first rows."""
+        num_blocks = self.block_tables.shape[1]
+        tables = np.zeros((self.batch, num_blocks), dtype=np.int64)
+        for row, table in zip(tables, step.block_tables):
+            n = min(len(table), num_blocks)
+            row[:n] = table[:n]
+        query_lens = np.asarray(step.query_lens, dtype=np.int64)
+        num_seqs, offsets = len(query_lens), np.arange(self.query_len)
+        pos = (np.asarray(step.context_lens, dtype=np.int64) - query_lens)[:, None] + offsets  # [B, Q]
+        real = offsets < query_lens[:, None]
+        positions = np.zeros((self.batch, self.query_len), dtype=np.int64)
+        positions[:num_seqs] = np.where(real, pos, 0)
+        slots = np.full_like(positions, self.scratch_slot)
+        blocks = np.take_along_axis(tables[:num_seqs], positions[:num_seqs] // self.block_size, 1)
+        slots[:num_seqs] = np.where(real, blocks * self.block_size + positions[:num_seqs] % self.block_size,
+                                    self.scratch_slot)
+        rows = None if real.all() else torch.from_numpy(np.flatnonzero(real))
         ids = np.zeros(self.input_ids.shape[0], dtype=np.int64)
-        ids[rows] = input_ids
-        positions = np.zeros_like(ids)
-        positions[rows] = arrays.positions
-        slots = np.full_like(ids, self.scratch_slot)
-        slots[rows] = arrays.slot_mapping
-        keys = np.zeros((self.batch, self.context), dtype=np.int64)
-        keys[:num_seqs, :context] = arrays.key_slots
-        bias = np.full((self.batch, self.query_len, 1, self.context), Paged.MASKED, dtype=np.float32)
-        bias[:num_seqs, :, :, :context] = arrays.attend_bias
-        meta = self.meta
-        for static, value in ((self.input_ids, ids), (meta.positions, positions), (meta.slot_mapping, slots),
-                              (meta.key_slots, keys.reshape(-1)), (meta.attend_bias, bias)):
+        ids[slice(0, len(input_ids)) if rows is None else rows.numpy()] = input_ids
+        for static, value in ((self.input_ids, ids), (self.positions, positions.reshape(-1)),
+                              (self.slot_mapping, slots.reshape(-1)), (self.block_tables, tables)):
             static.copy_(torch.from_numpy(value))
         if self.prev_hidden is not None:
-            if arrays.query_rows is None:
-                self.prev_hidden[:real].copy_(prev_hidden)
+            if rows is None:
+                self.prev_hidden[:len(input_ids)].copy_(prev_hidden)
             else:
-                self.prev_hidden.index_copy_(0, torch.from_numpy(arrays.query_rows).to(prev_hidden.device),
-                                             prev_hidden)
+                self.prev_hidden.index_copy_(0, rows.to(prev_hidden.device), prev_hidden)
+        return rows

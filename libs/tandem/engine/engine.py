@@ -24,7 +24,7 @@ from tandem.engine.handoff import PrefilledSequence
 from tandem.engine.kv_cache import OutOfBlocks
 from tandem.engine.sequence import MTPState, Sequence, SpecStats, Status
 from tandem.engine.speculative import MTPDrafter, SpeculationPolicy
-from tandem.model.attention_metadata import Paged, PagedArrays
+from tandem.model.attention_metadata import Paged, PagedStep
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM
 
 log = logging.getLogger(__name__)
@@ -311,13 +311,13 @@ class Engine:
         """The main pass over the batch's tokens: hidden states [T, D], and logits [T, V] where a graph ran the
         output head too."""
         ids = [t for s in batch for t in s.seq.token_ids[s.seq.num_cached:s.seq.num_cached + s.num_new] + s.draft_ids]
-        arrays = PagedArrays.build([s.num_fed for s in batch], [s.seq.num_cached + s.num_fed for s in batch],
-                                   [s.seq.block_table for s in batch], self.cache.block_size)
-        graphed = self.graphs.run(ids, arrays) if self.graphs is not None else None
+        step = PagedStep([s.num_fed for s in batch], [s.seq.num_cached + s.num_fed for s in batch],
+                         [s.seq.block_table for s in batch], self.cache.block_size)
+        graphed = self.graphs.run(ids, step) if self.graphs is not None else None
         if graphed is not None:
             return graphed
         return self.model(torch.tensor(ids, dtype=torch.int64, device=self.device),
-                          Paged.from_arrays(arrays, self.cache.tensor)), None
+                          Paged.from_arrays(step.arrays(), self.cache.tensor)), None
 
     def _postprocess(self, batch: list[ScheduledSeq], hidden: torch.Tensor, logits: torch.Tensor | None) \
             -> tuple[list[StepOutput], list[tuple[Sequence, int, slice]]]:

@@ -28,7 +28,7 @@ from tandem.engine.decode_graphs import DecodeGraphs
 from tandem.engine.kv_cache import PagedKVCache
 from tandem.engine.sampling import greedy_tokens, sample, target_probs
 from tandem.engine.sequence import Sequence
-from tandem.model.attention_metadata import Paged, PagedArrays
+from tandem.model.attention_metadata import Paged, PagedStep
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM
 
 
@@ -294,16 +294,16 @@ class MTPDrafter:
     def _run(self, module: int, work: list[MTPWork]) -> list[torch.Tensor]:
         """One batched pass of MTP module `module`, from a graph where it has one; returns each sequence's output
         hidden states."""
-        arrays = PagedArrays.build([len(w.token_ids) for w in work], [w.start + len(w.token_ids) for w in work],
-                                   [w.seq.block_table for w in work], self.cache.block_size)
+        step = PagedStep([len(w.token_ids) for w in work], [w.start + len(w.token_ids) for w in work],
+                         [w.seq.block_table for w in work], self.cache.block_size)
         ids = [t for w in work for t in w.token_ids]
         hidden = torch.cat([w.hidden for w in work])
-        graphed = self.graphs[module].run(ids, arrays, hidden) if module < len(self.graphs) else None
+        graphed = self.graphs[module].run(ids, step, hidden) if module < len(self.graphs) else None
         if graphed is not None:
             out = graphed[0]  # an MTP pass's graph gives no logits
         else:
             out = self.model.mtp_forward(module, torch.tensor(ids, dtype=torch.int64, device=hidden.device), hidden,
-                                         Paged.from_arrays(arrays, self.cache.tensor))
+                                         Paged.from_arrays(step.arrays(), self.cache.tensor))
         return list(out.split([len(w.token_ids) for w in work]))
 
     def advance(self, seqs: list[Sequence], main_hidden: list[tuple[int, torch.Tensor]], num_drafts: list[int],

@@ -61,6 +61,23 @@ class Paged:
         return cls.from_arrays(PagedArrays.build(query_lens, context_lens, block_tables, block_size), kv_cache)
 
     @classmethod
+    def from_block_tables(cls, positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                          block_size: int, kv_cache: torch.Tensor | list[torch.Tensor]) -> "Paged":
+        """A padded grid of B sequences x Q new tokens (positions and slot_mapping [B*Q]) over the first N blocks
+        of each sequence's cache (block_tables [B, N]), with the key slots and bias derived here by tensor ops:
+        a graphed decode step builds them itself, so that the host copies B*N block ids into it per step instead
+        of B*S key slots and B*Q*S biases. Each query attends to the keys at its position and before; padding
+        rows (position 0) attend to the first, and their outputs are discarded."""
+        B = block_tables.shape[0]
+        query_pos = positions.view(B, -1)  # [B, Q]
+        offsets = torch.arange(block_size, dtype=block_tables.dtype, device=block_tables.device)
+        key_slots = (block_tables[:, :, None] * block_size + offsets).reshape(B, -1)  # [B, S]
+        key_pos = torch.arange(key_slots.shape[1], device=positions.device)
+        attend_bias = torch.where(key_pos <= query_pos[:, :, None], 0.0, cls.MASKED)[:, :, None]  # [B, Q, 1, S]
+        return cls(positions, slot_mapping, None, None, key_slots.reshape(-1), attend_bias, kv_cache, B,
+                   query_pos.shape[1])
+
+    @classmethod
     def from_arrays(cls, a: "PagedArrays", kv_cache: torch.Tensor) -> "Paged":
         device = kv_cache.device
         uniform = a.query_index is None
@@ -68,6 +85,33 @@ class Paged:
                    None if uniform else _to(a.query_index, device), None if uniform else _to(a.query_rows, device),
                    _to(a.key_slots.reshape(-1), device), _to(a.attend_bias, device), kv_cache, a.num_seqs,
                    a.max_query_len, a.first_chunk_lens)
+
+
+@dataclass(slots=True)
+class PagedStep:
+    """A continuous-batching step as the scheduler hands it over: per sequence, its new tokens (query_lens), its
+    context counting them (context_lens) and its cache blocks. An eager forward indexes by `arrays()`; a graphed
+    decode step takes the block tables as they are (`Paged.from_block_tables`)."""
+
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens)
+
+    def arrays(self) -> "PagedArrays":
+        return PagedArrays.build(self.query_lens, self.context_lens, self.block_tables, self.block_size)
 
 
 @dataclass(slots=True)
