@@ -229,6 +229,10 @@ class _StepGraph:
         self.prev_hidden = None if hidden_size is None else \
             torch.zeros(num_tokens, hidden_size, dtype=cache.tensor.dtype, device=device)
         self.replay: Callable[[], Any] = lambda: torch.empty(0)  # the graphed pass's outputs
+        # where `load` writes the integer inputs: on the CPU the static inputs themselves, else host copies
+        statics = (self.input_ids, self.positions, self.slot_mapping, self.block_tables)
+        self._host = [t if t.device.type == "cpu" else torch.zeros_like(t, device="cpu") for t in statics]
+        self._offsets = np.arange(query_len)
 
     @property
     def inputs(self) -> tuple[Any, ...]:
@@ -241,27 +245,27 @@ class _StepGraph:
         """Copy a step into the static inputs, padded: a sequence's tokens fill the first rows of its Q, extra
         tokens (of a shorter sequence, or a padding sequence) are id 0 at position 0 writing to the scratch slot.
         Returns the rows of the step's tokens in the [batch*Q] grid, or None when they are its first rows."""
-        num_blocks = self.block_tables.shape[1]
-        tables = np.zeros((self.batch, num_blocks), dtype=np.int64)
+        ids, positions, slots, tables = (t.numpy() for t in self._host)
+        positions, slots = positions.reshape(self.batch, -1), slots.reshape(self.batch, -1)  # views, [batch, Q]
+        tables.fill(0)
         for row, table in zip(tables, step.block_tables):
-            n = min(len(table), num_blocks)
+            n = min(len(table), len(row))
             row[:n] = table[:n]
         query_lens = np.asarray(step.query_lens, dtype=np.int64)
-        num_seqs, offsets = len(query_lens), np.arange(self.query_len)
-        pos = (np.asarray(step.context_lens, dtype=np.int64) - query_lens)[:, None] + offsets  # [B, Q]
-        real = offsets < query_lens[:, None]
-        positions = np.zeros((self.batch, self.query_len), dtype=np.int64)
-        positions[:num_seqs] = np.where(real, pos, 0)
-        slots = np.full_like(positions, self.scratch_slot)
-        blocks = np.take_along_axis(tables[:num_seqs], positions[:num_seqs] // self.block_size, 1)
-        slots[:num_seqs] = np.where(real, blocks * self.block_size + positions[:num_seqs] % self.block_size,
-                                    self.scratch_slot)
+        num_seqs, offsets = len(query_lens), self._offsets
+        real = offsets < query_lens[:, None]  # [B, Q]
+        pos = np.where(real, (np.asarray(step.context_lens, dtype=np.int64) - query_lens)[:, None] + offsets, 0)
+        positions.fill(0)
+        positions[:num_seqs] = pos
+        slots.fill(self.scratch_slot)
+        blocks = np.take_along_axis(tables[:num_seqs], pos // self.block_size, 1)
+        slots[:num_seqs] = np.where(real, blocks * self.block_size + pos % self.block_size, self.scratch_slot)
         rows = None if real.all() else torch.from_numpy(np.flatnonzero(real))
-        ids = np.zeros(self.input_ids.shape[0], dtype=np.int64)
+        ids.fill(0)
         ids[slice(0, len(input_ids)) if rows is None else rows.numpy()] = input_ids
-        for static, value in ((self.input_ids, ids), (self.positions, positions.reshape(-1)),
-                              (self.slot_mapping, slots.reshape(-1)), (self.block_tables, tables)):
-            static.copy_(torch.from_numpy(value))
+        for static, host in zip((self.input_ids, self.positions, self.slot_mapping, self.block_tables), self._host):
+            if static is not host:
+                static.copy_(host)
         if self.prev_hidden is not None:
             if rows is None:
                 self.prev_hidden[:len(input_ids)].copy_(prev_hidden)
