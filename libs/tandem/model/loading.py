@@ -2,8 +2,9 @@
 
 A parameter's name is its checkpoint name, with two exceptions: the routed experts of a layer are stacked
 into one `ExpertBank` (`...mlp.experts.bank.down_proj` [E, D, I] holds `...mlp.experts.{e}.down_proj.weight`
-for every e, and `...bank.gate_up_proj` [E, 2I, D] each expert's gate_proj and up_proj, one above the other), and MTP layers use the main model's embedding and output head (DeepSeek's checkpoints store
-copies of both in every MTP layer; we write them on export so vLLM and SGLang can read our checkpoints).
+for every e, and `...bank.gate_up_proj` [E, 2I, D] each expert's gate_proj above its up_proj), and MTP layers
+use the main model's embedding and output head (DeepSeek's checkpoints store copies of both in every MTP layer;
+we write them on export so vLLM and SGLang can read our checkpoints).
 """
 
 from __future__ import annotations
