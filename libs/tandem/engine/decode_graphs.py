@@ -229,9 +229,13 @@ class _StepGraph:
         self.prev_hidden = None if hidden_size is None else \
             torch.zeros(num_tokens, hidden_size, dtype=cache.tensor.dtype, device=device)
         self.replay: Callable[[], Any] = lambda: torch.empty(0)  # the graphed pass's outputs
-        # where `load` writes the integer inputs: on the CPU the static inputs themselves, else host copies
+        # where `load` writes the integer inputs: on the CPU the static inputs themselves, else host copies that
+        # it copies in (`_uploads`); as numpy views, positions and slots as the [batch, Q] grid
         statics = (self.input_ids, self.positions, self.slot_mapping, self.block_tables)
-        self._host = [t if t.device.type == "cpu" else torch.zeros_like(t, device="cpu") for t in statics]
+        host = [t if t.device.type == "cpu" else torch.zeros_like(t, device="cpu") for t in statics]
+        self._uploads = [(static, h) for static, h in zip(statics, host) if static is not h]
+        ids, positions, slots, tables = (h.numpy() for h in host)
+        self._arrays = ids, positions.reshape(batch, query_len), slots.reshape(batch, query_len), tables
         self._offsets = np.arange(query_len)
 
     @property
@@ -245,8 +249,7 @@ class _StepGraph:
         """Copy a step into the static inputs, padded: a sequence's tokens fill the first rows of its Q, extra
         tokens (of a shorter sequence, or a padding sequence) are id 0 at position 0 writing to the scratch slot.
         Returns the rows of the step's tokens in the [batch*Q] grid, or None when they are its first rows."""
-        ids, positions, slots, tables = (t.numpy() for t in self._host)
-        positions, slots = positions.reshape(self.batch, -1), slots.reshape(self.batch, -1)  # views, [batch, Q]
+        ids, positions, slots, tables = self._arrays
         tables.fill(0)
         for row, table in zip(tables, step.block_tables):
             n = min(len(table), len(row))
@@ -263,9 +266,8 @@ class _StepGraph:
         rows = None if real.all() else torch.from_numpy(np.flatnonzero(real))
         ids.fill(0)
         ids[slice(0, len(input_ids)) if rows is None else rows.numpy()] = input_ids
-        for static, host in zip((self.input_ids, self.positions, self.slot_mapping, self.block_tables), self._host):
-            if static is not host:
-                static.copy_(host)
+        for static, host in self._uploads:
+            static.copy_(host)
         if self.prev_hidden is not None:
             if rows is None:
                 self.prev_hidden[:len(input_ids)].copy_(prev_hidden)
