@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tandem.engine.aot_passes import AOTPasses, FlatPass
+from tandem.engine.aot_passes import AOTPasses, FlatPass, writable_cache_dir
 from tandem.engine.kv_cache import PagedKVCache
+from tandem.kernels import mla_decode
 from tandem.model.attention_metadata import PagedStep
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM, MoE
 from tandem.moe.experts import LocalExperts, grouped_mm_available
@@ -71,6 +72,8 @@ class DecodeGraphs:
         self.cache = cache
         self.kind = kind
         self.mtp_module = mtp_module
+        if cache.tensor.device.type == "cpu":  # graphed CPU steps attend in its kernel where it builds
+            mla_decode.load(writable_cache_dir() / "kernels")
         # the pass graphed, on a step's static inputs; the main model's with its output head, except in CUDA graphs:
         # each keeps its own output buffers, and [B*Q, vocab] logits per bucket add up to gigabytes there
         self.with_logits = mtp_module is None and kind != "cuda"

@@ -49,6 +49,10 @@ class Paged:
     # each sequence's new tokens, when none has anything cached before them (prompts' first chunks): they attend
     # to themselves alone, and attention can skip the cache
     first_chunk_lens: list[int] | None = None
+    # a graphed step's block tables [B, N] and block size, from which key_slots and attend_bias were derived: a
+    # kernel reading the cache by block (`tandem.kernels.mla_decode`) takes them instead
+    block_tables: torch.Tensor | None = None
+    block_size: int = 0
 
     MASKED = torch.finfo(torch.float32).min
     """Added to the scores a query must not see. Finite, so that the all-masked rows of padded queries give a
@@ -75,7 +79,7 @@ class Paged:
         key_pos = torch.arange(key_slots.shape[1], device=positions.device)
         attend_bias = torch.where(key_pos <= query_pos[:, :, None], 0.0, cls.MASKED)[:, :, None]  # [B, Q, 1, S]
         return cls(positions, slot_mapping, None, None, key_slots.reshape(-1), attend_bias, kv_cache, B,
-                   query_pos.shape[1])
+                   query_pos.shape[1], block_tables=block_tables, block_size=block_size)
 
     @classmethod
     def from_arrays(cls, a: "PagedArrays", kv_cache: torch.Tensor) -> "Paged":

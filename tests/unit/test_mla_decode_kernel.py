@@ -1,0 +1,103 @@
+"""The CPU kernel of decode attention over the paged latent cache (`tandem.kernels.mla_decode`), built here with
+the machine's compiler, against attention written out densely."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tandem.kernels import mla_decode
+from tandem.model.attention_metadata import Paged
+from tandem.model.loading import load_model
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-code"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel(tmp_path_factory):
+    assert mla_decode.load(tmp_path_factory.mktemp("kernels")), "the kernel must build wherever the tests run"
+
+
+def dense_attention(q, cache, block_tables, positions, block_size, latent_dim, scale):
+    """softmax(scale * q . keys^T) . keys[:, :latent_dim] over positions 0..p of each row's sequence."""
+    B, Q, H, D = q.shape
+    N = block_tables.shape[1]
+    slots = (block_tables[:, :, None] * block_size + torch.arange(block_size)).reshape(B, N * block_size)
+    keys = cache.float()[slots]  # [B, S, D]
+    scores = torch.einsum("bqhd,bsd->bqhs", q.double(), keys.double()) * scale
+    visible = torch.arange(N * block_size)[None, None, None, :] <= positions.view(B, Q, 1, 1)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("bqhs,bsc->bqhc", probs, keys[..., :latent_dim].double()).float()
+
+
+def random_step(B, Q, H, latent_dim, rope_dim, block_size, N, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = latent_dim + rope_dim
+    num_blocks = B * N + 3
+    cache = torch.randn(num_blocks * block_size, D, generator=g).to(dtype)
+    block_tables = torch.randperm(num_blocks, generator=g)[:B * N].view(B, N)
+    positions = torch.randint(0, N * block_size, (B * Q,), generator=g)
+    positions[0] = 0  # a padding row sees one key
+    positions[-1] = N * block_size - 1  # a row sees every position of its table
+    q = torch.randn(B, Q, H, D, generator=g) * 2
+    return q, cache, block_tables, positions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,Q,H,latent_dim,rope_dim,block_size,N", [
+    (5, 1, 8, 64, 16, 16, 4),  # the bundled model's dims
+    (3, 3, 16, 32, 8, 4, 9),  # a decode step verifying two drafts; rows of 40, key counts not a multiple of 8
+    (1, 1, 8, 128, 64, 8, 70),  # one sequence, a long context
+])
+def test_the_kernel_attends_as_dense_attention(dtype, B, Q, H, latent_dim, rope_dim, block_size, N):
+    q, cache, tables, positions = random_step(B, Q, H, latent_dim, rope_dim, block_size, N, dtype)
+    scale = (latent_dim + rope_dim) ** -0.5
+    got = mla_decode.paged_decode(q, cache, tables, positions, block_size, latent_dim, scale)
+    want = dense_attention(q, cache, tables, positions, block_size, latent_dim, scale)
+    assert got.shape == (B, Q, H, latent_dim) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_refuses_what_it_cannot_attend():
+    q, cache, tables, positions = random_step(2, 1, 8, 64, 16, 16, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="position 32 outside the 32 positions"):
+        mla_decode.paged_decode(q, cache, tables, torch.tensor([3, 32]), 16, 64, 1.0)
+    with pytest.raises(RuntimeError, match="block 99 outside the cache's 7"):
+        mla_decode.paged_decode(q, cache, torch.tensor([[0, 1], [2, 99]]), positions, 16, 64, 1.0)
+    with pytest.raises(RuntimeError, match="heads must be a multiple of 8, got 4"):
+        mla_decode.paged_decode(q[:, :, :4].contiguous(), cache, tables, positions, 16, 64, 1.0)
+    with pytest.raises(RuntimeError, match="cache must be float32, bfloat16 or float16"):
+        mla_decode.paged_decode(q, cache.double(), tables, positions, 16, 64, 1.0)
+    assert mla_decode.supports(16, 512) and not mla_decode.supports(4, 64) and not mla_decode.supports(8, 48)
+
+
+def test_a_graphed_step_attends_alike_in_the_kernel_and_in_tensor_operations(monkeypatch):
+    """The bundled model's first layer on a graphed step's metadata, with and without the kernel."""
+    model = load_model(MODEL, dtype=torch.float32)
+    attention = model.main_layers[0].self_attn
+    config = model.config
+    B, block_size, N = 4, 16, 3
+    g = torch.Generator().manual_seed(1)
+    kv = torch.randn(2, (B * N + 1) * block_size, config.kv_lora_rank + config.qk_rope_head_dim, generator=g)
+    tables = torch.randperm(B * N, generator=g).view(B, N) + 1
+    positions = torch.tensor([0, 5, 17, 47])  # a padding row, then real ones
+    slots = tables[torch.arange(B), positions // block_size] * block_size + positions % block_size
+    x = torch.randn(B, config.hidden_size, generator=g)
+
+    def attend():
+        meta = Paged.from_block_tables(positions, slots, tables, block_size, [kv[0].clone()])
+        return attention(x, meta, model.rope_tables(meta, torch.float32))
+
+    with torch.no_grad():
+        in_kernel = attend()
+        monkeypatch.setattr(mla_decode, "supports", lambda *dims: False)
+        in_tensor_ops = attend()
+    torch.testing.assert_close(in_kernel, in_tensor_ops, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_that_cannot_be_built_leaves_attention_to_tensor_operations(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(mla_decode, "_loaded", None)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert not mla_decode.load(tmp_path / "kernels")
+    assert "could not be built" in caplog.text and not mla_decode.loaded()
+    assert not mla_decode.supports(8, 64)
