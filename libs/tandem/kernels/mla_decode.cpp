@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -18,22 +19,40 @@ namespace {
 typedef float f8 __attribute__((vector_size(32)));
 typedef int32_t i8 __attribute__((vector_size(32)));
 typedef float f16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+typedef double d8 __attribute__((vector_size(64)));
 
-constexpr int64_t kHeads = 8;    // heads per vector of scores
-constexpr int64_t kKeys = 8;     // keys scored together, each with its own accumulator
-constexpr int64_t kLatent = 32;  // latent columns summed together per head (two 16-float vectors)
+// Keys go in pairs: a vector's 16 lanes are 8 heads x 2 keys, lane 2h + j for head h and key j of the pair.
+constexpr int64_t kHeads = 8;   // heads per vector
+constexpr int64_t kPairs = 8;   // key pairs scored together, each with its own accumulator
+constexpr int64_t kLatent = 16; // latent columns summed together per head (two vectors of 8 columns x 2 keys)
+constexpr i16 kSwapPairs = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+constexpr i16 kEvenLanes = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
 
-template <typename V>
-inline V load(const float* p) {
-  V v;
+inline f16 load(const float* p) {
+  f16 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-template <typename V>
-inline void store(float* p, V v) {
-  std::memcpy(p, &v, sizeof v);
+inline void store(float* p, f16 v) { std::memcpy(p, &v, sizeof v); }
+
+// the two floats at p in every pair of lanes
+inline f16 broadcast_pair(const float* p) {
+  double x;
+  std::memcpy(&x, p, sizeof x);
+  d8 v = {x, x, x, x, x, x, x, x};
+  f16 r;
+  std::memcpy(&r, &v, sizeof r);
+  return r;
 }
+
+// lane i and its pair's other lane, combined
+inline f16 pair_max(f16 v) {
+  f16 w = __builtin_shuffle(v, kSwapPairs);
+  return v > w ? v : w;
+}
+inline f16 pair_sum(f16 v) { return v + __builtin_shuffle(v, kSwapPairs); }
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
@@ -45,93 +64,130 @@ inline float to_float(c10::BFloat16 x) {  // a shift, which vectorises, where th
 }
 
 // e^x lane-wise for x <= 0: 2^n * 2^f, n = floor(x log2 e), 2^f by a degree-6 polynomial on [0, 1)
-// (relative error about 2e-7); below -87 it is 0 to float32 anyway
-inline f8 exp_nonpositive(f8 x) {
-  const f8 floor_x = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
-  x = x < floor_x ? floor_x : x;
-  f8 t = x * 1.44269504088896341f;
-  i8 n = __builtin_convertvector(t, i8);        // toward zero, so n or n + 1 is floor(t)
-  n += __builtin_convertvector(n, f8) > t;      // true is -1
-  f8 f = t - __builtin_convertvector(n, f8);
-  f8 p = 1.535336188319500e-4f * f + 1.339887440266574e-3f;
+// (relative error about 2e-7); below -87 it is 0 to float32, within 2e-38
+inline f16 exp_nonpositive(f16 x) {
+  const f16 lowest = f16{} - 87.0f;
+  x = x < lowest ? lowest : x;
+  f16 t = x * 1.44269504088896341f;
+  i16 n = __builtin_convertvector(t, i16);    // toward zero, so n or n - 1 is floor(t)
+  n += __builtin_convertvector(n, f16) > t;   // true is -1
+  f16 f = t - __builtin_convertvector(n, f16);
+  f16 p = 1.535336188319500e-4f * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
   p = p * f + 5.550332471162809e-2f;
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
-  i8 bits = (n + 127) << 23;
-  f8 two_n;
+  i16 bits = (n + 127) << 23;
+  f16 two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
   return p * two_n;
 }
 
-// out [H, C] = softmax(scale * q [H, D] . keys^T) . keys[:, :C] over the first num_keys positions of a sequence.
-// Scratch: keys [num_keys, D], qt [D, H], probs [num_keys, H].
+// Scratch of one query row's attention over num_keys positions, with G = H / 8 groups of heads:
+// keys [pairs, D, 2], the pair's two keys' values interleaved; queries [D, G, 16], each head's (scaled) value
+// twice; probs [pairs, G, 16]. A missing second key of the last pair is zeros, its score -inf.
+struct Scratch {
+  std::vector<float> keys, queries, probs, inv_sum;
+};
+
+template <typename cache_t>
+void gather_keys(const cache_t* cache, const int64_t* block_table, int64_t num_keys, int64_t block_size,
+                 int64_t D, float* keys) {
+  // position s is offset `offset` of block `block` of the table, kept by increments (a division per key cost
+  // more than the key's conversion)
+  auto row = [&](int64_t block, int64_t offset) { return cache + (block_table[block] * block_size + offset) * D; };
+  int64_t block = 0, offset = 0;
+  for (int64_t s = 0; s < num_keys; s += 2) {
+    const cache_t* a = row(block, offset);
+    if (++offset == block_size) offset = 0, ++block;
+    float* k = keys + s * D;  // = pair * 2D
+    if (s + 1 < num_keys) {
+      const cache_t* b = row(block, offset);
+      if (++offset == block_size) offset = 0, ++block;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        k[2 * d] = to_float(a[d]);
+        k[2 * d + 1] = to_float(b[d]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        k[2 * d] = to_float(a[d]);
+        k[2 * d + 1] = 0.0f;
+      }
+    }
+  }
+}
+
+// out [H, C] = softmax(scale * q [H, D] . keys^T) . keys[:, :C] over the first num_keys positions of a sequence
 template <typename cache_t>
 void attend_row(const float* q, const cache_t* cache, const int64_t* block_table, int64_t num_keys,
-                int64_t block_size, int64_t H, int64_t D, int64_t C, float scale, float* keys, float* qt,
-                float* probs, float* out) {
+                int64_t block_size, int64_t H, int64_t D, int64_t C, float scale, Scratch& scratch, float* out) {
+  const int64_t G = H / kHeads, pairs = (num_keys + 1) / 2;
+  scratch.keys.resize(pairs * D * 2);
+  scratch.queries.resize(D * G * 16);
+  scratch.probs.resize(pairs * G * 16);
+  scratch.inv_sum.resize(G * 16);
+  float *keys = scratch.keys.data(), *queries = scratch.queries.data(), *probs = scratch.probs.data();
   for (int64_t h = 0; h < H; ++h)
-    for (int64_t d = 0; d < D; ++d) qt[d * H + h] = q[h * D + d] * scale;
-  for (int64_t s = 0; s < num_keys; ++s) {
-    const cache_t* row = cache + (block_table[s / block_size] * block_size + s % block_size) * D;
-    float* k = keys + s * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) k[d] = to_float(row[d]);
-  }
-  // scores, 8 heads x 8 keys at a time: the heads are a vector's lanes, each key's value a broadcast
-  for (int64_t h0 = 0; h0 < H; h0 += kHeads) {
-    int64_t s = 0;
-    for (; s + kKeys <= num_keys; s += kKeys) {
-      f8 acc[kKeys] = {};
-      const float* k = keys + s * D;
+    for (int64_t d = 0; d < D; ++d) {
+      float* lanes = queries + (d * G + h / kHeads) * 16 + 2 * (h % kHeads);
+      lanes[0] = lanes[1] = q[h * D + d] * scale;
+    }
+  gather_keys(cache, block_table, num_keys, block_size, D, keys);
+  for (int64_t g = 0; g < G; ++g) {
+    // scores, 8 pairs at a time: a pair's values broadcast into every pair of lanes, times the heads' queries
+    int64_t p = 0;
+    for (; p + kPairs <= pairs; p += kPairs) {
+      f16 acc[kPairs] = {};
       for (int64_t d = 0; d < D; ++d) {
-        f8 qd = load<f8>(qt + d * H + h0);
+        f16 qd = load(queries + (d * G + g) * 16);
 #pragma GCC unroll 8
-        for (int64_t j = 0; j < kKeys; ++j) acc[j] += k[j * D + d] * qd;
+        for (int64_t j = 0; j < kPairs; ++j) acc[j] += broadcast_pair(keys + ((p + j) * D + d) * 2) * qd;
       }
 #pragma GCC unroll 8
-      for (int64_t j = 0; j < kKeys; ++j) store(probs + (s + j) * H + h0, acc[j]);
+      for (int64_t j = 0; j < kPairs; ++j) store(probs + ((p + j) * G + g) * 16, acc[j]);
     }
-    for (; s < num_keys; ++s) {
-      f8 acc = {};
-      const float* k = keys + s * D;
-      for (int64_t d = 0; d < D; ++d) acc += k[d] * load<f8>(qt + d * H + h0);
-      store(probs + s * H + h0, acc);
+    for (; p < pairs; ++p) {
+      f16 acc = {};
+      for (int64_t d = 0; d < D; ++d) acc += broadcast_pair(keys + (p * D + d) * 2) * load(queries + (d * G + g) * 16);
+      store(probs + (p * G + g) * 16, acc);
     }
-  }
-  // softmax per head; the heads' 1 / sum go where the queries were (qt is no longer read)
-  float* inv_sum = qt;
-  for (int64_t h0 = 0; h0 < H; h0 += kHeads) {
-    f8 mx = load<f8>(probs + h0), sum = {};
-    for (int64_t s = 1; s < num_keys; ++s) {
-      f8 v = load<f8>(probs + s * H + h0);
+    if (num_keys % 2)
+      for (int64_t h = 0; h < kHeads; ++h) probs[((pairs - 1) * G + g) * 16 + 2 * h + 1] = -INFINITY;
+    // softmax per head, over both lanes of every pair
+    f16 mx = load(probs + g * 16);
+    for (int64_t p = 1; p < pairs; ++p) {
+      f16 v = load(probs + (p * G + g) * 16);
       mx = v > mx ? v : mx;
     }
-    for (int64_t s = 0; s < num_keys; ++s) {
-      f8 e = exp_nonpositive(load<f8>(probs + s * H + h0) - mx);
-      store(probs + s * H + h0, e);
+    mx = pair_max(mx);
+    f16 sum = {};
+    for (int64_t p = 0; p < pairs; ++p) {
+      f16 e = exp_nonpositive(load(probs + (p * G + g) * 16) - mx);
+      store(probs + (p * G + g) * 16, e);
       sum += e;
     }
-    store(inv_sum + h0, 1.0f / sum);
-  }
-  // the attended latent, 8 heads x 32 columns at a time
-  for (int64_t h0 = 0; h0 < H; h0 += kHeads) {
+    store(scratch.inv_sum.data() + g * 16, 1.0f / pair_sum(sum));
+    // the attended latent, 8 heads x 16 columns at a time: lanes (column, key of the pair), summed at the end
+    const float* inv_sum = scratch.inv_sum.data() + g * 16;
     for (int64_t c0 = 0; c0 < C; c0 += kLatent) {
       f16 acc[kHeads][2] = {};
-      for (int64_t s = 0; s < num_keys; ++s) {
-        f16 k0 = load<f16>(keys + s * D + c0), k1 = load<f16>(keys + s * D + c0 + 16);
-        const float* p = probs + s * H + h0;
+      for (int64_t p = 0; p < pairs; ++p) {
+        f16 k0 = load(keys + (p * D + c0) * 2), k1 = load(keys + (p * D + c0 + 8) * 2);
+        const float* pp = probs + (p * G + g) * 16;
 #pragma GCC unroll 8
         for (int64_t h = 0; h < kHeads; ++h) {
-          acc[h][0] += p[h] * k0;
-          acc[h][1] += p[h] * k1;
+          f16 ph = broadcast_pair(pp + 2 * h);
+          acc[h][0] += ph * k0;
+          acc[h][1] += ph * k1;
         }
       }
 #pragma GCC unroll 8
       for (int64_t h = 0; h < kHeads; ++h) {
-        store(out + (h0 + h) * C + c0, acc[h][0] * inv_sum[h0 + h]);
-        store(out + (h0 + h) * C + c0 + 16, acc[h][1] * inv_sum[h0 + h]);
+        f16 both = __builtin_shuffle(pair_sum(acc[h][0]), pair_sum(acc[h][1]), kEvenLanes);
+        store(out + (g * kHeads + h) * C + c0, both * inv_sum[2 * h]);
       }
     }
   }
@@ -168,14 +224,10 @@ at::Tensor mla_paged_decode(const at::Tensor& q, const at::Tensor& cache, const 
   float* op = out.data_ptr<float>();
   const auto run = [&](auto* cp) {
     at::parallel_for(0, B * Q, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> keys, probs, qt(D * H);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t num_keys = pp[i] + 1;
-        keys.resize(num_keys * D);
-        probs.resize(num_keys * H);
-        attend_row(qp + i * H * D, cp, tp + (i / Q) * N, num_keys, block_size, H, D, C, static_cast<float>(scale),
-                   keys.data(), qt.data(), probs.data(), op + i * H * C);
-      }
+      Scratch scratch;
+      for (int64_t i = begin; i < end; ++i)
+        attend_row(qp + i * H * D, cp, tp + (i / Q) * N, pp[i] + 1, block_size, H, D, C, static_cast<float>(scale),
+                   scratch, op + i * H * C);
     });
   };
   switch (cache.scalar_type()) {

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("mla_decode.cpp")
 HEADS_MULTIPLE = 8  # the kernel scores 8 heads per vector
-LATENT_MULTIPLE = 32  # and sums the latent 32 columns at a time
+LATENT_MULTIPLE = 16  # and sums the latent 16 columns at a time
 
 _loaded: bool | None = None  # None: not tried yet
 
