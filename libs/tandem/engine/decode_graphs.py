@@ -176,13 +176,8 @@ class DecodeGraphs:
             started = time.perf_counter()
             runner = self._aot.runner(batch, query_len, lambda context: _StepGraph(
                 self.cache, batch, query_len, context, self.scratch_slot, hidden_size).inputs)
-            inputs = step.inputs
-
-            def replay_compiled() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-                return runner(*inputs)
-
-            replay_compiled()  # fails now, not on a served step, should the library not run (padding only)
-            step.replay = replay_compiled
+            step.replay = runner.bind(step.inputs)
+            step.replay()  # fails now, not on a served step, should the library not run (padding only)
             log.info("%s steps of %d sequences x %d tokens over %d positions run compiled (%.1f s, %d shapes)",
                      self.pass_name, batch, query_len, context, time.perf_counter() - started,
                      len(self._graphs) + 1)
