@@ -8,9 +8,11 @@ bundled model at batch 1 takes 0.97 ms there on a 2-core Xeon, 1.47 ms torch.com
 every shape, so a step is padded to a bucket: the batch to the next of `batch_buckets`, the context to the next
 multiple of `CONTEXT_STEP` positions (of whole cache blocks). A step's inputs are its tokens, their positions and
 cache slots, and each sequence's block table: the graph derives the key slots and attention bias from those
-(`Paged.from_block_tables`), so the host builds and copies no [batch, context] arrays. Padding tokens write their
-latent to a scratch slot the cache reserves for them; their outputs are discarded; keys past a query's position
-are masked.
+(`Paged.from_block_tables`), so the host builds and copies no [batch, context] arrays. On the CPU attention
+reads the keys by block itself, in a C++ kernel over each query's own positions (`tandem.kernels.mla_decode`,
+built when the graphs are made; where it cannot be, the graph gathers the keys). Padding tokens write their latent
+to a scratch slot the cache reserves for them; their outputs are discarded; keys past a query's position are
+masked.
 
 A graph serves one pass: the main model's, or one MTP module's (`mtp_module`), whose passes catch the module up
 on the tokens just verified and draft. It serves steps of a few new tokens per sequence (`max_query_len`): one,
