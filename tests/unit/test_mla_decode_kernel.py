@@ -14,8 +14,10 @@ MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-code"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def kernel(tmp_path_factory):
-    assert mla_decode.load(tmp_path_factory.mktemp("kernels")), "the kernel must build wherever the tests run"
+def build_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kernels")
+    assert mla_decode.load(path), "the kernel must build wherever the tests run"
+    return path
 
 
 def dense_attention(q, cache, block_tables, positions, block_size, latent_dim, scale):
@@ -101,3 +103,12 @@ def test_a_kernel_that_cannot_be_built_leaves_attention_to_tensor_operations(tmp
     assert not mla_decode.load(tmp_path / "kernels")
     assert "could not be built" in caplog.text and not mla_decode.loaded()
     assert not mla_decode.supports(8, 64)
+
+
+def test_a_built_kernel_is_found_again_not_rebuilt(build_dir):
+    """build_dir holds the library if this module's load built it (else an earlier test's load did, elsewhere,
+    and the first `_build` here builds it); either way the next one finds it."""
+    library = mla_decode._build(build_dir)
+    built_at = library.stat().st_mtime_ns
+    assert mla_decode._build(build_dir) == library and library.stat().st_mtime_ns == built_at
+    assert list(build_dir.glob("*.so")) == [library]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -67,8 +68,8 @@ def _build(build_dir: Path) -> Path:
     compiler = os.environ.get("CXX", "g++")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, compiler, *flags,
-                                    torch.backends.cpu.get_cpu_capability(), sys.platform]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, compiler, *flags, _cpu_features(),
+                                    sys.platform]).encode()).hexdigest()[:16]
     path = build_dir / f"mla_decode-{key}.so"
     if path.exists():
         return path
@@ -82,6 +83,18 @@ def _build(build_dir: Path) -> Path:
         subprocess.run(command, check=True, capture_output=True, text=True)
         os.replace(staged, path)  # whole, or not at all, for another process reading the directory
     return path
+
+
+def _cpu_features() -> str:
+    """What -march=native compiles for: the CPU's feature flags, so that a build directory shared by machines of
+    other CPUs (a volume mounted on several nodes) never hands one a library using instructions it lacks."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _register_fake() -> None:
