@@ -73,21 +73,30 @@ def test_the_kernel_refuses_what_it_cannot_attend():
     assert mla_decode.supports(16, 512) and not mla_decode.supports(4, 64) and not mla_decode.supports(8, 40)
 
 
-def test_a_graphed_step_attends_alike_in_the_kernel_and_in_tensor_operations(monkeypatch):
-    """The bundled model's first layer on a graphed step's metadata, with and without the kernel."""
+@pytest.mark.parametrize("step", ["graphed", "eager"])
+def test_a_decode_step_attends_alike_in_the_kernel_and_in_tensor_operations(step, monkeypatch):
+    """The bundled model's first layer on a decode step's metadata, with and without the kernel: a graphed step's
+    (`Paged.from_block_tables`) and an eager one's (`Paged.build`)."""
     model = load_model(MODEL, dtype=torch.float32)
     attention = model.main_layers[0].self_attn
     config = model.config
     B, block_size, N = 4, 16, 3
     g = torch.Generator().manual_seed(1)
-    kv = torch.randn(2, (B * N + 1) * block_size, config.kv_lora_rank + config.qk_rope_head_dim, generator=g)
+    kv = torch.randn(1, (B * N + 1) * block_size, config.kv_lora_rank + config.qk_rope_head_dim, generator=g)
     tables = torch.randperm(B * N, generator=g).view(B, N) + 1
-    positions = torch.tensor([0, 5, 17, 47])  # a padding row, then real ones
+    positions = torch.tensor([0, 5, 17, 47])  # a sequence at its first position, then longer ones
     slots = tables[torch.arange(B), positions // block_size] * block_size + positions % block_size
     x = torch.randn(B, config.hidden_size, generator=g)
 
+    def metadata(cache):
+        if step == "graphed":
+            return Paged.from_block_tables(positions, slots, tables, block_size, [cache[0]])
+        return Paged.build(query_lens=[1] * B, context_lens=(positions + 1).tolist(), block_tables=tables.tolist(),
+                           block_size=block_size, kv_cache=cache)
+
     def attend():
-        meta = Paged.from_block_tables(positions, slots, tables, block_size, [kv[0].clone()])
+        meta = metadata(kv.clone())
+        assert meta.block_tables is not None
         return attention(x, meta, model.rope_tables(meta, torch.float32))
 
     with torch.no_grad():
@@ -95,6 +104,18 @@ def test_a_graphed_step_attends_alike_in_the_kernel_and_in_tensor_operations(mon
         monkeypatch.setattr(mla_decode, "supports", lambda *dims: False)
         in_tensor_ops = attend()
     torch.testing.assert_close(in_kernel, in_tensor_ops, rtol=1e-5, atol=1e-5)
+
+
+def test_only_steps_of_a_query_grid_over_the_cache_carry_block_tables():
+    """Prompts' first chunks attend to themselves, and a step of uneven token counts is no [B, Q] grid."""
+    cache = torch.zeros(1, 64, 80)
+    tables = [[0, 1], [2, 3]]
+    assert Paged.build(query_lens=[1, 1], context_lens=[20, 9], block_tables=tables, block_size=16,
+                       kv_cache=cache).block_tables.tolist() == tables
+    assert Paged.build(query_lens=[3, 3], context_lens=[3, 3], block_tables=tables, block_size=16,
+                       kv_cache=cache).block_tables is None
+    assert Paged.build(query_lens=[2, 1], context_lens=[20, 9], block_tables=tables, block_size=16,
+                       kv_cache=cache).block_tables is None
 
 
 def test_a_kernel_that_cannot_be_built_leaves_attention_to_tensor_operations(tmp_path, monkeypatch, caplog):

@@ -10,7 +10,7 @@ multiple of `CONTEXT_STEP` positions (of whole cache blocks). A step's inputs ar
 cache slots, and each sequence's block table: the graph derives the key slots and attention bias from those
 (`Paged.from_block_tables`), so the host builds and copies no [batch, context] arrays. On the CPU attention
 reads the keys by block itself, in a C++ kernel over each query's own positions (`tandem.kernels.mla_decode`,
-built when the graphs are made; where it cannot be, the graph gathers the keys). Padding tokens write their latent
+which the engine builds; where it could not, the graph gathers the keys). Padding tokens write their latent
 to a scratch slot the cache reserves for them; their outputs are discarded; keys past a query's position are
 masked.
 
@@ -37,9 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tandem.engine.aot_passes import AOTPasses, FlatPass, writable_cache_dir
+from tandem.engine.aot_passes import AOTPasses, FlatPass
 from tandem.engine.kv_cache import PagedKVCache
-from tandem.kernels import mla_decode
 from tandem.model.attention_metadata import PagedStep
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM, MoE
 from tandem.moe.experts import LocalExperts, grouped_mm_available
@@ -74,8 +73,6 @@ class DecodeGraphs:
         self.cache = cache
         self.kind = kind
         self.mtp_module = mtp_module
-        if cache.tensor.device.type == "cpu":  # graphed CPU steps attend in its kernel where it builds
-            mla_decode.load(writable_cache_dir() / "kernels")
         # the pass graphed, on a step's static inputs; the main model's with its output head, except in CUDA graphs:
         # each keeps its own output buffers, and [B*Q, vocab] logits per bucket add up to gigabytes there
         self.with_logits = mtp_module is None and kind != "cuda"

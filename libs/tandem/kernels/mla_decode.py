@@ -7,9 +7,10 @@ batch-32 step on a 2-core Xeon the gather alone moved 4 MB per layer and took as
 (`mla_decode.cpp`) attends one query row at a time instead, from the blocks its block table names, over its own
 positions (not the context padded to the graph's bucket), with every intermediate in the core's cache.
 
-It is C++ built on first use with the compiler AOTInductor uses (`load`; seconds, then cached beside the compiled
-passes), and registered as the operator `torch.ops.tandem.mla_paged_decode`, which `torch.export` traces and
-AOTInductor's libraries call. Where it cannot be built, attention runs as tensor operations, as before.
+It is C++ built with the compiler AOTInductor uses when a CPU engine of a model it fits starts (`load`; seconds,
+then cached beside the compiled passes), and registered as the operator `torch.ops.tandem.mla_paged_decode`, which
+eager steps call and `torch.export` traces into AOTInductor's libraries. Where it cannot be built, attention runs
+as tensor operations.
 """
 
 from __future__ import annotations
@@ -39,9 +40,14 @@ def loaded() -> bool:
     return bool(_loaded)
 
 
+def fits(num_heads: int, kv_lora_rank: int) -> bool:
+    """Whether the kernel serves attention of these dims."""
+    return num_heads % HEADS_MULTIPLE == 0 and kv_lora_rank % LATENT_MULTIPLE == 0
+
+
 def supports(num_heads: int, kv_lora_rank: int) -> bool:
-    """Whether the loaded kernel serves attention of these dims."""
-    return loaded() and num_heads % HEADS_MULTIPLE == 0 and kv_lora_rank % LATENT_MULTIPLE == 0
+    """Whether the kernel is loaded and serves attention of these dims."""
+    return loaded() and fits(num_heads, kv_lora_rank)
 
 
 def load(build_dir: Path) -> bool:

@@ -49,8 +49,9 @@ class Paged:
     # each sequence's new tokens, when none has anything cached before them (prompts' first chunks): they attend
     # to themselves alone, and attention can skip the cache
     first_chunk_lens: list[int] | None = None
-    # a graphed step's block tables [B, N] and block size, from which key_slots and attend_bias were derived: a
-    # kernel reading the cache by block (`tandem.kernels.mla_decode`) takes them instead
+    # the step's block tables [B, N] and block size, where its tokens are the [B, Q] query grid (a graphed step's
+    # key_slots and attend_bias derive from them): a kernel reading the cache by block (`tandem.kernels.mla_decode`)
+    # takes them instead
     block_tables: torch.Tensor | None = None
     block_size: int = 0
 
@@ -83,12 +84,16 @@ class Paged:
 
     @classmethod
     def from_arrays(cls, a: "PagedArrays", kv_cache: torch.Tensor) -> "Paged":
+        """On the CPU, a step whose tokens are the [B, Q] query grid and which attends over the cache (not
+        prompts' first chunks) also carries its block tables, for the CPU kernel."""
         device = kv_cache.device
         uniform = a.query_index is None
+        by_block = uniform and a.first_chunk_lens is None and device.type == "cpu" and a.block_tables is not None
         return cls(_to(a.positions, device), _to(a.slot_mapping, device),
                    None if uniform else _to(a.query_index, device), None if uniform else _to(a.query_rows, device),
                    _to(a.key_slots.reshape(-1), device), _to(a.attend_bias, device), kv_cache, a.num_seqs,
-                   a.max_query_len, a.first_chunk_lens)
+                   a.max_query_len, a.first_chunk_lens, _to(a.block_tables, device) if by_block else None,
+                   a.block_size if by_block else 0)
 
 
 @dataclass(slots=True)
@@ -129,6 +134,8 @@ class PagedArrays:
     key_slots: np.ndarray  # [B, S]
     attend_bias: np.ndarray  # [B, Q, 1, S]
     first_chunk_lens: list[int] | None = None  # see `Paged`
+    block_tables: np.ndarray | None = None  # [B, ceil(S / block_size)], blocks past a table's end 0
+    block_size: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -170,7 +177,8 @@ class PagedArrays:
             query_index = np.where(query_mask, starts[:, None] + q_off[None, :], 0)
             query_rows = np.flatnonzero(query_mask)
         first_chunk_lens = list(query_lens) if list(query_lens) == list(context_lens) else None
-        return cls(positions, slot_mapping, query_index, query_rows, key_slots, attend_bias, first_chunk_lens)
+        return cls(positions, slot_mapping, query_index, query_rows, key_slots, attend_bias, first_chunk_lens,
+                   tables[:, :N], block_size)
 
 
 def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
