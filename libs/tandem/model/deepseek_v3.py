@@ -242,8 +242,8 @@ class MLA(nn.Module):
 
     def _attend_latent_by_block(self, q_nope, q_pe, cache, meta: Paged) -> torch.Tensor:
         """As `_attend_latent`, in float32, with the scores, softmax and attended latent computed by the CPU
-        kernel reading each sequence's keys from its cache blocks (`tandem.kernels.mla_decode`): a graphed step,
-        whose T tokens are the [B, Q] query grid."""
+        kernel reading each sequence's keys from its cache blocks (`tandem.kernels.mla_decode`): a step whose T
+        tokens are the [B, Q] query grid, graphed or eager."""
         w_uk, w_uv = self._absorbed_weights(torch.float32)
         q_full = self._absorbed_query(q_nope.float(), q_pe.float(), w_uk)  # [T, H, C+R]
         B, Q, H, C = meta.num_seqs, meta.max_query_len, self.num_heads, self.kv_lora_rank
