@@ -20,29 +20,35 @@ def build_dir(tmp_path_factory):
     return path
 
 
-def dense_attention(q, cache, block_tables, positions, block_size, latent_dim, scale):
-    """softmax(scale * q . keys^T) . keys[:, :latent_dim] over positions 0..p of each row's sequence."""
-    B, Q, H, D = q.shape
-    N = block_tables.shape[1]
-    slots = (block_tables[:, :, None] * block_size + torch.arange(block_size)).reshape(B, N * block_size)
-    keys = cache.float()[slots]  # [B, S, D]
-    scores = torch.einsum("bqhd,bsd->bqhs", q.double(), keys.double()) * scale
-    visible = torch.arange(N * block_size)[None, None, None, :] <= positions.view(B, Q, 1, 1)
+def dense_attention(q_nope, q_pe, w_kv, cache, block_tables, positions, block_size, scale):
+    """Absorbed MLA written out: queries into the latent by W_UK, softmax(scale * q . keys^T) . latents over
+    positions 0..p of each row's sequence, values by W_UV; in float64."""
+    B, Q, H, N = q_nope.shape
+    C = w_kv.shape[2]
+    w_uk, w_uv = w_kv.double().split_with_sizes([N, w_kv.shape[1] - N], dim=1)
+    tables = block_tables.shape[1]
+    slots = (block_tables[:, :, None] * block_size + torch.arange(block_size)).reshape(B, tables * block_size)
+    keys = cache.double()[slots]  # [B, S, C+R]
+    q = torch.cat([torch.einsum("bqhn,hnc->bqhc", q_nope.double(), w_uk), q_pe.double()], dim=-1)
+    scores = torch.einsum("bqhd,bsd->bqhs", q, keys) * scale
+    visible = torch.arange(tables * block_size)[None, None, None, :] <= positions.view(B, Q, 1, 1)
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    return torch.einsum("bqhs,bsc->bqhc", probs, keys[..., :latent_dim].double()).float()
+    latent = torch.einsum("bqhs,bsc->bqhc", probs, keys[..., :C])
+    return torch.einsum("bqhc,hvc->bqhv", latent, w_uv).float()
 
 
-def random_step(B, Q, H, latent_dim, rope_dim, block_size, N, dtype, seed=0):
+def random_step(B, Q, H, latent_dim, rope_dim, block_size, N, dtype, nope_dim=16, value_dim=24, seed=0):
     g = torch.Generator().manual_seed(seed)
-    D = latent_dim + rope_dim
     num_blocks = B * N + 3
-    cache = torch.randn(num_blocks * block_size, D, generator=g).to(dtype)
+    cache = torch.randn(num_blocks * block_size, latent_dim + rope_dim, generator=g).to(dtype)
     block_tables = torch.randperm(num_blocks, generator=g)[:B * N].view(B, N)
     positions = torch.randint(0, N * block_size, (B * Q,), generator=g)
     positions[0] = 0  # a padding row sees one key
     positions[-1] = N * block_size - 1  # a row sees every position of its table
-    q = torch.randn(B, Q, H, D, generator=g) * 2
-    return q, cache, block_tables, positions
+    q_nope = torch.randn(B, Q, H, nope_dim, generator=g)
+    q_pe = torch.randn(B, Q, H, rope_dim, generator=g) * 2
+    w_kv = (torch.randn(H, nope_dim + value_dim, latent_dim, generator=g) * latent_dim ** -0.5).to(dtype)
+    return q_nope, q_pe, w_kv, cache, block_tables, positions
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -52,24 +58,29 @@ def random_step(B, Q, H, latent_dim, rope_dim, block_size, N, dtype, seed=0):
     (1, 1, 8, 128, 64, 8, 70),  # one sequence, a long context
 ])
 def test_the_kernel_attends_as_dense_attention(dtype, B, Q, H, latent_dim, rope_dim, block_size, N):
-    q, cache, tables, positions = random_step(B, Q, H, latent_dim, rope_dim, block_size, N, dtype)
-    scale = (latent_dim + rope_dim) ** -0.5
-    got = mla_decode.paged_decode(q, cache, tables, positions, block_size, latent_dim, scale)
-    want = dense_attention(q, cache, tables, positions, block_size, latent_dim, scale)
-    assert got.shape == (B, Q, H, latent_dim) and got.dtype == torch.float32
+    inputs = random_step(B, Q, H, latent_dim, rope_dim, block_size, N, dtype)
+    scale = (16 + rope_dim) ** -0.5
+    got = mla_decode.paged_decode(*inputs, block_size, scale)
+    want = dense_attention(*inputs, block_size, scale)
+    assert got.shape == (B, Q, H, 24) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_the_kernel_refuses_what_it_cannot_attend():
-    q, cache, tables, positions = random_step(2, 1, 8, 64, 16, 16, 2, torch.float32)
+    q_nope, q_pe, w_kv, cache, tables, positions = random_step(2, 1, 8, 64, 16, 16, 2, torch.float32)
+    attend = mla_decode.paged_decode
     with pytest.raises(RuntimeError, match="position 32 outside the 32 positions"):
-        mla_decode.paged_decode(q, cache, tables, torch.tensor([3, 32]), 16, 64, 1.0)
+        attend(q_nope, q_pe, w_kv, cache, tables, torch.tensor([3, 32]), 16, 1.0)
     with pytest.raises(RuntimeError, match="block 99 outside the cache's 7"):
-        mla_decode.paged_decode(q, cache, torch.tensor([[0, 1], [2, 99]]), positions, 16, 64, 1.0)
+        attend(q_nope, q_pe, w_kv, cache, torch.tensor([[0, 1], [2, 99]]), positions, 16, 1.0)
     with pytest.raises(RuntimeError, match="heads must be a multiple of 8, got 4"):
-        mla_decode.paged_decode(q[:, :, :4].contiguous(), cache, tables, positions, 16, 64, 1.0)
+        attend(q_nope[:, :, :4], q_pe[:, :, :4], w_kv[:4], cache, tables, positions, 16, 1.0)
+    with pytest.raises(RuntimeError, match="cache's latent width must be a multiple of 16, got 56"):
+        attend(q_nope, q_pe, w_kv, cache[:, 8:].contiguous(), tables, positions, 16, 1.0)
+    with pytest.raises(RuntimeError, match="w_kv must be"):
+        attend(q_nope, q_pe, w_kv.bfloat16(), cache, tables, positions, 16, 1.0)
     with pytest.raises(RuntimeError, match="cache must be float32, bfloat16 or float16"):
-        mla_decode.paged_decode(q, cache.double(), tables, positions, 16, 64, 1.0)
+        attend(q_nope, q_pe, w_kv.double(), cache.double(), tables, positions, 16, 1.0)
     assert mla_decode.supports(16, 512) and not mla_decode.supports(4, 64) and not mla_decode.supports(8, 40)
 
 

@@ -1,8 +1,9 @@
 // Weight-absorbed MLA attention of decode steps over the paged latent cache, on the CPU: see mla_decode.py.
 //
-// One query row (a sequence's token, with its heads) at a time: its keys are read from the cache blocks its
-// block table names, converted to float32 once into a buffer of the thread's own, scored against every head,
-// softmaxed, and summed into the attended latent; nothing of [batch, context] size is written to memory.
+// Each thread takes a run of query rows (a sequence's token, with its heads): their no-rope queries absorbed into
+// the latent (W_UK), then one row at a time its keys read from the cache blocks its block table names, converted
+// to float32 once into a buffer of the thread's own, scored against every head, softmaxed and summed into the
+// attended latent, and that projected to each head's value (W_UV); nothing of [batch, context] size is written.
 // Written with GCC/Clang vector extensions, which compile to the machine's own vector width.
 
 #include <ATen/ATen.h>
@@ -12,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -120,10 +122,12 @@ void gather_keys(const cache_t* cache, const int64_t* block_table, int64_t num_k
   }
 }
 
-// out [H, C] = softmax(scale * q [H, D] . keys^T) . keys[:, :C] over the first num_keys positions of a sequence
+// out [H, C] = softmax(scale * q [H, D] . keys^T) . keys[:, :C] over the first num_keys positions of a sequence,
+// q being each head's absorbed query q_latent [H, C], then its rope query q_pe [H, D - C]
 template <typename cache_t>
-void attend_row(const float* q, const cache_t* cache, const int64_t* block_table, int64_t num_keys,
-                int64_t block_size, int64_t H, int64_t D, int64_t C, float scale, Scratch& scratch, float* out) {
+void attend_row(const float* q_latent, const float* q_pe, const cache_t* cache, const int64_t* block_table,
+                int64_t num_keys, int64_t block_size, int64_t H, int64_t D, int64_t C, float scale, Scratch& scratch,
+                float* out) {
   const int64_t G = H / kHeads, pairs = (num_keys + 1) / 2;
   scratch.keys.resize(pairs * D * 2);
   scratch.queries.resize(D * G * 16);
@@ -133,7 +137,7 @@ void attend_row(const float* q, const cache_t* cache, const int64_t* block_table
   for (int64_t h = 0; h < H; ++h)
     for (int64_t d = 0; d < D; ++d) {
       float* lanes = queries + (d * G + h / kHeads) * 16 + 2 * (h % kHeads);
-      lanes[0] = lanes[1] = q[h * D + d] * scale;
+      lanes[0] = lanes[1] = (d < C ? q_latent[h * C + d] : q_pe[h * (D - C) + d - C]) * scale;
     }
   gather_keys(cache, block_table, num_keys, block_size, D, keys);
   for (int64_t g = 0; g < G; ++g) {
@@ -193,22 +197,80 @@ void attend_row(const float* q, const cache_t* cache, const int64_t* block_table
   }
 }
 
-at::Tensor mla_paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
-                            const at::Tensor& positions, int64_t block_size, int64_t latent_dim, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "mla_paged_decode runs on the CPU");
-  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat, "q must be [B, Q, H, D] float32, got ", q.sizes(),
-              " ", q.scalar_type());
-  const int64_t B = q.size(0), Q = q.size(1), H = q.size(2), D = q.size(3), C = latent_dim;
+// Rows [begin, end) of a step: their queries absorbed into the latent (q_nope . W_UK per head), attended
+// (`attend_row`), and the attended latents projected to each head's value (. W_UV^T). The projections run head by
+// head over all the rows, so each head's weights are converted and read once per call of this, not once per row.
+template <typename cache_t>
+void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q_pe, const cache_t* w_kv,
+                 const cache_t* cache, const int64_t* block_tables, const int64_t* positions, int64_t Q, int64_t N,
+                 int64_t H, int64_t NH, int64_t V, int64_t C, int64_t R, int64_t block_size, float scale, float* out) {
+  const int64_t rows = end - begin;
+  std::vector<float> latent(rows * H * C), weights(std::max(NH, V) * C);
+  // q_latent[r, h, :] = sum_n q_nope[r, h, n] W_UK[h, n, :]
+  for (int64_t h = 0; h < H; ++h) {
+    const cache_t* w_uk = w_kv + h * (NH + V) * C;
+    for (int64_t i = 0; i < NH * C; ++i) weights[i] = to_float(w_uk[i]);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qn = q_nope + ((begin + r) * H + h) * NH;
+      float* ql = latent.data() + (r * H + h) * C;
+      std::fill(ql, ql + C, 0.0f);
+      for (int64_t n = 0; n < NH; ++n) {
+        const float* w = weights.data() + n * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) ql[c] += qn[n] * w[c];
+      }
+    }
+  }
+  Scratch scratch;
+  std::vector<float> attended(H * C);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = begin + r;
+    attend_row(latent.data() + r * H * C, q_pe + i * H * R, cache, block_tables + (i / Q) * N,
+               positions[i] + 1, block_size, H, C + R, C, scale, scratch, attended.data());
+    std::copy(attended.begin(), attended.end(), latent.begin() + r * H * C);  // the row's query is spent
+  }
+  // out[r, h, :] = W_UV[h] . latent[r, h, :], with W_UV[h] transposed to [C, V] so that the sum runs over rows
+  for (int64_t h = 0; h < H; ++h) {
+    const cache_t* w_uv = w_kv + (h * (NH + V) + NH) * C;
+    for (int64_t v = 0; v < V; ++v)
+      for (int64_t c = 0; c < C; ++c) weights[c * V + v] = to_float(w_uv[v * C + c]);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* lat = latent.data() + (r * H + h) * C;
+      float* o = out + ((begin + r) * H + h) * V;
+      std::fill(o, o + V, 0.0f);
+      for (int64_t c = 0; c < C; ++c) {
+        const float* w = weights.data() + c * V;
+#pragma omp simd
+        for (int64_t v = 0; v < V; ++v) o[v] += lat[c] * w[v];
+      }
+    }
+  }
+}
+
+at::Tensor mla_paged_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& w_kv,
+                            const at::Tensor& cache, const at::Tensor& block_tables, const at::Tensor& positions,
+                            int64_t block_size, double scale) {
+  TORCH_CHECK(q_nope.device().is_cpu() && cache.device().is_cpu(), "mla_paged_decode runs on the CPU");
+  TORCH_CHECK(q_nope.dim() == 4 && q_nope.scalar_type() == at::kFloat && q_pe.dim() == 4 &&
+                  q_pe.scalar_type() == at::kFloat && q_pe.sizes().slice(0, 3) == q_nope.sizes().slice(0, 3),
+              "q_nope and q_pe must be [B, Q, H, *] float32, got ", q_nope.sizes(), " ", q_nope.scalar_type(),
+              " and ", q_pe.sizes(), " ", q_pe.scalar_type());
+  const int64_t B = q_nope.size(0), Q = q_nope.size(1), H = q_nope.size(2), NH = q_nope.size(3), R = q_pe.size(3);
   TORCH_CHECK(H % kHeads == 0, "the heads must be a multiple of ", kHeads, ", got ", H);
-  TORCH_CHECK(C % kLatent == 0 && C <= D, "latent_dim must be a multiple of ", kLatent, " and at most ", D,
-              ", got ", C);
-  TORCH_CHECK(cache.dim() == 2 && cache.size(1) == D && cache.is_contiguous(), "cache must be contiguous [slots, ",
-              D, "], got ", cache.sizes());
+  TORCH_CHECK(cache.dim() == 2 && cache.is_contiguous(), "cache must be contiguous [slots, C + R], got ",
+              cache.sizes());
+  const int64_t C = cache.size(1) - R;
+  TORCH_CHECK(C > 0 && C % kLatent == 0, "the cache's latent width must be a multiple of ", kLatent, ", got ", C);
+  TORCH_CHECK(w_kv.dim() == 3 && w_kv.size(0) == H && w_kv.size(1) > NH && w_kv.size(2) == C &&
+                  w_kv.scalar_type() == cache.scalar_type(),
+              "w_kv must be [", H, ", ", NH, " + V, ", C, "] of the cache's dtype, got ", w_kv.sizes(), " ",
+              w_kv.scalar_type());
+  const int64_t V = w_kv.size(1) - NH;
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.scalar_type() == at::kLong,
               "block_tables must be [", B, ", N] int64");
   TORCH_CHECK(positions.numel() == B * Q && positions.scalar_type() == at::kLong, "positions must be [", B * Q,
               "] int64");
-  const auto qc = q.contiguous();
+  const auto qn = q_nope.contiguous(), qp = q_pe.contiguous(), weights = w_kv.contiguous();
   const auto tables = block_tables.contiguous();
   const auto pos = positions.contiguous();
   const int64_t N = tables.size(1), num_blocks = cache.size(0) / block_size;
@@ -219,21 +281,17 @@ at::Tensor mla_paged_decode(const at::Tensor& q, const at::Tensor& cache, const 
                 " positions of the block table");
   for (int64_t i = 0; i < B * N; ++i)
     TORCH_CHECK(tp[i] >= 0 && tp[i] < num_blocks, "block ", tp[i], " outside the cache's ", num_blocks);
-  auto out = at::empty({B, Q, H, C}, q.options());
-  const float* qp = qc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const auto run = [&](auto* cp) {
+  auto out = at::empty({B, Q, H, V}, q_nope.options());
+  const auto run = [&](auto* cp, auto* wp) {
     at::parallel_for(0, B * Q, 1, [&](int64_t begin, int64_t end) {
-      Scratch scratch;
-      for (int64_t i = begin; i < end; ++i)
-        attend_row(qp + i * H * D, cp, tp + (i / Q) * N, pp[i] + 1, block_size, H, D, C, static_cast<float>(scale),
-                   scratch, op + i * H * C);
+      attend_rows(begin, end, qn.data_ptr<float>(), qp.data_ptr<float>(), wp, cp, tp, pp, Q, N, H, NH, V, C, R,
+                  block_size, static_cast<float>(scale), out.data_ptr<float>());
     });
   };
   switch (cache.scalar_type()) {
-    case at::kFloat: run(cache.data_ptr<float>()); break;
-    case at::kBFloat16: run(cache.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: run(cache.data_ptr<c10::Half>()); break;
+    case at::kFloat: run(cache.data_ptr<float>(), weights.data_ptr<float>()); break;
+    case at::kBFloat16: run(cache.data_ptr<c10::BFloat16>(), weights.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: run(cache.data_ptr<c10::Half>(), weights.data_ptr<c10::Half>()); break;
     default: TORCH_CHECK(false, "cache must be float32, bfloat16 or float16, got ", cache.scalar_type());
   }
   return out;
@@ -242,8 +300,8 @@ at::Tensor mla_paged_decode(const at::Tensor& q, const at::Tensor& cache, const 
 }  // namespace
 
 TORCH_LIBRARY(tandem, m) {
-  m.def("mla_paged_decode(Tensor q, Tensor cache, Tensor block_tables, Tensor positions, int block_size, "
-        "int latent_dim, float scale) -> Tensor");
+  m.def("mla_paged_decode(Tensor q_nope, Tensor q_pe, Tensor w_kv, Tensor cache, Tensor block_tables, "
+        "Tensor positions, int block_size, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem, CPU, m) { m.impl("mla_paged_decode", &mla_paged_decode); }

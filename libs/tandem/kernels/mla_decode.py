@@ -107,14 +107,15 @@ def _register_fake() -> None:
     """The operator's output shape, for torch.export to trace it."""
 
     @torch.library.register_fake("tandem::mla_paged_decode")
-    def _(q, cache, block_tables, positions, block_size, latent_dim, scale):
-        return q.new_empty(*q.shape[:3], latent_dim)
+    def _(q_nope, q_pe, w_kv, cache, block_tables, positions, block_size, scale):
+        return q_nope.new_empty(*q_nope.shape[:3], w_kv.shape[1] - q_nope.shape[3])
 
 
-def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, positions: torch.Tensor,
-                 block_size: int, latent_dim: int, scale: float) -> torch.Tensor:
-    """The attended latent [B, Q, H, latent_dim] float32 of queries q [B, Q, H, D] float32 (each head's absorbed
-    no-rope query, then its rope query; D = latent_dim + rope dim), each attending to the cached positions 0 to
-    its own (`positions` [B*Q]) of its sequence (block_tables [B, N] of cache [slots, D], block_size slots per
-    block), with softmax `scale`."""
-    return torch.ops.tandem.mla_paged_decode(q, cache, block_tables, positions, block_size, latent_dim, scale)
+def paged_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kv: torch.Tensor, cache: torch.Tensor,
+                 block_tables: torch.Tensor, positions: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """Each head's value [B, Q, H, V] float32 of weight-absorbed MLA attention: the no-rope queries q_nope
+    [B, Q, H, N] and rope queries q_pe [B, Q, H, R] (float32), `kv_b_proj`'s weight per head w_kv [H, N + V, C] (W_UK
+    then W_UV, in the cache's dtype), each query attending to the cached positions 0 to its own (`positions`
+    [B*Q]) of its sequence (block_tables [B, num_blocks] of cache [slots, C + R], `block_size` slots per block),
+    with softmax `scale`."""
+    return torch.ops.tandem.mla_paged_decode(q_nope, q_pe, w_kv, cache, block_tables, positions, block_size, scale)

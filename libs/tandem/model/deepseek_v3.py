@@ -230,43 +230,30 @@ class MLA(nn.Module):
     def _attend_latent(self, q_nope, q_pe, keys, meta: Paged) -> torch.Tensor:
         """Weight-absorbed: W_UK folds into the queries, which attend over the cached latents directly, and W_UV
         projects the attended latent to each head's value."""
-        w_uk, w_uv = self._absorbed_weights(keys.dtype)
-        q_full = self._absorbed_query(q_nope, q_pe, w_uk)  # [T, H, C+R]
+        H, C = self.num_heads, self.kv_lora_rank
+        w_kv = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C).to(keys.dtype)
+        w_uk, w_uv = w_kv.split_with_sizes([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, C]
+        q_full = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, C+R]
         if meta.query_index is not None:
             q_full = q_full[meta.query_index]
-        B, Q, H, C = meta.num_seqs, meta.max_query_len, self.num_heads, self.kv_lora_rank
+        B, Q = meta.num_seqs, meta.max_query_len
         scores = torch.bmm(q_full.reshape(B, Q * H, -1), keys.transpose(1, 2)).float().view(B, Q, H, -1)
         probs = (scores * self.softmax_scale + meta.attend_bias).softmax(-1).to(keys.dtype)
         out_latent = torch.bmm(probs.view(B, Q * H, -1), keys[..., :C])  # [B, Q*H, C]
-        return self._values_from_latent(out_latent.view(B * Q, H, C), w_uv)
+        out = torch.bmm(out_latent.view(B * Q, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*Q, V]
+        return out.transpose(0, 1)
 
     def _attend_latent_by_block(self, q_nope, q_pe, cache, meta: Paged) -> torch.Tensor:
-        """As `_attend_latent`, in float32, with the scores, softmax and attended latent computed by the CPU
-        kernel reading each sequence's keys from its cache blocks (`tandem.kernels.mla_decode`): a step whose T
+        """As `_attend_latent`, in float32, in the CPU kernel (`tandem.kernels.mla_decode`): the queries' absorption,
+        attention reading each sequence's keys from its cache blocks, and the value projection. For a step whose T
         tokens are the [B, Q] query grid, graphed or eager."""
-        w_uk, w_uv = self._absorbed_weights(torch.float32)
-        q_full = self._absorbed_query(q_nope.float(), q_pe.float(), w_uk)  # [T, H, C+R]
-        B, Q, H, C = meta.num_seqs, meta.max_query_len, self.num_heads, self.kv_lora_rank
-        out_latent = mla_decode.paged_decode(q_full.view(B, Q, H, -1), cache, meta.block_tables, meta.positions,
-                                             meta.block_size, C, self.softmax_scale)  # [B, Q, H, C]
-        return self._values_from_latent(out_latent.view(B * Q, H, C), w_uv)
-
-    def _absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj per head: W_UK [H, N, C] and W_UV [H, V, C]."""
-        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim,
-                                          self.kv_lora_rank).to(dtype)
-        return w_kv.split_with_sizes([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-
-    @staticmethod
-    def _absorbed_query(q_nope, q_pe, w_uk) -> torch.Tensor:
-        """Each head's query in the latent's space, then its rope part: [T, H, C+R]."""
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, C]
-        return torch.cat([q_latent, q_pe], dim=-1)
-
-    @staticmethod
-    def _values_from_latent(out_latent, w_uv) -> torch.Tensor:
-        """Each head's value [T, H, V] from its attended latent [T, H, C]."""
-        return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+        B, Q, H = meta.num_seqs, meta.max_query_len, self.num_heads
+        w_kv = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        out = mla_decode.paged_decode(q_nope.float().view(B, Q, H, -1), q_pe.float().view(B, Q, H, -1),
+                                      w_kv.to(cache.dtype), cache, meta.block_tables, meta.positions,
+                                      meta.block_size, self.softmax_scale)  # [B, Q, H, V]
+        return out.view(B * Q, H, -1)
 
 
 def latent_attention_dtype(q: torch.Tensor) -> torch.dtype:
