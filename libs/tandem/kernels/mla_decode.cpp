@@ -10,16 +10,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <algorithm>
 #include <vector>
 
 namespace {
 
-typedef float f8 __attribute__((vector_size(32)));
-typedef int32_t i8 __attribute__((vector_size(32)));
 typedef float f16 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
 typedef double d8 __attribute__((vector_size(64)));
@@ -229,7 +227,7 @@ void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q
                positions[i] + 1, block_size, H, C + R, C, scale, scratch, attended.data());
     std::copy(attended.begin(), attended.end(), latent.begin() + r * H * C);  // the row's query is spent
   }
-  // out[r, h, :] = W_UV[h] . latent[r, h, :], with W_UV[h] transposed to [C, V] so that the sum runs over rows
+  // out[r, h, :] = W_UV[h] . latent[r, h, :], W_UV[h] transposed to [C, V] so that each term is a contiguous row
   for (int64_t h = 0; h < H; ++h) {
     const cache_t* w_uv = w_kv + (h * (NH + V) + NH) * C;
     for (int64_t v = 0; v < V; ++v)

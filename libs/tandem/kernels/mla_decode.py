@@ -5,7 +5,9 @@ Written as tensor operations, a compiled CPU decode step gathers every sequence'
 probabilities in batched matmuls, and softmaxes [batch, heads, context] scores in between: at the bundled model's
 batch-32 step on a 2-core Xeon the gather alone moved 4 MB per layer and took as long as the two matmuls. The kernel
 (`mla_decode.cpp`) attends one query row at a time instead, from the blocks its block table names, over its own
-positions (not the context padded to the graph's bucket), with every intermediate in the core's cache.
+positions (not the context padded to the graph's bucket), with every intermediate in the core's cache; it also
+absorbs the queries into the latent and projects the result to each head's value (`kv_b_proj`), where the step
+made two more batched matmuls.
 
 It is C++ built with the compiler AOTInductor uses when a CPU engine of a model it fits starts (`load`; seconds,
 then cached beside the compiled passes), and registered as the operator `torch.ops.tandem.mla_paged_decode`, which
