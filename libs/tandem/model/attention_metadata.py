@@ -88,7 +88,7 @@ class Paged:
         prompts' first chunks) also carries its block tables, for the CPU kernel."""
         device = kv_cache.device
         uniform = a.query_index is None
-        by_block = uniform and a.first_chunk_lens is None and device.type == "cpu" and a.block_tables is not None
+        by_block = uniform and a.first_chunk_lens is None and device.type == "cpu"
         return cls(_to(a.positions, device), _to(a.slot_mapping, device),
                    None if uniform else _to(a.query_index, device), None if uniform else _to(a.query_rows, device),
                    _to(a.key_slots.reshape(-1), device), _to(a.attend_bias, device), kv_cache, a.num_seqs,
@@ -133,9 +133,9 @@ class PagedArrays:
     query_rows: np.ndarray | None  # [T]
     key_slots: np.ndarray  # [B, S]
     attend_bias: np.ndarray  # [B, Q, 1, S]
+    block_tables: np.ndarray  # [B, ceil(S / block_size)], blocks past a table's end 0
+    block_size: int
     first_chunk_lens: list[int] | None = None  # see `Paged`
-    block_tables: np.ndarray | None = None  # [B, ceil(S / block_size)], blocks past a table's end 0
-    block_size: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -177,8 +177,8 @@ class PagedArrays:
             query_index = np.where(query_mask, starts[:, None] + q_off[None, :], 0)
             query_rows = np.flatnonzero(query_mask)
         first_chunk_lens = list(query_lens) if list(query_lens) == list(context_lens) else None
-        return cls(positions, slot_mapping, query_index, query_rows, key_slots, attend_bias, first_chunk_lens,
-                   tables[:, :N], block_size)
+        return cls(positions, slot_mapping, query_index, query_rows, key_slots, attend_bias, tables[:, :N], block_size,
+                   first_chunk_lens)
 
 
 def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
