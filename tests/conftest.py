@@ -4,7 +4,8 @@ transformers is the reference implementation the model tests compare against; it
 so `make_hf_checkpoint` adds random ones in DeepSeek's layout (layer `num_hidden_layers + k`).
 
 Also a real `redis-server` for the integration tests: `redis_server` (one per session, its URL) and
-`redis_process` (one per test, which the test may stop and restart).
+`redis_process` (one per test, which the test may stop and restart); and `cpu_kernels`, the CPU kernels' library
+built where engines build it, loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import redis
 import torch
 
 from tandem.cluster.launcher import free_port
+from tandem.engine.aot_passes import writable_cache_dir
+from tandem.kernels import library
 from tandem.model.checkpoint import SINGLE_FILE, Checkpoint, save_checkpoint
 from tandem.model.config import ModelConfig
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM as TandemModel
@@ -116,6 +119,14 @@ def make_hf_checkpoint(path: str | Path, *, q_lora_rank: int | None, n_group: in
 class HFCheckpoint:
     path: Path
     hf_model: object  # transformers DeepseekV3ForCausalLM, eval, float32
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels() -> Path:
+    """The directory of the CPU kernels' library, built there (once per machine) and loaded in this process."""
+    build_dir = writable_cache_dir() / "kernels"
+    assert library.load(build_dir), "the CPU kernels must build wherever the tests run"
+    return build_dir
 
 
 @pytest.fixture(scope="session")

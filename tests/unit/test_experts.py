@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tandem.kernels import library
 from tandem.model.layout import experts_side_by_side
 from tandem.moe.experts import ExpertBank
 
@@ -19,6 +20,16 @@ def definition(bank: ExpertBank, x: torch.Tensor, slots: torch.Tensor, weights: 
     return out
 
 
+@pytest.fixture(params=["tensor ops", "kernels"])
+def swiglu_in(request, monkeypatch):
+    """silu(gate) * up in tensor operations, or in the CPU kernel."""
+    if request.param == "kernels":
+        request.getfixturevalue("cpu_kernels")
+    else:
+        monkeypatch.setattr(library, "_loaded", False)
+    return request.param
+
+
 @pytest.fixture
 def bank() -> ExpertBank:
     torch.manual_seed(0)
@@ -29,7 +40,7 @@ def bank() -> ExpertBank:
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 7, 40])
-def test_grouped_and_per_expert_paths_match_the_definition(bank, num_tokens):
+def test_grouped_and_per_expert_paths_match_the_definition(bank, num_tokens, swiglu_in):
     x = torch.randn(num_tokens, HIDDEN)
     # every token picks distinct slots; with 40 tokens every slot is used, with 1 most are empty
     slots = torch.stack([torch.randperm(NUM_SLOTS)[:TOP_K] for _ in range(num_tokens)])
@@ -38,8 +49,9 @@ def test_grouped_and_per_expert_paths_match_the_definition(bank, num_tokens):
     with torch.no_grad():
         torch.testing.assert_close(bank(x, slots, weights), expected, rtol=1e-5, atol=1e-5)
         order = slots.reshape(-1).argsort(stable=True)
-        per_expert = bank._per_expert(x.index_select(0, order // TOP_K), slots.reshape(-1)[order])
-        grouped = torch.zeros_like(x).index_add_(0, order // TOP_K, per_expert * weights.reshape(-1)[order, None])
+        per_expert = bank._per_expert(x.index_select(0, order // TOP_K), slots.reshape(-1)[order],
+                                      weights.reshape(-1)[order])
+        grouped = torch.zeros_like(x).index_add_(0, order // TOP_K, per_expert)
         torch.testing.assert_close(grouped, expected, rtol=1e-5, atol=1e-5)
         if num_tokens == 1:  # the one-token path adds the same terms in the same order: bit for bit
             assert torch.equal(bank(x, slots, weights), grouped)

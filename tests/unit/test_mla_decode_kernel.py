@@ -13,11 +13,9 @@ from tandem.model.loading import load_model
 MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-code"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def build_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kernels")
-    assert mla_decode.load(path), "the kernel must build wherever the tests run"
-    return path
+@pytest.fixture(autouse=True)
+def build_dir(cpu_kernels):
+    return cpu_kernels
 
 
 def dense_attention(q_nope, q_pe, w_kv, cache, block_tables, positions, block_size, scale):
@@ -127,20 +125,3 @@ def test_only_steps_of_a_query_grid_over_the_cache_carry_block_tables():
                        kv_cache=cache).block_tables is None
     assert Paged.build(query_lens=[2, 1], context_lens=[20, 9], block_tables=tables, block_size=16,
                        kv_cache=cache).block_tables is None
-
-
-def test_a_kernel_that_cannot_be_built_leaves_attention_to_tensor_operations(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(mla_decode, "_loaded", None)
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    assert not mla_decode.load(tmp_path / "kernels")
-    assert "could not be built" in caplog.text and not mla_decode.loaded()
-    assert not mla_decode.supports(8, 64)
-
-
-def test_a_built_kernel_is_found_again_not_rebuilt(build_dir):
-    """build_dir holds the library if this module's load built it (else an earlier test's load did, elsewhere,
-    and the first `_build` here builds it); either way the next one finds it."""
-    library = mla_decode._build(build_dir)
-    built_at = library.stat().st_mtime_ns
-    assert mla_decode._build(build_dir) == library and library.stat().st_mtime_ns == built_at
-    assert list(build_dir.glob("*.so")) == [library]

@@ -25,7 +25,7 @@ from tandem.engine.handoff import PrefilledSequence
 from tandem.engine.kv_cache import OutOfBlocks
 from tandem.engine.sequence import MTPState, Sequence, SpecStats, Status
 from tandem.engine.speculative import MTPDrafter, SpeculationPolicy
-from tandem.kernels import mla_decode
+from tandem.kernels import library
 from tandem.model.attention_metadata import Paged, PagedStep
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM
 
@@ -93,8 +93,8 @@ class Engine:
             self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size),
             self.config.kv_cache_bytes // PagedKVCache.bytes_per_block(mc, self.config.block_size, self.dtype))
         self.cache = PagedKVCache(mc, num_blocks, self.config.block_size, self.dtype, self.device)
-        if self.device.type == "cpu" and mla_decode.fits(mc.num_attention_heads, mc.kv_lora_rank):
-            mla_decode.load(writable_cache_dir() / "kernels")  # decode attention reads the cache by block in it
+        if self.device.type == "cpu":  # decode attention, and an eager forward's layer operations, run in its kernels
+            library.load(writable_cache_dir() / "kernels")
         self.scheduler = Scheduler(self.cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         max_drafts = self.config.num_speculative_tokens if mc.num_nextn_predict_layers else 0
         self.policy = SpeculationPolicy(max_drafts, adaptive=self.config.adaptive_speculation)

@@ -4,7 +4,6 @@
 // the latent (W_UK), then one row at a time its keys read from the cache blocks its block table names, converted
 // to float32 once into a buffer of the thread's own, scored against every head, softmaxed and summed into the
 // attended latent, and that projected to each head's value (W_UV); nothing of [batch, context] size is written.
-// Written with GCC/Clang vector extensions, which compile to the machine's own vector width.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,11 +15,11 @@
 #include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-typedef float f16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-typedef double d8 __attribute__((vector_size(64)));
+using namespace tandem;
 
 // Keys go in pairs: a vector's 16 lanes are 8 heads x 2 keys, lane 2h + j for head h and key j of the pair.
 constexpr int64_t kHeads = 8;   // heads per vector
@@ -28,14 +27,6 @@ constexpr int64_t kPairs = 8;   // key pairs scored together, each with its own 
 constexpr int64_t kLatent = 16; // latent columns summed together per head (two vectors of 8 columns x 2 keys)
 constexpr i16 kSwapPairs = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
 constexpr i16 kEvenLanes = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-
-inline f16 load(const float* p) {
-  f16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store(float* p, f16 v) { std::memcpy(p, &v, sizeof v); }
 
 // the two floats at p in every pair of lanes
 inline f16 broadcast_pair(const float* p) {
@@ -53,36 +44,6 @@ inline f16 pair_max(f16 v) {
   return v > w ? v : w;
 }
 inline f16 pair_sum(f16 v) { return v + __builtin_shuffle(v, kSwapPairs); }
-
-inline float to_float(float x) { return x; }
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-inline float to_float(c10::BFloat16 x) {  // a shift, which vectorises, where the conversion operator may not
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// e^x lane-wise for x <= 0: 2^n * 2^f, n = floor(x log2 e), 2^f by a degree-6 polynomial on [0, 1)
-// (relative error about 2e-7); below -87 it is 0 to float32, within 2e-38
-inline f16 exp_nonpositive(f16 x) {
-  const f16 lowest = f16{} - 87.0f;
-  x = x < lowest ? lowest : x;
-  f16 t = x * 1.44269504088896341f;
-  i16 n = __builtin_convertvector(t, i16);    // toward zero, so n or n - 1 is floor(t)
-  n += __builtin_convertvector(n, f16) > t;   // true is -1
-  f16 f = t - __builtin_convertvector(n, f16);
-  f16 p = 1.535336188319500e-4f * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  i16 bits = (n + 127) << 23;
-  f16 two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
-}
 
 // Scratch of one query row's attention over num_keys positions, with G = H / 8 groups of heads:
 // keys [pairs, D, 2], the pair's two keys' values interleaved; queries [D, G, 16], each head's (scaled) value
@@ -296,10 +257,5 @@ at::Tensor mla_paged_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, co
 }
 
 }  // namespace
-
-TORCH_LIBRARY(tandem, m) {
-  m.def("mla_paged_decode(Tensor q_nope, Tensor q_pe, Tensor w_kv, Tensor cache, Tensor block_tables, "
-        "Tensor positions, int block_size, float scale) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(tandem, CPU, m) { m.impl("mla_paged_decode", &mla_paged_decode); }

@@ -9,37 +9,28 @@ positions (not the context padded to the graph's bucket), with every intermediat
 absorbs the queries into the latent and projects the result to each head's value (`kv_b_proj`), where the step
 made two more batched matmuls.
 
-It is C++ built with the compiler AOTInductor uses when a CPU engine of a model it fits starts (`load`; seconds,
-then cached beside the compiled passes), and registered as the operator `torch.ops.tandem.mla_paged_decode`, which
-eager steps call and `torch.export` traces into AOTInductor's libraries. Where it cannot be built, attention runs
-as tensor operations.
+It is part of the CPU kernels' library (`tandem.kernels.library`), which a CPU engine builds when it starts, as the
+operator `torch.ops.tandem.mla_paged_decode`, which eager steps call and `torch.export` traces into AOTInductor's
+libraries. Where the library cannot be built, attention runs as tensor operations.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import torch
 
-log = logging.getLogger(__name__)
+from tandem.kernels import library
 
-SOURCE = Path(__file__).with_name("mla_decode.cpp")
 HEADS_MULTIPLE = 8  # the kernel scores 8 heads per vector
 LATENT_MULTIPLE = 16  # and sums the latent 16 columns at a time
 
-_loaded: bool | None = None  # None: not tried yet
+library.OPS.define("mla_paged_decode(Tensor q_nope, Tensor q_pe, Tensor w_kv, Tensor cache, Tensor block_tables, "
+                   "Tensor positions, int block_size, float scale) -> Tensor")
 
 
-def loaded() -> bool:
-    """Whether the operator is registered in this process (`load` succeeded)."""
-    return bool(_loaded)
+@torch.library.register_fake("tandem::mla_paged_decode")
+def _(q_nope, q_pe, w_kv, cache, block_tables, positions, block_size, scale):
+    """The output's shape, for torch.export to trace the operator."""
+    return q_nope.new_empty(*q_nope.shape[:3], w_kv.shape[1] - q_nope.shape[3])
 
 
 def fits(num_heads: int, kv_lora_rank: int) -> bool:
@@ -49,68 +40,7 @@ def fits(num_heads: int, kv_lora_rank: int) -> bool:
 
 def supports(num_heads: int, kv_lora_rank: int) -> bool:
     """Whether the kernel is loaded and serves attention of these dims."""
-    return loaded() and fits(num_heads, kv_lora_rank)
-
-
-def load(build_dir: Path) -> bool:
-    """Build the kernel into `build_dir` unless a build of this source, torch and CPU is there, and register its
-    operator. False, with a warning saying why, where it cannot be built or loaded; tried once per process."""
-    global _loaded
-    if _loaded is None:
-        try:
-            torch.ops.load_library(str(_build(build_dir)))
-            _register_fake()
-            _loaded = True
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
-            detail = getattr(error, "stderr", None) or str(error)
-            log.warning("the CPU MLA decode kernel could not be built (%s); decode attention runs as tensor "
-                        "operations", detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__)
-            _loaded = False
-    return _loaded
-
-
-def _build(build_dir: Path) -> Path:
-    """The kernel's shared library, compiled for this machine (-march=native) against this torch."""
-    from torch.utils.cpp_extension import include_paths, library_paths
-
-    compiler = os.environ.get("CXX", "g++")
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, compiler, *flags, _cpu_features(),
-                                    sys.platform]).encode()).hexdigest()[:16]
-    path = build_dir / f"mla_decode-{key}.so"
-    if path.exists():
-        return path
-    build_dir.mkdir(parents=True, exist_ok=True)
-    lib_dirs = library_paths()
-    with tempfile.TemporaryDirectory(dir=build_dir) as tmp:
-        staged = Path(tmp) / path.name
-        command = [compiler, *flags, *(f"-I{p}" for p in include_paths()), str(SOURCE), "-o", str(staged),
-                   *(f"-L{p}" for p in lib_dirs), "-lc10", "-ltorch_cpu", *(f"-Wl,-rpath,{p}" for p in lib_dirs)]
-        log.info("building the CPU MLA decode kernel (once per machine and torch version)")
-        subprocess.run(command, check=True, capture_output=True, text=True)
-        os.replace(staged, path)  # whole, or not at all, for another process reading the directory
-    return path
-
-
-def _cpu_features() -> str:
-    """What -march=native compiles for: the CPU's feature flags, so that a build directory shared by machines of
-    other CPUs (a volume mounted on several nodes) never hands one a library using instructions it lacks."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()}"
-
-
-def _register_fake() -> None:
-    """The operator's output shape, for torch.export to trace it."""
-
-    @torch.library.register_fake("tandem::mla_paged_decode")
-    def _(q_nope, q_pe, w_kv, cache, block_tables, positions, block_size, scale):
-        return q_nope.new_empty(*q_nope.shape[:3], w_kv.shape[1] - q_nope.shape[3])
+    return library.loaded() and fits(num_heads, kv_lora_rank)
 
 
 def paged_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kv: torch.Tensor, cache: torch.Tensor,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.kernels import mla_decode
+from tandem.kernels import layer_ops, mla_decode
 from tandem.model.attention_metadata import AttentionMetadata, DenseCausal, Paged
 from tandem.model.config import ModelConfig, RopeConfig
 from tandem.moe.experts import ExpertBank, LocalExperts
@@ -33,6 +33,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalised in float32, scaled in the model's dtype, as DeepSeek's reference code does
+        if self.weight.dtype == x.dtype and layer_ops.applies(x, self.weight):
+            return layer_ops.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same, in one call
             return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
@@ -78,6 +80,13 @@ class RopeTables:
         else:
             x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin], dim=-1)
+
+    def rotate_query_and_key(self, q_pe: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rotate` of the rope queries [T, H, R] and of the rope key [T, R] shared by every head."""
+        if layer_ops.applies(q_pe):
+            return tuple(layer_ops.rope(x, self.cos, self.sin, self.interleave) for x in (q_pe, k_pe[:, None]))
+        # as one more head: one rotation for both
+        return self.rotate(torch.cat([q_pe, k_pe[:, None]], dim=1)).split_with_sizes([q_pe.shape[1], 1], dim=1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -141,9 +150,7 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split_with_sizes([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        # the shared rope key rotates as one more head
-        q_pe, k_pe = rope.rotate(torch.cat([q_pe, k_pe[:, None]], dim=1)).split_with_sizes(
-            [self.num_heads, 1], dim=1)
+        q_pe, k_pe = rope.rotate_query_and_key(q_pe, k_pe)
         k_pe = k_pe.squeeze(1)
         if isinstance(meta, DenseCausal):
             out = self._attend_expanded(q_nope, q_pe, c_kv, k_pe, meta)
@@ -275,7 +282,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if gate.dim() == 2 and layer_ops.applies(gate):
+            return self.down_proj(layer_ops.silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Gate(nn.Module):

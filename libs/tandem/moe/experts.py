@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.kernels import layer_ops
 from tandem.model.layout import decode_layout
 from tandem.moe.placement import LayerPlacement
 
@@ -68,26 +69,27 @@ class ExpertBank(nn.Module):
         flat_slots = slot_ids.reshape(-1)
         order = flat_slots.argsort(stable=True)
         token_of_pair = order // slot_ids.shape[1]
-        weight_of_pair = weights.reshape(-1)[order, None].to(x.dtype)
+        weight_of_pair = weights.reshape(-1)[order]
         h = x.index_select(0, token_of_pair)
         if _grouped_mm_pays(h, self.num_slots):
             # counted by scatter_add_, not bincount, which syncs with the host on CUDA to size its output: a
             # CUDA graph could not capture it
             counts = torch.zeros(self.num_slots, dtype=torch.int64, device=x.device)
             ends = counts.scatter_add_(0, flat_slots, torch.ones_like(flat_slots)).cumsum(0).to(torch.int32)
-            h = _swiglu(F.grouped_mm(h, self.gate_up_proj.mT, offs=ends))
+            h = _swiglu(F.grouped_mm(h, self.gate_up_proj.mT, offs=ends), weight_of_pair)
             h = F.grouped_mm(h, self.down_proj.mT, offs=ends)
         else:
-            h = self._per_expert(h, flat_slots[order])
-        return torch.zeros_like(x).index_add_(0, token_of_pair, h * weight_of_pair)
+            h = self._per_expert(h, flat_slots[order], weight_of_pair)
+        return torch.zeros_like(x).index_add_(0, token_of_pair, h)
 
     def _one_token(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One token (a CPU decode step of one sequence): its experts one after another, with no sorting or
         gathering; the same sums in the same order as the other paths. About a third fewer ops."""
         out = torch.zeros_like(x)
-        for slot, w in sorted(zip(slots.tolist(), weights.to(x.dtype).tolist())):
-            h = _swiglu(F.linear(x, self.gate_up_proj[slot]))
-            out.add_(F.linear(h, self.down_proj[slot]).mul_(w))
+        slots = slots.tolist()
+        for k in sorted(range(len(slots)), key=slots.__getitem__):
+            h = _swiglu(F.linear(x, self.gate_up_proj[slots[k]]), weights[k:k + 1])
+            out.add_(F.linear(h, self.down_proj[slots[k]]))
         return out
 
     def _traceable(self, x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -97,20 +99,18 @@ class ExpertBank(nn.Module):
         While the (token, expert) pairs are no more than the slots, each pair reads its expert's weights:
         products written as gather-multiply-sum, which the compiler fuses into one pass over those weights, so a
         decode step of one token reads just its K experts. Past that, every expert runs on every token, each
-        output weighed by the token's gate weight (zero for experts it did not choose): each weight is read
+        intermediate weighed by the token's gate weight (zero for experts it did not choose): each weight is read
         once, for up to P/K times the multiplies. On a 2-core Xeon either made a compiled forward of the bundled
         model (16 experts, 4 active) 1.7-3x faster than eager."""
         if x.shape[0] <= self.max_gathered_tokens(slot_ids.shape[1]):
-            h = _swiglu((x[:, None, None, :] * self.gate_up_proj[slot_ids]).sum(-1))  # [T, K, I]
-            out = (h[..., None, :] * self.down_proj[slot_ids]).sum(-1)  # [T, K, D]
-            return (weights.to(x.dtype)[..., None] * out).sum(1)
+            h = _swiglu((x[:, None, None, :] * self.gate_up_proj[slot_ids]).sum(-1), weights)  # [T, K, I]
+            return (h[..., None, :] * self.down_proj[slot_ids]).sum(-1).sum(1)  # [T, K, D] summed over K
         combine = torch.zeros(x.shape[0], self.num_slots, dtype=x.dtype, device=x.device)
         combine.scatter_(1, slot_ids, weights.to(x.dtype))  # [T, P]
         if self._side_by_side:
             return self._every_expert_as_one_matmul(x, combine)
-        h = _swiglu(torch.matmul(x, self.gate_up_proj.mT))  # [P, T, I]
-        out = torch.matmul(h, self.down_proj.mT)  # [P, T, D]
-        return (out * combine.t()[..., None]).sum(0)
+        h = _swiglu(torch.matmul(x, self.gate_up_proj.mT), combine.t())  # [P, T, I]
+        return torch.matmul(h, self.down_proj.mT).sum(0)  # [P, T, D] summed over the experts
 
     @property
     def _side_by_side(self) -> bool:
@@ -124,7 +124,7 @@ class ExpertBank(nn.Module):
         over the experts is the matmul's own."""
         T, (P, I, D) = x.shape[0], (self.num_slots, self.intermediate_size, x.shape[1])
         gate_up = x @ self.gate_up_proj.permute(2, 0, 1).reshape(D, P * 2 * I)  # views, no copy
-        h = _swiglu(gate_up.view(T, P, 2 * I)) * combine[..., None]  # [T, P, I]
+        h = _swiglu(gate_up.view(T, P, 2 * I), combine)  # [T, P, I]
         return h.reshape(T, P * I) @ self.down_proj.mT.reshape(P * I, D)
 
     def max_gathered_tokens(self, top_k: int) -> int:
@@ -132,22 +132,27 @@ class ExpertBank(nn.Module):
         (no more (token, expert) pairs than slots); more run densely. A compiled graph serves one side of this."""
         return self.num_slots // top_k
 
-    def _per_expert(self, h: torch.Tensor, sorted_slots: torch.Tensor) -> torch.Tensor:
-        """The experts one at a time, each over its run of `h`; one host sync for the run lengths."""
+    def _per_expert(self, h: torch.Tensor, sorted_slots: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The experts one at a time, each over its run of `h` (its rows' intermediates times `scale`, their gate
+        weights); one host sync for the run lengths."""
         out = torch.empty(h.shape[0], self.down_proj.shape[1], dtype=h.dtype, device=h.device)
         start = 0
         for slot, count in enumerate(torch.bincount(sorted_slots, minlength=self.num_slots).tolist()):
             if count:
-                rows = _swiglu(F.linear(h[start:start + count], self.gate_up_proj[slot]))
+                rows = _swiglu(F.linear(h[start:start + count], self.gate_up_proj[slot]), scale[start:start + count])
                 out[start:start + count] = F.linear(rows, self.down_proj[slot])
                 start += count
         return out
 
 
-def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, from gate and up projections side by side in the last dim ([..., 2I] -> [..., I])."""
+def _swiglu(gate_up: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up times each token's gate weight for the expert (`scale`, gate_up's shape but its last dim),
+    from gate and up projections side by side in the last dim ([..., 2I] -> [..., I]). The weight scales the
+    intermediate, not the output: the down projection is linear, and the intermediate is the narrower."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    if gate_up.dim() == 2 and layer_ops.applies(gate_up, scale):
+        return layer_ops.silu_mul(gate, up, scale)
+    return F.silu(gate) * up * scale.to(gate.dtype)[..., None]
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:

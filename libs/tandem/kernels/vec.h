@@ -1,0 +1,101 @@
+// Vector helpers shared by the CPU kernels: 16-float vectors with GCC/Clang vector extensions (compiled to the
+// machine's own vector width by -march=native), conversions of the cache and weight dtypes, and an exponential.
+
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace tandem {
+
+typedef float f16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+typedef double d8 __attribute__((vector_size(64)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
+typedef uint16_t h16 __attribute__((vector_size(32)));
+
+inline f16 load(const float* p) {
+  f16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, f16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+inline float to_float(c10::BFloat16 x) {  // a shift, which vectorises, where the conversion operator may not
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// 16 values of a dtype as floats, and back (bfloat16 rounded to nearest even, as c10 converts): whole vectors,
+// where a loop over c10's scalar conversions does not vectorise
+inline f16 load_float(const float* p) { return load(p); }
+inline f16 load_float(const c10::BFloat16* p) {
+  h16 half;
+  std::memcpy(&half, p, sizeof half);
+  const u16 bits = __builtin_convertvector(half, u16) << 16;
+  f16 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline f16 load_float(const c10::Half* p) {
+  float v[16];
+  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+  return load(v);
+}
+
+inline void store_float(float* p, f16 v) { store(p, v); }
+inline void store_float(c10::BFloat16* p, f16 v) {
+  u16 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  u16 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  rounded = (u16)(v != v) ? u16{} + 0x7FC0u : rounded;  // NaN stays NaN
+  const h16 half = __builtin_convertvector(rounded, h16);
+  std::memcpy(p, &half, sizeof half);
+}
+inline void store_float(c10::Half* p, f16 v) {
+  float f[16];
+  store(f, v);
+  for (int i = 0; i < 16; ++i) p[i] = c10::Half(f[i]);
+}
+
+// v rounded to T's precision (what a tensor operation in T leaves between two others)
+template <typename T>
+inline f16 round_to(f16 v) {
+  T t[16];
+  store_float(t, v);
+  return load_float(t);
+}
+template <>
+inline f16 round_to<float>(f16 v) {
+  return v;
+}
+
+// e^x lane-wise for x <= 0: 2^n * 2^f, n = floor(x log2 e), 2^f by a degree-6 polynomial on [0, 1)
+// (relative error about 2e-7); below -87 it is 0 to float32, within 2e-38
+inline f16 exp_nonpositive(f16 x) {
+  const f16 lowest = f16{} - 87.0f;
+  x = x < lowest ? lowest : x;
+  f16 t = x * 1.44269504088896341f;
+  i16 n = __builtin_convertvector(t, i16);    // toward zero, so n or n - 1 is floor(t)
+  n += __builtin_convertvector(n, f16) > t;   // true is -1
+  f16 f = t - __builtin_convertvector(n, f16);
+  f16 p = 1.535336188319500e-4f * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  i16 bits = (n + 127) << 23;
+  f16 two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+}  // namespace tandem
