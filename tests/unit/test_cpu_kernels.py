@@ -44,7 +44,8 @@ def test_rms_norm_normalises_as_the_tensor_operations(monkeypatch, dtype, width)
     norm.weight.data = (1 + 0.3 * torch.randn(width, generator=g)).to(dtype)
     wide = (torch.randn(33, width + 16, generator=g) * 4).to(dtype)
     with torch.no_grad():
-        for x in (wide[:, :width], wide[:, :width].reshape(3, 11, width)):  # rows strided in memory; 3-d
+        # rows strided in memory; 3-d; columns strided (a transposed tensor)
+        for x in (wide[:, :width], wide[:, :width].reshape(3, 11, width), wide[:, :width].t().contiguous().t()):
             assert layer_ops.applies(x)
             torch.testing.assert_close(norm(x), without_kernels(monkeypatch, lambda: norm(x)), **tolerance(dtype))
 

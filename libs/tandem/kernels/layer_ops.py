@@ -33,7 +33,7 @@ def applies(x: torch.Tensor, *more: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x normalised in float32, rounded to x's dtype), over x's last dim; weight of x's dtype."""
-    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    rows = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(-1, x.shape[-1]).contiguous()
     return torch.ops.tandem.rms_norm(rows, weight, eps).view(x.shape)
 
 

@@ -83,7 +83,7 @@ class RopeTables:
 
     def rotate_query_and_key(self, q_pe: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`rotate` of the rope queries [T, H, R] and of the rope key [T, R] shared by every head."""
-        if layer_ops.applies(q_pe):
+        if self.cos.dtype == q_pe.dtype and layer_ops.applies(q_pe):
             return tuple(layer_ops.rope(x, self.cos, self.sin, self.interleave) for x in (q_pe, k_pe[:, None]))
         # as one more head: one rotation for both
         return self.rotate(torch.cat([q_pe, k_pe[:, None]], dim=1)).split_with_sizes([q_pe.shape[1], 1], dim=1)
