@@ -1,6 +1,8 @@
 """The CPU kernels' library (`tandem.kernels.library`), and its layer operations (`tandem.kernels.layer_ops`)
 against the tensor operations they replace, alone and in the bundled model's forward."""
 
+import fcntl
+import threading
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,19 @@ def test_a_built_library_is_found_again_not_rebuilt(build_dir):
     built_at = built.stat().st_mtime_ns
     assert library._build(build_dir) == built and built.stat().st_mtime_ns == built_at
     assert built in build_dir.glob("*.so")
+
+
+def test_a_build_in_progress_is_waited_for_not_repeated(tmp_path):
+    """Processes starting together on a fresh machine: the second waits for the first's build and loads it."""
+    tmp_path.mkdir(exist_ok=True)
+    built = library.library_path(tmp_path)
+    result = []
+    with open(tmp_path / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a build in progress
+        waiter = threading.Thread(target=lambda: result.append(library._build(tmp_path)))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not result
+        built.write_bytes(b"the first process's build")
+    waiter.join(10)
+    assert result == [built] and built.read_bytes() == b"the first process's build"

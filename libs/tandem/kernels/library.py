@@ -5,6 +5,7 @@ tensor operations."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -47,31 +48,55 @@ def load(build_dir: Path) -> bool:
 
 def _build(build_dir: Path) -> Path:
     """The shared library, compiled for this machine (-march=native) against this torch."""
-    from torch.utils.cpp_extension import include_paths, library_paths
-
-    compiler = os.environ.get("CXX", "g++")
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    sources = sorted(HERE.glob("*.cpp"))
-    texts = [p.read_text() for p in sorted(HERE.glob("*.h")) + sources]
-    key = hashlib.sha256("\n".join([*texts, torch.__version__, compiler, *flags, _cpu_features(),
-                                    sys.platform]).encode()).hexdigest()[:16]
-    path = build_dir / f"tandem-kernels-{key}.so"
+    path = library_path(build_dir)
     if path.exists():
         return path
     build_dir.mkdir(parents=True, exist_ok=True)
-    lib_dirs = library_paths()
-    with tempfile.TemporaryDirectory(dir=build_dir) as tmp:
-        log.info("building the CPU kernels (once per machine and torch version)")
-        # each source compiled at once, by a process of its own (torch's headers make each take seconds), then linked
-        objects = [Path(tmp) / f"{source.stem}.o" for source in sources]
+    # one build at a time per directory: a cluster's processes starting together on a fresh machine wait for the
+    # first one's build instead of each compiling its own on the same cores
+    with open(build_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            _compile(path)
+    return path
+
+
+def library_path(build_dir: Path) -> Path:
+    """Where the build of these sources, torch, compiler, flags and CPU lies in `build_dir`."""
+    texts = [p.read_text() for p in sorted(HERE.glob("*.h")) + _sources()]
+    key = hashlib.sha256("\n".join([*texts, torch.__version__, _compiler(), *_flags(), _cpu_features(),
+                                    sys.platform]).encode()).hexdigest()[:16]
+    return build_dir / f"tandem-kernels-{key}.so"
+
+
+def _sources() -> list[Path]:
+    return sorted(HERE.glob("*.cpp"))
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _flags() -> list[str]:
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+
+
+def _compile(path: Path) -> None:
+    """Build the library at `path`: each source compiled at once, by a process of its own (torch's headers make
+    each take seconds), then linked, in a temporary directory beside it."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    compiler, flags, lib_dirs = _compiler(), _flags(), library_paths()
+    log.info("building the CPU kernels (once per machine and torch version)")
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        objects = [Path(tmp) / f"{source.stem}.o" for source in _sources()]
         _run_all([[compiler, *flags, "-c", *(f"-I{p}" for p in include_paths()), str(source), "-o", str(obj)]
-                  for source, obj in zip(sources, objects)])
+                  for source, obj in zip(_sources(), objects)])
         staged = Path(tmp) / path.name
         _run_all([[compiler, *flags, *map(str, objects), "-o", str(staged), *(f"-L{p}" for p in lib_dirs), "-lc10",
                    "-ltorch_cpu", *(f"-Wl,-rpath,{p}" for p in lib_dirs)]])
         os.replace(staged, path)  # whole, or not at all, for another process reading the directory
-    return path
 
 
 def _run_all(commands: list[list[str]]) -> None:
