@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -38,7 +39,9 @@ c10::BFloat16 from_float<c10::BFloat16>(float x) {  // round to nearest even, as
   return c10::BFloat16(std::isnan(x) ? uint16_t{0x7FC0} : rounded, c10::BFloat16::from_bits());
 }
 
-int64_t grain(int64_t row_elements) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements)); }
+int64_t grain(int64_t row_elements) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements));
+}
 
 template <typename F>
 void dispatch_dtype(at::ScalarType dtype, const char* name, F&& f) {
