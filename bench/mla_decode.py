@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import machine_info  # noqa: E402  (bench/engine.py)
 
-from tandem.engine.aot_passes import writable_cache_dir  # noqa: E402
 from tandem.kernels import library, mla_decode  # noqa: E402
 from tandem.model.attention_metadata import Paged  # noqa: E402
 from tandem.model.loading import load_model  # noqa: E402
@@ -104,7 +103,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    if not library.load(writable_cache_dir() / "kernels"):
+    if not library.load():
         sys.exit("the CPU kernels could not be built here (see the warning above)")
     model = load_model(args.model, dtype=dtype)
     attention = model.main_layers[0].self_attn

@@ -22,7 +22,6 @@ import redis
 import torch
 
 from tandem.cluster.launcher import free_port
-from tandem.engine.aot_passes import writable_cache_dir
 from tandem.kernels import library
 from tandem.model.checkpoint import SINGLE_FILE, Checkpoint, save_checkpoint
 from tandem.model.config import ModelConfig
@@ -124,7 +123,7 @@ class HFCheckpoint:
 @pytest.fixture(scope="session")
 def cpu_kernels() -> Path:
     """The directory of the CPU kernels' library, built there (once per machine) and loaded in this process."""
-    build_dir = writable_cache_dir() / "kernels"
+    build_dir = library.default_build_dir()
     assert library.load(build_dir), "the CPU kernels must build wherever the tests run"
     return build_dir
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tandem.engine.aot_passes import writable_cache_dir
 from tandem.engine.cpu_threads import single_thread_if_small
 from tandem.engine.decode_graphs import DecodeGraphs
 from tandem.engine.detokenizer import Detokenizer
@@ -94,7 +93,7 @@ class Engine:
             self.config.kv_cache_bytes // PagedKVCache.bytes_per_block(mc, self.config.block_size, self.dtype))
         self.cache = PagedKVCache(mc, num_blocks, self.config.block_size, self.dtype, self.device)
         if self.device.type == "cpu":  # decode attention, and an eager forward's layer operations, run in its kernels
-            library.load(writable_cache_dir() / "kernels")
+            library.load()
         self.scheduler = Scheduler(self.cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         max_drafts = self.config.num_speculative_tokens if mc.num_nextn_predict_layers else 0
         self.policy = SpeculationPolicy(max_drafts, adaptive=self.config.adaptive_speculation)

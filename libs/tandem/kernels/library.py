@@ -30,13 +30,14 @@ def loaded() -> bool:
     return bool(_loaded)
 
 
-def load(build_dir: Path) -> bool:
-    """Build the library into `build_dir` unless a build of these sources, torch and CPU is there, and load it.
-    False, with a warning saying why, where it cannot be built or loaded; tried once per process."""
+def load(build_dir: Path | None = None) -> bool:
+    """Build the library into `build_dir` (by default `default_build_dir()`) unless a build of these sources, torch
+    and CPU is there, and load it. False, with a warning saying why, where it cannot be built or loaded; tried once
+    per process."""
     global _loaded
     if _loaded is None:
         try:
-            torch.ops.load_library(str(_build(build_dir)))
+            torch.ops.load_library(str(_build(build_dir or default_build_dir())))
             _loaded = True
         except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
             detail = (getattr(error, "stderr", None) or str(error)).strip()
@@ -44,6 +45,13 @@ def load(build_dir: Path) -> bool:
                         detail.splitlines()[-1] if detail else type(error).__name__)
             _loaded = False
     return _loaded
+
+
+def default_build_dir() -> Path:
+    """`kernels` beside the compiled decode passes (`tandem.engine.aot_passes.writable_cache_dir`)."""
+    from tandem.engine.aot_passes import writable_cache_dir  # it imports the model, which imports the kernels
+
+    return writable_cache_dir() / "kernels"
 
 
 def _build(build_dir: Path) -> Path:
