@@ -10,6 +10,7 @@ from tandem.engine.aot_passes import (CACHE_ENV, AOTPasses, FlatPass, ShapeClass
                                       writable_cache_dir)
 from tandem.engine.decode_graphs import DecodeGraphs
 from tandem.engine.engine import Engine, EngineConfig
+from tandem.kernels import library
 from tandem.model.attention_metadata import Paged, PagedStep
 from tandem.model.loading import load_model
 
@@ -21,9 +22,10 @@ def model():
     return load_model(MODEL, dtype=torch.float32)
 
 
-def test_shape_classes_split_the_batches_where_the_experts_change_path(model):
-    """The bundled model's 16 experts, 4 per token, gather their weights for up to 4 tokens and run densely
-    beyond: a library serves batches on one side of that, and batch 1 alone."""
+def test_shape_classes_split_the_batches_where_the_experts_change_path(model, monkeypatch):
+    """Without the CPU kernels, the bundled model's 16 experts, 4 per token, gather their weights for up to 4
+    tokens and run densely beyond: a library serves batches on one side of that, and batch 1 alone."""
+    monkeypatch.setattr(library, "_loaded", False)
     assert model.model.layers[1].mlp.experts.bank.max_gathered_tokens(4) == 4
     assert shape_classes(model, 32, 1) == [ShapeClass(1, 1, 1), ShapeClass(1, 2, 4), ShapeClass(1, 5, 32)]
     assert shape_classes(model, 32, 2) == [ShapeClass(2, 1, 1), ShapeClass(2, 2, 2), ShapeClass(2, 3, 32)]
@@ -35,6 +37,13 @@ def test_shape_classes_split_the_batches_where_the_experts_change_path(model):
         assert [b for c in classes for b in range(c.min_batch, c.max_batch + 1)] == list(range(1, 65))
         for c in classes:
             assert len({b * query_len <= 4 for b in range(c.min_batch, c.max_batch + 1)}) == 1
+
+
+def test_experts_the_cpu_kernel_runs_split_no_shape_class(model, cpu_kernels):
+    """The kernel runs the experts the same way for any number of tokens: batch 1, then every other batch."""
+    assert model.model.layers[1].mlp.experts.bank.max_gathered_tokens(4) is None
+    assert shape_classes(model, 32, 1) == [ShapeClass(1, 1, 1), ShapeClass(1, 2, 32)]
+    assert shape_classes(model, 32, 3) == [ShapeClass(3, 1, 1), ShapeClass(3, 2, 32)]
 
 
 def one_step(model, graphs: DecodeGraphs, cache: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:

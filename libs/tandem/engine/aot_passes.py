@@ -91,11 +91,11 @@ class ShapeClass:
 def shape_classes(model: DeepseekV3ForCausalLM, max_batch: int, query_len: int) -> list[ShapeClass]:
     """The batch ranges one library can serve: batch 1 on its own (export specialises dims of size 1), then
     ranges split where a MoE layer's experts change how they run the step's tokens
-    (`ExpertBank.max_gathered_tokens`)."""
+    (`ExpertBank.max_gathered_tokens`; never where the CPU kernel runs them)."""
     top_k = model.config.num_experts_per_tok
     token_limits = {layer.mlp.experts.bank.max_gathered_tokens(top_k)
                     for layer in [*model.main_layers, *model.mtp_layers] if isinstance(layer.mlp, MoE)}
-    cuts = sorted({limit // query_len for limit in token_limits if 2 <= limit // query_len < max_batch})
+    cuts = sorted({limit // query_len for limit in token_limits - {None} if 2 <= limit // query_len < max_batch})
     starts = [1, 2, *(c + 1 for c in cuts)]
     ends = [1, *cuts, max_batch]
     return [ShapeClass(query_len, lo, hi) for lo, hi in zip(starts, ends) if lo <= hi]

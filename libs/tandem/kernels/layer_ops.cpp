@@ -43,16 +43,6 @@ int64_t grain(int64_t row_elements) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements));
 }
 
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, const char* name, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK(false, name, " takes float32, bfloat16 or float16, got ", dtype);
-  }
-}
-
 void check_rows(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1, what,
               " must be a CPU [rows, columns] tensor with contiguous rows, got ", t.sizes(), " strides ", t.strides());
@@ -159,10 +149,7 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up, const std::opt
         const float s = sc ? sc[r] : 1.0f;
         int64_t i0 = 0;
         for (; i0 + 16 <= I; i0 += 16) {
-          // silu(g) = g * sigmoid(g), sigmoid from e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, else e / (1 + e)
-          const f16 g = load_float(gr + i0), zero = f16{};
-          const f16 e = exp_nonpositive(g < zero ? g : zero - g);
-          store_float(o + i0, g * ((g < zero ? e : zero + 1.0f) / (1.0f + e)) * load_float(ur + i0) * s);
+          store_float(o + i0, silu(load_float(gr + i0)) * load_float(ur + i0) * s);
         }
         for (int64_t i = i0; i < I; ++i) {
           const float g = to_float(gr[i]);

@@ -98,4 +98,22 @@ inline f16 exp_nonpositive(f16 x) {
   return p * two_n;
 }
 
+// silu(g) = g * sigmoid(g) lane-wise, the sigmoid from e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, else e / (1 + e)
+inline f16 silu(f16 g) {
+  const f16 zero = f16{};
+  const f16 e = exp_nonpositive(g < zero ? g : zero - g);
+  return g * ((g < zero ? e : zero + 1.0f) / (1.0f + e));
+}
+
+// f(T{}) with T the C++ type of a float32, bfloat16 or float16 dtype
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, name, " takes float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
 }  // namespace tandem

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.kernels import layer_ops
+from tandem.kernels import layer_ops, moe_experts
 from tandem.model.layout import decode_layout
 from tandem.moe.placement import LayerPlacement
 
@@ -60,8 +60,11 @@ class ExpertBank(nn.Module):
         grouped matmul per projection then runs every expert, with no host sync and no per-expert launches,
         where that pays (see `_grouped_mm_pays`). A single token on the CPU skips all of that (`_one_token`).
         Compiled (torch.compile or torch.export), except where grouped matmuls have kernels, `_traceable` runs.
+        On the CPU the kernel (`tandem.kernels.moe_experts`), where it applies, runs instead of all of these.
         """
         # T tokens, K active experts, D hidden, I expert intermediate
+        if moe_experts.applies(x, self.gate_up_proj, self.down_proj):
+            return moe_experts.moe_experts(x, slot_ids, weights, self.gate_up_proj, self.down_proj)
         if torch.compiler.is_compiling() and not grouped_mm_available(x.device, x.dtype):
             return self._traceable(x, slot_ids, weights)
         if x.shape[0] == 1 and x.device.type == "cpu":
@@ -102,7 +105,7 @@ class ExpertBank(nn.Module):
         intermediate weighed by the token's gate weight (zero for experts it did not choose): each weight is read
         once, for up to P/K times the multiplies. On a 2-core Xeon either made a compiled forward of the bundled
         model (16 experts, 4 active) 1.7-3x faster than eager."""
-        if x.shape[0] <= self.max_gathered_tokens(slot_ids.shape[1]):
+        if x.shape[0] <= self.num_slots // slot_ids.shape[1]:
             h = _swiglu((x[:, None, None, :] * self.gate_up_proj[slot_ids]).sum(-1), weights)  # [T, K, I]
             return (h[..., None, :] * self.down_proj[slot_ids]).sum(-1).sum(1)  # [T, K, D] summed over K
         combine = torch.zeros(x.shape[0], self.num_slots, dtype=x.dtype, device=x.device)
@@ -127,10 +130,11 @@ class ExpertBank(nn.Module):
         h = _swiglu(gate_up.view(T, P, 2 * I), combine)  # [T, P, I]
         return h.reshape(T, P * I) @ self.down_proj.mT.reshape(P * I, D)
 
-    def max_gathered_tokens(self, top_k: int) -> int:
+    def max_gathered_tokens(self, top_k: int) -> int | None:
         """The most tokens of `top_k` experts each that `_traceable` runs by gathering their experts' weights
-        (no more (token, expert) pairs than slots); more run densely. A compiled graph serves one side of this."""
-        return self.num_slots // top_k
+        (no more (token, expert) pairs than slots); more run densely. A compiled graph serves one side of this.
+        None where the CPU kernel runs the bank (`tandem.kernels.moe_experts.serves`), whatever the tokens."""
+        return None if moe_experts.serves(self.gate_up_proj, self.down_proj) else self.num_slots // top_k
 
     def _per_expert(self, h: torch.Tensor, sorted_slots: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The experts one at a time, each over its run of `h` (its rows' intermediates times `scale`, their gate
