@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -50,6 +51,10 @@ inline f16 pair_sum(f16 v) { return v + __builtin_shuffle(v, kSwapPairs); }
 // twice; probs [pairs, G, 16]. A missing second key of the last pair is zeros, its score -inf.
 struct Scratch {
   std::vector<float> keys, queries, probs, inv_sum;
+  // attend_row_bf16's: cache rows of the keys, key and query pairs, probabilities as bfloat16 pairs
+  std::vector<const c10::BFloat16*> rows;
+  std::vector<uint64_t> key_pairs;
+  std::vector<uint32_t> query_pairs, prob_pairs;
 };
 
 template <typename cache_t>
@@ -156,9 +161,151 @@ void attend_row(const float* q_latent, const float* q_pe, const cache_t* cache, 
   }
 }
 
+#if defined(__AVX512BF16__)
+// attend_row for a bfloat16 cache whose latent width C is a multiple of 32, in `vdpbf16ps` products, each summing
+// two bfloat16 products in float32: the scores' queries and the latent sum's probabilities rounded to bfloat16
+// (what a GPU's bfloat16 attention rounds), the keys read as cached. Scores take a pair of keys' (d, d + 1) values
+// per lane pair (2h + j: head h, key j of the pair), the latent sum a pair of keys per column, both interleaved
+// from the cache rows as they are read.
+void attend_row_bf16(const float* q_latent, const float* q_pe, const c10::BFloat16* cache, const int64_t* block_table,
+                     int64_t num_keys, int64_t block_size, int64_t H, int64_t D, int64_t C, float scale,
+                     Scratch& scratch, float* out) {
+  const int64_t G = H / kHeads, pairs = (num_keys + 1) / 2, D2 = D / 2;
+  const __m512i low = pair_rows_index(0), high = pair_rows_index(16);
+  // rows[s]: key s's cache row; a missing second key of the last pair repeats the first (its probability is 0)
+  scratch.rows.resize(2 * pairs);
+  for (int64_t s = 0, block = 0, offset = 0; s < num_keys; ++s) {
+    scratch.rows[s] = cache + (block_table[block] * block_size + offset) * D;
+    if (++offset == block_size) offset = 0, ++block;
+  }
+  if (num_keys % 2) scratch.rows[num_keys] = scratch.rows[num_keys - 1];
+  const c10::BFloat16* const* rows = scratch.rows.data();
+  // keys [pairs, D/2] of 64 bits: the first key's (d, d + 1) values, then the second's (zeros where missing),
+  // 8 at a time: 32-bit lanes of the two rows interleaved
+  scratch.key_pairs.resize(pairs * D2 + 8);
+  alignas(64) int32_t interleave[16];
+  for (int i = 0; i < 16; ++i) interleave[i] = (i & 1) << 4 | i >> 1;
+  const __m512i take = _mm512_load_si512(interleave);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const bool both = 2 * p + 1 < num_keys;
+    uint64_t* k = scratch.key_pairs.data() + p * D2;
+    for (int64_t d2 = 0; d2 < D2; d2 += 8) {
+      const __mmask16 valid = static_cast<__mmask16>(D2 - d2 >= 8 ? 0xFF : (1u << (D2 - d2)) - 1);
+      const __m512i a = _mm512_maskz_loadu_epi32(valid, rows[2 * p] + 2 * d2);
+      const __m512i b = both ? _mm512_maskz_loadu_epi32(valid, rows[2 * p + 1] + 2 * d2) : _mm512_setzero_si512();
+      _mm512_storeu_si512(k + d2, _mm512_permutex2var_epi32(a, take, b));  // may spill into the next pair's start
+    }
+  }
+  // queries [D/2, G, 16] of bfloat16 pairs: lane 2h + j holds head h's (d, d + 1) values, scaled, for both keys j
+  scratch.query_pairs.resize(D2 * G * 16);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d2 = 0; d2 < D2; ++d2) {
+      c10::BFloat16 two[2];
+      for (int i = 0; i < 2; ++i) {
+        const int64_t d = 2 * d2 + i;
+        two[i] = c10::BFloat16((d < C ? q_latent[h * C + d] : q_pe[h * (D - C) + d - C]) * scale);
+      }
+      uint32_t pair;
+      std::memcpy(&pair, two, 4);
+      uint32_t* lanes = scratch.query_pairs.data() + (d2 * G + h / kHeads) * 16 + 2 * (h % kHeads);
+      lanes[0] = lanes[1] = pair;
+    }
+  scratch.probs.resize(pairs * G * 16);
+  scratch.prob_pairs.resize(pairs * kHeads);
+  float* probs = scratch.probs.data();
+  for (int64_t g = 0; g < G; ++g) {
+    int64_t p = 0;
+    const uint32_t* queries = scratch.query_pairs.data() + g * 16;
+    for (; p + kPairs <= pairs; p += kPairs) {
+      __m512 acc[kPairs];
+      for (int64_t j = 0; j < kPairs; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d2 = 0; d2 < D2; ++d2) {
+        const __m512bh qd = (__m512bh)_mm512_loadu_si512(queries + d2 * G * 16);
+        const uint64_t* k = scratch.key_pairs.data() + p * D2 + d2;
+#pragma GCC unroll 8
+        for (int64_t j = 0; j < kPairs; ++j)
+          acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_set1_epi64(k[j * D2]), qd);
+      }
+      for (int64_t j = 0; j < kPairs; ++j) _mm512_storeu_ps(probs + ((p + j) * G + g) * 16, acc[j]);
+    }
+    for (; p < pairs; ++p) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d2 = 0; d2 < D2; ++d2)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi64(scratch.key_pairs[p * D2 + d2]),
+                               (__m512bh)_mm512_loadu_si512(queries + d2 * G * 16));
+      _mm512_storeu_ps(probs + (p * G + g) * 16, acc);
+    }
+    if (num_keys % 2)
+      for (int64_t h = 0; h < kHeads; ++h) probs[((pairs - 1) * G + g) * 16 + 2 * h + 1] = -INFINITY;
+    f16 mx = load(probs + g * 16);
+    for (int64_t p = 1; p < pairs; ++p) {
+      const f16 v = load(probs + (p * G + g) * 16);
+      mx = v > mx ? v : mx;
+    }
+    mx = pair_max(mx);
+    f16 sum = {};
+    // the probabilities, unnormalised, as bfloat16 pairs: lanes 2h and 2h + 1 are head h's two keys
+    for (int64_t p = 0; p < pairs; ++p) {
+      const f16 e = exp_nonpositive(load(probs + (p * G + g) * 16) - mx);
+      sum += e;
+      __m512 ev;
+      std::memcpy(&ev, &e, sizeof ev);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(scratch.prob_pairs.data() + p * kHeads),
+                          (__m256i)_mm512_cvtneps_pbh(ev));
+    }
+    float inv_sum[16];
+    store(inv_sum, 1.0f / pair_sum(sum));
+    // the attended latent, 32 columns at a time: lanes are columns, each summing a pair of keys
+    for (int64_t c0 = 0; c0 < C; c0 += 32) {
+      __m512 acc[kHeads][2];
+      for (int64_t h = 0; h < kHeads; ++h) acc[h][0] = acc[h][1] = _mm512_setzero_ps();
+      for (int64_t p = 0; p < pairs; ++p) {
+        const __m512i row0 = _mm512_loadu_si512(rows[2 * p] + c0), row1 = _mm512_loadu_si512(rows[2 * p + 1] + c0);
+        const __m512bh k0 = (__m512bh)_mm512_permutex2var_epi16(row0, low, row1);
+        const __m512bh k1 = (__m512bh)_mm512_permutex2var_epi16(row0, high, row1);
+        const uint32_t* pp = scratch.prob_pairs.data() + p * kHeads;
+#pragma GCC unroll 8
+        for (int64_t h = 0; h < kHeads; ++h) {
+          const __m512bh ph = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pp[h]));
+          acc[h][0] = _mm512_dpbf16_ps(acc[h][0], ph, k0);
+          acc[h][1] = _mm512_dpbf16_ps(acc[h][1], ph, k1);
+        }
+      }
+      for (int64_t h = 0; h < kHeads; ++h) {
+        const __m512 inv = _mm512_set1_ps(inv_sum[2 * h]);
+        _mm512_storeu_ps(out + (g * kHeads + h) * C + c0, _mm512_mul_ps(acc[h][0], inv));
+        _mm512_storeu_ps(out + (g * kHeads + h) * C + c0 + 16, _mm512_mul_ps(acc[h][1], inv));
+      }
+    }
+  }
+}
+#endif
+
+// out[0, m) = sum over i < n of x[i] * w[i, 0, m) (w [n, m] row-major), 64 columns at a time in registers
+inline void vector_times_matrix(const float* x, int64_t n, const float* w, int64_t m, float* out) {
+  int64_t j = 0;
+  for (; j + 64 <= m; j += 64) {
+    f16 acc[4] = {};
+    for (int64_t i = 0; i < n; ++i)
+      for (int v = 0; v < 4; ++v) acc[v] += x[i] * load(w + i * m + j + 16 * v);
+    for (int v = 0; v < 4; ++v) store(out + j + 16 * v, acc[v]);
+  }
+  for (; j + 16 <= m; j += 16) {
+    f16 acc = {};
+    for (int64_t i = 0; i < n; ++i) acc += x[i] * load(w + i * m + j);
+    store(out + j, acc);
+  }
+  for (; j < m; ++j) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n; ++i) acc += x[i] * w[i * m + j];
+    out[j] = acc;
+  }
+}
+
 // Rows [begin, end) of a step: their queries absorbed into the latent (q_nope . W_UK per head), attended
-// (`attend_row`), and the attended latents projected to each head's value (. W_UV^T). The projections run head by
-// head over all the rows, so each head's weights are converted and read once per call of this, not once per row.
+// (`attend_row`, or `attend_row_bf16` where it serves), and the attended latents projected to each head's value
+// (. W_UV^T). The projections run head by head over all the rows, so each head's weights are converted and read
+// once per call of this, not once per row.
 template <typename cache_t>
 void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q_pe, const cache_t* w_kv,
                  const cache_t* cache, const int64_t* block_tables, const int64_t* positions, int64_t Q, int64_t N,
@@ -169,23 +316,21 @@ void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q
   for (int64_t h = 0; h < H; ++h) {
     const cache_t* w_uk = w_kv + h * (NH + V) * C;
     for (int64_t i = 0; i < NH * C; ++i) weights[i] = to_float(w_uk[i]);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* qn = q_nope + ((begin + r) * H + h) * NH;
-      float* ql = latent.data() + (r * H + h) * C;
-      std::fill(ql, ql + C, 0.0f);
-      for (int64_t n = 0; n < NH; ++n) {
-        const float* w = weights.data() + n * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) ql[c] += qn[n] * w[c];
-      }
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      vector_times_matrix(q_nope + ((begin + r) * H + h) * NH, NH, weights.data(), C,
+                          latent.data() + (r * H + h) * C);
   }
+  auto attend = attend_row<cache_t>;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<cache_t, c10::BFloat16>)
+    if (C % 32 == 0 && R % 2 == 0) attend = attend_row_bf16;
+#endif
   Scratch scratch;
   std::vector<float> attended(H * C);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = begin + r;
-    attend_row(latent.data() + r * H * C, q_pe + i * H * R, cache, block_tables + (i / Q) * N,
-               positions[i] + 1, block_size, H, C + R, C, scale, scratch, attended.data());
+    attend(latent.data() + r * H * C, q_pe + i * H * R, cache, block_tables + (i / Q) * N, positions[i] + 1,
+           block_size, H, C + R, C, scale, scratch, attended.data());
     std::copy(attended.begin(), attended.end(), latent.begin() + r * H * C);  // the row's query is spent
   }
   // out[r, h, :] = W_UV[h] . latent[r, h, :], W_UV[h] transposed to [C, V] so that each term is a contiguous row
@@ -193,16 +338,8 @@ void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q
     const cache_t* w_uv = w_kv + (h * (NH + V) + NH) * C;
     for (int64_t v = 0; v < V; ++v)
       for (int64_t c = 0; c < C; ++c) weights[c * V + v] = to_float(w_uv[v * C + c]);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* lat = latent.data() + (r * H + h) * C;
-      float* o = out + ((begin + r) * H + h) * V;
-      std::fill(o, o + V, 0.0f);
-      for (int64_t c = 0; c < C; ++c) {
-        const float* w = weights.data() + c * V;
-#pragma omp simd
-        for (int64_t v = 0; v < V; ++v) o[v] += lat[c] * w[v];
-      }
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      vector_times_matrix(latent.data() + (r * H + h) * C, C, weights.data(), V, out + ((begin + r) * H + h) * V);
   }
 }
 

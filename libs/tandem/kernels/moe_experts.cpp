@@ -9,7 +9,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -61,13 +60,7 @@ void tile_fma(const A* const* a, Columns<W> w, int64_t K, float* out) {
 // interleaved into a pair per column, times the row's pair (a[r][k], a[r][k + 1]) in every lane; K even
 template <int MR>
 void tile_dpbf16(const c10::BFloat16* const* a, Columns<c10::BFloat16> w, int64_t K, float* out) {
-  // 16-bit lane i of an interleaved vector: column offset + i / 2 of row k (i even) or row k + 1 (i odd, bit 5)
-  alignas(64) int16_t first[32], second[32];
-  for (int i = 0; i < 32; ++i) {
-    first[i] = static_cast<int16_t>((i & 1) << 5 | i >> 1);
-    second[i] = static_cast<int16_t>((i & 1) << 5 | (16 + (i >> 1)));
-  }
-  const __m512i low = _mm512_load_si512(first), high = _mm512_load_si512(second);
+  const __m512i low = pair_rows_index(0), high = pair_rows_index(16);
   __m512 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 2) {

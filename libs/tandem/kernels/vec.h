@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
@@ -115,5 +116,15 @@ void dispatch_dtype(at::ScalarType dtype, const char* name, F&& f) {
     default: TORCH_CHECK(false, name, " takes float32, bfloat16 or float16, got ", dtype);
   }
 }
+
+#if defined(__AVX512BF16__)
+// The index by which _mm512_permutex2var_epi16(row0, index, row1) interleaves columns offset to offset + 15 of two
+// rows of 32 bfloat16 values into a pair per column, (row0's, row1's): the operand `vdpbf16ps` sums the products of
+inline __m512i pair_rows_index(int offset) {
+  alignas(64) int16_t index[32];
+  for (int i = 0; i < 32; ++i) index[i] = static_cast<int16_t>((i & 1) << 5 | (offset + (i >> 1)));
+  return _mm512_load_si512(index);
+}
+#endif
 
 }  // namespace tandem
