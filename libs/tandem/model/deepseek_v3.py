@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.kernels import layer_ops, mla_decode
+from tandem.kernels import ffn, layer_ops, mla_decode, prompt_attention
 from tandem.model.attention_metadata import AttentionMetadata, DenseCausal, Paged
 from tandem.model.config import ModelConfig, RopeConfig
 from tandem.moe.experts import ExpertBank, LocalExperts
@@ -187,9 +187,12 @@ class MLA(nn.Module):
         """Sequences with nothing before them, their tokens one sequence after another (`lengths`): each attends
         causally to itself, over keys and values expanded from its own latents, in the fused kernel (no cache
         read, no padding, the masked half of each sequence's blocks skipped). Sequences of one length run as one
-        batch. Returns [T, H, V]."""
+        batch; on the CPU the kernel (`tandem.kernels.prompt_attention`) runs them where it applies. Returns
+        [T, H, V]."""
         k, v = self._expand(c_kv, k_pe)  # [T, H, N+R], [T, H, V]
         q = torch.cat([q_nope, q_pe], dim=-1)
+        if prompt_attention.applies(q, k, v):
+            return prompt_attention.prompt_attention(q, k, v, lengths, self.softmax_scale)
         if len(set(lengths)) == 1:
             out = self._fused_attention(*(t.view(-1, lengths[0], *t.shape[1:]) for t in (q, k, v)), causal=True)
             return out.flatten(0, 1)
@@ -282,6 +285,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        if ffn.runs_mlp(x, *weights):  # a decode step's few rows, eager or compiled
+            return ffn.mlp(x, *weights)
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.dim() == 2 and layer_ops.applies(gate):
             return self.down_proj(layer_ops.silu_mul(gate, up))

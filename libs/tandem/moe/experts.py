@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.kernels import layer_ops, moe_experts
+from tandem.kernels import ffn, layer_ops
 from tandem.model.layout import decode_layout
 from tandem.moe.placement import LayerPlacement
 
@@ -60,11 +60,11 @@ class ExpertBank(nn.Module):
         grouped matmul per projection then runs every expert, with no host sync and no per-expert launches,
         where that pays (see `_grouped_mm_pays`). A single token on the CPU skips all of that (`_one_token`).
         Compiled (torch.compile or torch.export), except where grouped matmuls have kernels, `_traceable` runs.
-        On the CPU the kernel (`tandem.kernels.moe_experts`), where it applies, runs instead of all of these.
+        On the CPU the kernel (`tandem.kernels.ffn`), where it serves the bank, runs instead of all of these.
         """
         # T tokens, K active experts, D hidden, I expert intermediate
-        if moe_experts.applies(x, self.gate_up_proj, self.down_proj):
-            return moe_experts.moe_experts(x, slot_ids, weights, self.gate_up_proj, self.down_proj)
+        if self.runs_in_kernel and ffn.runs_on(x, self.gate_up_proj, self.down_proj):
+            return ffn.moe_experts(x, slot_ids, weights, self.gate_up_proj, self.down_proj)
         if torch.compiler.is_compiling() and not grouped_mm_available(x.device, x.dtype):
             return self._traceable(x, slot_ids, weights)
         if x.shape[0] == 1 and x.device.type == "cpu":
@@ -133,8 +133,13 @@ class ExpertBank(nn.Module):
     def max_gathered_tokens(self, top_k: int) -> int | None:
         """The most tokens of `top_k` experts each that `_traceable` runs by gathering their experts' weights
         (no more (token, expert) pairs than slots); more run densely. A compiled graph serves one side of this.
-        None where the CPU kernel runs the bank (`tandem.kernels.moe_experts.serves`), whatever the tokens."""
-        return None if moe_experts.serves(self.gate_up_proj, self.down_proj) else self.num_slots // top_k
+        None where the CPU kernel runs the bank (`runs_in_kernel`), whatever the tokens."""
+        return None if self.runs_in_kernel else self.num_slots // top_k
+
+    @property
+    def runs_in_kernel(self) -> bool:
+        """Whether the CPU kernel (`tandem.kernels.ffn`) runs this bank's experts, on inputs wanting no gradient."""
+        return ffn.serves_experts(self.gate_up_proj, self.down_proj)
 
     def _per_expert(self, h: torch.Tensor, sorted_slots: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The experts one at a time, each over its run of `h` (its rows' intermediates times `scale`, their gate

@@ -1,11 +1,13 @@
-"""The CPU kernel of a MoE layer's routed experts (`tandem.kernels.moe_experts`) against the definition: each
-token's experts run one by one in float32."""
+"""The CPU kernels of feed-forward layers (`tandem.kernels.ffn`) against their definitions in float32: a MoE
+layer's routed experts (each token's experts one by one) and a dense SwiGLU MLP."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tandem.kernels import library, moe_experts
+from tandem.kernels import ffn, library
+from tandem.model.deepseek_v3 import MLP
+from tandem.model.layout import use_decode_layout_
 from tandem.moe.experts import ExpertBank
 
 SLOTS, HIDDEN, INTER, TOP_K = 6, 64, 32, 3
@@ -58,7 +60,7 @@ def test_the_kernel_runs_each_tokens_experts_as_the_definition(dtype, num_tokens
     x = torch.randn(num_tokens, HIDDEN).to(dtype)
     slots, weights = routed(num_tokens)
     with torch.no_grad():
-        assert moe_experts.applies(x, bank.gate_up_proj, bank.down_proj)
+        assert bank.runs_in_kernel and ffn.runs_on(x, bank.gate_up_proj, bank.down_proj)
         got = bank(x, slots, weights)
     assert got.dtype == dtype and got.shape == x.shape
     assert relative_error(got, definition(bank, x, slots, weights)) < TOLERANCE[dtype]
@@ -70,8 +72,8 @@ def test_the_kernel_reads_strided_rows_and_weights_of_any_float_dtype():
     x = wide[:, :96]  # rows 128 apart
     slots, weights = routed(20, slots=16, top_k=4)
     with torch.no_grad():
-        got = moe_experts.moe_experts(x, slots, weights.bfloat16(), bank.gate_up_proj, bank.down_proj)
-        same = moe_experts.moe_experts(x.contiguous(), slots, weights.bfloat16(), bank.gate_up_proj, bank.down_proj)
+        got = ffn.moe_experts(x, slots, weights.bfloat16(), bank.gate_up_proj, bank.down_proj)
+        same = ffn.moe_experts(x.contiguous(), slots, weights.bfloat16(), bank.gate_up_proj, bank.down_proj)
     assert torch.equal(got, same)
     assert relative_error(got, definition(bank, x, slots, weights.bfloat16())) < 1e-2
 
@@ -109,14 +111,14 @@ def test_the_kernel_keeps_out_of_what_it_cannot_serve(monkeypatch):
     x = torch.randn(4, HIDDEN)
     # a gradient wanted (training); row-major weights (a bank not in the decoding layouts); sizes not multiples
     # of 32; the library not loaded
-    assert not moe_experts.applies(x.requires_grad_(), bank.gate_up_proj, bank.down_proj)
+    assert not ffn.runs_on(x.requires_grad_(), bank.gate_up_proj, bank.down_proj)
     row_major = ExpertBank(SLOTS, HIDDEN, INTER)
-    assert not moe_experts.applies(x, row_major.gate_up_proj, row_major.down_proj)
+    assert not row_major.runs_in_kernel and row_major.max_gathered_tokens(TOP_K) == SLOTS // TOP_K
     narrow = bank_of(torch.float32, inter=24)
-    assert not moe_experts.serves(narrow.gate_up_proj, narrow.down_proj)
+    assert not narrow.runs_in_kernel
     assert narrow.max_gathered_tokens(TOP_K) == SLOTS // TOP_K and bank.max_gathered_tokens(TOP_K) is None
     monkeypatch.setattr(library, "_loaded", False)
-    assert not moe_experts.serves(bank.gate_up_proj, bank.down_proj)
+    assert not bank.runs_in_kernel
 
 
 def test_torch_export_traces_the_kernel_into_the_graph():
@@ -134,7 +136,7 @@ def test_bad_inputs_get_clear_errors():
     x = torch.randn(3, HIDDEN)
     slots, weights = routed(3)
     gate_up, down = bank.gate_up_proj, bank.down_proj
-    run = moe_experts.moe_experts
+    run = ffn.moe_experts
     with pytest.raises(RuntimeError, match="slot 6 outside the 6 slots"):
         run(x, slots.index_fill(1, torch.tensor([0]), SLOTS), weights, gate_up, down)
     with pytest.raises(RuntimeError, match="must be of x's dtype"):
@@ -150,3 +152,58 @@ def test_bad_inputs_get_clear_errors():
         run(x, slots, weights, narrow.gate_up_proj, narrow.down_proj)
     with pytest.raises(RuntimeError, match=r"gate_up must be \[P, 2I, 64\]"):
         run(x, slots, weights, gate_up[:, :, :32], down)
+
+
+def mlp_of(dtype: torch.dtype, hidden: int = HIDDEN, inter: int = 96, seed: int = 2) -> MLP:
+    """A dense MLP in the CPU decoding layout (column-major weights), as `load_model` lays a CPU model out."""
+    torch.manual_seed(seed)
+    mlp = MLP(hidden, inter).to(dtype).requires_grad_(False)
+    use_decode_layout_(mlp)
+    return mlp
+
+
+def mlp_definition(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+    gate, up, down = (m.weight.float() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    return (F.silu(x.float() @ gate.t()) * (x.float() @ up.t())) @ down.t()
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("num_tokens", [1, 5, 128, 300])
+def test_a_dense_mlp_runs_in_the_kernel_as_its_definition(dtype, num_tokens):
+    mlp = mlp_of(dtype)
+    weights = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    x = torch.randn(num_tokens, HIDDEN).to(dtype)
+    with torch.no_grad():
+        # eager forwards of more rows (prompts) keep the matmuls
+        assert ffn.runs_mlp(x, *weights) == (num_tokens <= ffn.MLP_MAX_ROWS)
+        got = ffn.mlp(x, *weights)
+        if num_tokens <= ffn.MLP_MAX_ROWS:
+            assert torch.equal(mlp(x), got)  # the forward took the kernel
+    assert got.dtype == dtype
+    assert relative_error(got, mlp_definition(mlp, x)) < TOLERANCE[dtype]
+
+
+def test_the_mlp_kernel_keeps_out_of_what_it_cannot_serve():
+    row_major = MLP(HIDDEN, 96)
+    assert not ffn.serves_mlp(row_major.gate_proj.weight, row_major.up_proj.weight, row_major.down_proj.weight)
+    narrow = mlp_of(torch.float32, inter=40)
+    assert not ffn.serves_mlp(narrow.gate_proj.weight, narrow.up_proj.weight, narrow.down_proj.weight)
+    mlp = mlp_of(torch.float32)
+    x = torch.randn(3, HIDDEN)
+    torch.testing.assert_close(mlp(x), mlp_definition(mlp, x), rtol=1e-5, atol=1e-5)
+    # training: the weights want gradients, which the kernel has none of
+    mlp.requires_grad_(True)
+    mlp(x).sum().backward()
+    assert mlp.gate_proj.weight.grad is not None
+
+
+def test_the_mlp_kernel_refuses_bad_weights_clearly():
+    mlp = mlp_of(torch.float32)
+    gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    x = torch.randn(3, HIDDEN)
+    with pytest.raises(RuntimeError, match="mlp's weights must be column-major"):
+        ffn.mlp(x, gate.contiguous(), up, down)
+    with pytest.raises(RuntimeError, match="mlp's weights must be of x's dtype"):
+        ffn.mlp(x.bfloat16(), gate, up, down)
+    with pytest.raises(RuntimeError, match=r"mlp's gate and up must be \[I, 64\]"):
+        ffn.mlp(x, gate, up[:32], down)

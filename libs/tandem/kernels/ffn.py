@@ -1,0 +1,83 @@
+"""The CPU kernels of SwiGLU feed-forward layers: a MoE layer's routed experts, each run on just the tokens routed
+to it, and a dense MLP (a dense layer's, or a MoE layer's shared experts).
+
+As tensor operations on the CPU, a decode step's feed-forward layers are a few dozen matmuls of a handful of rows,
+and oneDNN's bfloat16 matmuls cost 15-30 us each whatever their size (on a 2-core EPYC, Zen 4). Worse, the routed
+experts ran one of two ways, both slow at a step's few tokens: eagerly, one matmul per expert in use for each
+projection; compiled, past a few tokens, every expert on every token (`ExpertBank._traceable`), two matmuls over all
+the experts side by side, with P/K times the multiplies (4x for the bundled model's 16 experts, 4 active; 32x for
+DeepSeek-V3's). The kernels (`ffn.cpp`) sort the (token, expert) pairs by expert and run each expert's projections
+on its own rows, in register tiles of 8 rows x 32 columns, with `vdpbf16ps` in bfloat16 where the CPU has
+AVX512-BF16, and threads splitting (expert, column block) tasks by rows; a dense MLP is one expert every token
+uses. On that EPYC, a bfloat16 MLP of 256 -> 384 -> 256 took 13 us against 60 us for its two matmuls at 1 row, 22
+against 65 at 8 rows, 86 against 129 at 32; a prompt's hundreds of rows keep the matmuls (`runs_mlp`).
+
+They are part of the CPU kernels' library (`tandem.kernels.library`), loaded by CPU engines and expert servers.
+Eager forwards call them, and so do compiled decode passes (`torch.export` traces the operators into AOTInductor's
+libraries), unlike the layer operations (`layer_ops`), whose tensor form Inductor fuses well.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tandem.kernels import library
+
+COLUMNS = 32  # the kernels' tiles are 32 columns wide: the hidden and intermediate sizes must be multiples
+# the most rows an eager dense MLP runs in the kernel: past about this many, oneDNN's matmuls were the faster (on a
+# 2-core EPYC, Zen 4, bfloat16, 256 -> 768 -> 256: 684 against 679 us at 128 rows, 5.2 against 5.1 ms at 1024)
+MLP_MAX_ROWS = 128
+
+library.OPS.define("moe_experts(Tensor x, Tensor slot_ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor")
+library.OPS.define("mlp(Tensor x, Tensor gate, Tensor up, Tensor down) -> Tensor")
+
+
+@torch.library.register_fake("tandem::moe_experts")
+def _(x, slot_ids, weights, gate_up, down):
+    """The output's shape, for torch.export to trace the operator."""
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("tandem::mlp")
+def _(x, gate, up, down):
+    return x.new_empty(x.shape)
+
+
+def serves_experts(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether the kernel serves routed experts of these stacked weights (on CPU inputs wanting no gradient): loaded,
+    the weights on the CPU with their second dim contiguous (the decoding layouts, `tandem.model.layout`), and the
+    hidden and intermediate sizes multiples of `COLUMNS`."""
+    return library.loaded() and gate_up.device.type == "cpu" and gate_up.stride(1) == 1 and down.stride(1) == 1 \
+        and down.shape[1] % COLUMNS == 0 and down.shape[2] % COLUMNS == 0
+
+
+def serves_mlp(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether the kernel serves a dense MLP of these weights ([I, D], [I, D], [D, I]): loaded, on the CPU,
+    column-major (the decoding layout), sizes multiples of `COLUMNS`."""
+    return library.loaded() and gate.device.type == "cpu" and all(w.stride(0) == 1 for w in (gate, up, down)) \
+        and gate.shape[0] % COLUMNS == 0 and gate.shape[1] % COLUMNS == 0
+
+
+def runs_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether the kernel runs a dense MLP of these weights on x [T, D]: it serves them (`serves_mlp`), x's rows are
+    contiguous, and T is at most `MLP_MAX_ROWS` or the pass is being compiled (a decode step's few rows, whose count
+    a compiled pass must not branch on)."""
+    return x.dim() == 2 and x.stride(-1) == 1 and serves_mlp(gate, up, down) and runs_on(x, gate, up, down) \
+        and (torch.compiler.is_compiling() or x.shape[0] <= MLP_MAX_ROWS)
+
+
+def runs_on(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a kernel serving `weights` runs on x: on the CPU, and no gradient wanted of any."""
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)))
+
+
+def moe_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """Each token's weighted sum over its experts, as `ExpertBank.forward`: x [T, D], slot_ids [T, K] (local
+    slots), weights [T, K], gate_up [P, 2I, D] and down [P, D, I] of x's dtype."""
+    return torch.ops.tandem.moe_experts(x, slot_ids, weights, gate_up, down)
+
+
+def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) for x [T, D] and nn.Linear weights gate, up [I, D] and down [D, I]."""
+    return torch.ops.tandem.mlp(x, gate, up, down)

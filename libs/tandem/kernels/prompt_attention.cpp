@@ -1,0 +1,121 @@
+// Causal attention of prompts over their own expanded keys and values on the CPU: see prompt_attention.py.
+//
+// A task is one (sequence, head): its keys transposed into a [E, L] buffer and its values copied into a [L, V] one
+// (both zero-padded, so that tiles may read whole blocks), then 8 query rows at a time: their scores over the keys
+// up to the block's last row in register tiles (`tiles.h`), softmax in float32 with the future masked, the
+// probabilities rounded to the inputs' dtype, and their product with the values normalised. Threads take runs of
+// tasks of about equal L^2.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "tiles.h"
+#include "vec.h"
+
+namespace {
+
+using namespace tandem;
+
+template <typename X>
+void attend_sequence(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start, int64_t length,
+                     int64_t h, float scale, at::Tensor& out) {
+  const int64_t E = q.size(2), V = v.size(2), padded = (length + kCols - 1) / kCols * kCols;
+  const X *qp = q.data_ptr<X>(), *kp = k.data_ptr<X>(), *vp = v.data_ptr<X>();
+  X* op = out.data_ptr<X>();
+  std::vector<X> keys(E * padded, X(0.0f)), values(padded * V, X(0.0f));  // keys [E, L], values [L, V]
+  for (int64_t j = 0; j < length; ++j) {
+    const X* key = kp + (start + j) * k.stride(0) + h * k.stride(1);
+    for (int64_t e = 0; e < E; ++e) keys[e * padded + j] = key[e];
+    std::copy_n(vp + (start + j) * v.stride(0) + h * v.stride(1), V, values.data() + j * V);
+  }
+  std::vector<float> scores(kMaxRows * padded), tile_out(kMaxRows * kCols);
+  std::vector<X> probs(kMaxRows * padded);
+  float inv_sum[kMaxRows];
+  const X* a[kMaxRows];
+  for (int64_t r0 = 0; r0 < length; r0 += kMaxRows) {
+    const int64_t m = std::min(kMaxRows, length - r0), seen = r0 + m;  // keys 0 .. seen - 1
+    const int64_t blocks = (seen + kCols - 1) / kCols, even = (seen + 1) / 2 * 2;
+    for (int64_t r = 0; r < m; ++r) a[r] = qp + (start + r0 + r) * q.stride(0) + h * q.stride(1);
+    for (int64_t b = 0; b < blocks; ++b) {
+      tile_rows(m, a, Columns<X>{keys.data() + b * kCols, padded}, E, tile_out.data());
+      for (int64_t r = 0; r < m; ++r)
+        std::copy_n(tile_out.data() + r * kCols, kCols, scores.data() + r * padded + b * kCols);
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t visible = r0 + r + 1;
+      float* s = scores.data() + r * padded;
+      float mx = -INFINITY, sum = 0.0f;
+      for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, s[j] * scale);
+      X* p = probs.data() + r * padded;
+      int64_t j = 0;
+      f16 sums = {};
+      for (; j + 16 <= visible; j += 16) {
+        const f16 e = exp_nonpositive(load(s + j) * scale - mx);
+        store_float(p + j, e);
+        sums += e;
+      }
+      for (int i = 0; i < 16; ++i) sum += sums[i];
+      for (; j < visible; ++j) {
+        const float e = std::exp(s[j] * scale - mx);
+        p[j] = X(e);
+        sum += e;
+      }
+      for (; j < even; ++j) p[j] = X(0.0f);
+      inv_sum[r] = 1.0f / sum;
+      a[r] = p;
+    }
+    for (int64_t c0 = 0; c0 < V; c0 += kCols) {
+      tile_rows(m, a, Columns<X>{values.data() + c0, V}, even, tile_out.data());
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = 0; c < kCols; c += 16)
+          store_float(op + (start + r0 + r) * out.stride(0) + h * out.stride(1) + c0 + c,
+                      load(tile_out.data() + r * kCols + c) * inv_sum[r]);
+    }
+  }
+}
+
+// Each sequence of `lengths` (one after another in q's first dim) attending causally to itself: q and k [T, H, E],
+// v [T, H, V] of one dtype, each row's last dim contiguous; V a multiple of 32, E even. Returns [T, H, V].
+at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef lengths,
+                            double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && k.sizes() == q.sizes() && v.dim() == 3 &&
+                  v.size(0) == q.size(0) && v.size(1) == q.size(1),
+              "prompt_attention's q and k must be CPU [T, H, E] and v [T, H, V], got ", q.sizes(), ", ", k.sizes(),
+              " and ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "prompt_attention's q, k and v must have one dtype");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+              "prompt_attention's q, k and v must have their last dim contiguous");
+  const int64_t T = q.size(0), H = q.size(1), E = q.size(2), V = v.size(2);
+  TORCH_CHECK(V % kCols == 0 && E % 2 == 0, "prompt_attention's value dim must be a multiple of ", kCols,
+              " and its key dim even, got ", V, " and ", E);
+  std::vector<int64_t> starts;
+  int64_t total = 0;
+  for (const int64_t n : lengths) {
+    TORCH_CHECK(n > 0, "prompt_attention's lengths must be positive, got ", n);
+    starts.push_back(total);
+    total += n;
+  }
+  TORCH_CHECK(total == T, "prompt_attention's lengths sum to ", total, ", not the ", T, " tokens of q");
+  auto out = at::empty({T, H, V}, q.options());
+  const int64_t S = static_cast<int64_t>(lengths.size());
+  std::vector<int64_t> costs(S * H);
+  for (int64_t i = 0; i < S * H; ++i) costs[i] = lengths[i / H] * lengths[i / H] + 64;
+  dispatch_dtype(q.scalar_type(), "prompt_attention", [&](auto zero) {
+    using X = decltype(zero);
+    run_tasks(costs, [&](int64_t i) {
+      attend_sequence<X>(q, k, v, starts[i / H], lengths[i / H], i % H, static_cast<float>(scale), out);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tandem, CPU, m) { m.impl("prompt_attention", &prompt_attention); }
