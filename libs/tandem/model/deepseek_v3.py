@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.kernels import ffn, layer_ops, mla_decode, prompt_attention
+from tandem.kernels.linear import Linear
 from tandem.model.attention_metadata import AttentionMetadata, DenseCausal, Paged
 from tandem.model.config import ModelConfig, RopeConfig
 from tandem.moe.experts import ExpertBank, LocalExperts
@@ -131,15 +132,15 @@ class MLA(nn.Module):
         self.softmax_scale = config.softmax_scale
         H, D = self.num_heads, config.hidden_size
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * config.qk_head_dim, bias=False)
+            self.q_proj = Linear(D, H * config.qk_head_dim)
         else:
-            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(D, config.q_lora_rank)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, H * config.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
+            self.q_b_proj = Linear(config.q_lora_rank, H * config.qk_head_dim)
+        self.kv_a_proj_with_mqa = Linear(D, config.kv_lora_rank + config.qk_rope_head_dim)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * config.v_head_dim, D, bias=False)
+        self.o_proj = Linear(H * config.v_head_dim, D)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: RopeTables) -> torch.Tensor:
         # T tokens, H heads, C kv_lora_rank, R rope dim, N no-rope dim, V value dim
@@ -374,7 +375,7 @@ class MTPLayer(DecoderLayer):
         super().__init__(config, layer_idx)
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size)
         self.shared_head = SharedHead(config)
 
     def forward(self, token_embeds: torch.Tensor, prev_hidden: torch.Tensor, meta: AttentionMetadata,
@@ -409,7 +410,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config = config
         self.mtp_input = mtp_input
         self.model = DeepseekV3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
