@@ -43,7 +43,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
         for (int64_t r = 0; r < m; ++r) a[r] = xp + (r0 + r) * x.stride(0);
         tile_rows(m, a, Columns<X>{wp + c0, weight.stride(1)}, K, tile_out);
         for (int64_t r = 0; r < m; ++r)
-          for (int64_t c = 0; c < kCols; c += 16) store_float(op + (r0 + r) * N + c0 + c, load(tile_out + r * kCols + c));
+          for (int64_t c = 0; c < kCols; c += 16)
+            store_float(op + (r0 + r) * N + c0 + c, load(tile_out + r * kCols + c));
       }
     });
   });
