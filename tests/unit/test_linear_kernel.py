@@ -22,14 +22,15 @@ def layer(in_features: int, out_features: int, dtype: torch.dtype) -> linear.Lin
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 5e-3), (torch.float16, 1e-3)])
 @pytest.mark.parametrize("rows", [1, 7, 64])
-def test_the_kernel_multiplies_as_f_linear(dtype, tolerance, rows):
-    module = layer(96, 160, dtype)
+@pytest.mark.parametrize("out_features", [160, 80, 16])  # whole tiles of 32 columns, then a half one
+def test_the_kernel_multiplies_as_f_linear(dtype, tolerance, rows, out_features):
+    module = layer(96, out_features, dtype)
     x = (torch.randn(rows + 5, 128)[5:, :96]).to(dtype)  # rows strided in memory
     with torch.no_grad():
         assert linear.runs(x, module.weight)
         got = module(x)
     want = x.float() @ module.weight.float().t()
-    assert got.dtype == dtype and got.shape == (rows, 160)
+    assert got.dtype == dtype and got.shape == (rows, out_features)
     assert float((got.float() - want).norm() / want.norm()) < tolerance
 
 
@@ -38,7 +39,7 @@ def test_what_the_kernel_does_not_serve_runs_as_f_linear(monkeypatch):
     x = torch.randn(3, 64)
     many = torch.randn(linear.MAX_ROWS + 1, 64)
     row_major = linear.Linear(64, 64)
-    odd = layer(64, 48, torch.float32)
+    odd = layer(64, 40, torch.float32)
     with torch.no_grad():
         assert not linear.runs(many, module.weight)  # a prompt's rows: oneDNN's matmul
         assert not linear.runs(x, row_major.weight) and not linear.runs(x, odd.weight)
@@ -56,7 +57,7 @@ def test_bad_inputs_get_clear_errors():
     x = torch.randn(3, 64)
     with pytest.raises(RuntimeError, match="must be column-major"):
         torch.ops.tandem.linear(x, module.weight.contiguous())
-    with pytest.raises(RuntimeError, match="multiple of 32, got 48"):
-        torch.ops.tandem.linear(x, layer(64, 48, torch.float32).weight)
+    with pytest.raises(RuntimeError, match="multiple of 16, got 40"):
+        torch.ops.tandem.linear(x, layer(64, 40, torch.float32).weight)
     with pytest.raises(RuntimeError, match=r"weight must be \[out, 64\] of x's dtype"):
         torch.ops.tandem.linear(x.bfloat16(), module.weight)

@@ -18,7 +18,7 @@ namespace {
 using namespace tandem;
 
 // x [M, K] . weight^T, weight [N, K] column-major (nn.Linear's weight in the CPU decoding layout), of x's dtype;
-// N a multiple of 32. Returns [M, N].
+// N a multiple of 16 (a last block of 16 columns is a half tile). Returns [M, N].
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
               "linear's x must be a CPU [rows, in] tensor with contiguous rows, got ", x.sizes(), " strides ",
@@ -28,22 +28,26 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
               weight.sizes(), " ", weight.scalar_type());
   TORCH_CHECK(weight.stride(0) == 1, "linear's weight must be column-major, got strides ", weight.strides());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(N % kCols == 0, "linear's output size must be a multiple of ", kCols, ", got ", N);
+  TORCH_CHECK(N % 16 == 0, "linear's output size must be a multiple of 16, got ", N);
   auto out = at::empty({M, N}, x.options());
   dispatch_dtype(x.scalar_type(), "linear", [&](auto zero) {
     using X = decltype(zero);
     const X *xp = x.data_ptr<X>(), *wp = weight.data_ptr<X>();
     X* op = out.data_ptr<X>();
-    run_tasks(std::vector<int64_t>(N / kCols, M + 8), [&](int64_t block) {
-      const int64_t c0 = block * kCols;
+    run_tasks(std::vector<int64_t>((N + kCols - 1) / kCols, M + 8), [&](int64_t block) {
+      const int64_t c0 = block * kCols, width = std::min(kCols, N - c0);
+      const Columns<X> w{wp + c0, weight.stride(1)};
       const X* a[kMaxRows];
       float tile_out[kMaxRows * kCols];
       for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
         const int64_t m = std::min(kMaxRows, M - r0);
         for (int64_t r = 0; r < m; ++r) a[r] = xp + (r0 + r) * x.stride(0);
-        tile_rows(m, a, Columns<X>{wp + c0, weight.stride(1)}, K, tile_out);
+        if (width == kCols)
+          tile_rows(m, a, w, K, tile_out);
+        else
+          half_tile_rows(m, a, w, K, tile_out);
         for (int64_t r = 0; r < m; ++r)
-          for (int64_t c = 0; c < kCols; c += 16)
+          for (int64_t c = 0; c < width; c += 16)
             store_float(op + (r0 + r) * N + c0 + c, load(tile_out + r * kCols + c));
       }
     });

@@ -16,7 +16,7 @@ from torch import nn
 
 from tandem.kernels import library
 
-COLUMNS = 32  # output sizes must be multiples of the kernel's 32-column blocks
+COLUMNS = 16  # output sizes must be multiples of the kernel's 16-column vectors
 MAX_ROWS = 64  # the most rows an eager call runs in the kernel: about where oneDNN's matmuls become as fast
 
 library.OPS.define("linear(Tensor x, Tensor weight) -> Tensor")
@@ -37,6 +37,11 @@ def runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) without bias, in the CPU kernel where it serves (`runs`)."""
+    return torch.ops.tandem.linear(x, weight) if runs(x, weight) else F.linear(x, weight)
+
+
 class Linear(nn.Linear):
     """nn.Linear without bias, running the CPU kernel where it serves (`runs`)."""
 
@@ -44,6 +49,4 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if runs(x, self.weight):
-            return torch.ops.tandem.linear(x, self.weight)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.kernels import ffn, layer_ops, mla_decode, prompt_attention
-from tandem.kernels.linear import Linear
+from tandem.kernels.linear import Linear, linear
 from tandem.model.attention_metadata import AttentionMetadata, DenseCausal, Paged
 from tandem.model.config import ModelConfig, RopeConfig
 from tandem.moe.experts import ExpertBank, LocalExperts
@@ -306,7 +306,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        logits = F.linear(x.float(), self.weight.float())
+        logits = linear(x.float(), self.weight.float())
         return route(logits, self.e_score_correction_bias.float(), top_k=c.num_experts_per_tok, n_group=c.n_group,
                      topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
                      routed_scaling_factor=c.routed_scaling_factor)
