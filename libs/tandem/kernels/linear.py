@@ -28,7 +28,7 @@ def _(x, weight):
 
 
 def runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel runs x [..., in] . weight^T: loaded; x on the CPU with contiguous rows, at most `MAX_ROWS`
+    """Whether the kernel runs x [rows, in] . weight^T: loaded; x on the CPU with contiguous rows, at most `MAX_ROWS`
     of them unless compiled (a decode step's, whose count a compiled pass must not branch on); the weight
     column-major (the CPU decoding layout) with an output size a multiple of `COLUMNS`; no gradient wanted."""
     return library.loaded() and x.device.type == "cpu" and x.dim() == 2 and x.stride(-1) == 1 \
