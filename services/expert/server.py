@@ -333,7 +333,7 @@ class ExpertServer:
         main = moe_layer_ids(ckpt.config, num_mtp_layers=0)
         num_mtp = sum(ckpt.has(expert_key(layer, 0, "gate_proj")) for layer in layers[len(main):])
         if self._device().type == "cpu":
-            library.load()  # the experts' silu(gate) * up runs in its kernel
+            library.load()  # the experts run in its kernel
         banks, phy2log = load_server_experts(ckpt, placement, self.member.index, slots_per_server, num_mtp,
                                              dtype=DTYPES[self.config.dtype], device=self._device())
         log.info("loaded %d slots x %d MoE layers (placement version %d) from %s", slots_per_server, len(banks),

@@ -60,7 +60,7 @@ def test_the_kernel_runs_each_tokens_experts_as_the_definition(dtype, num_tokens
     x = torch.randn(num_tokens, HIDDEN).to(dtype)
     slots, weights = routed(num_tokens)
     with torch.no_grad():
-        assert bank.runs_in_kernel and ffn.runs_on(x, bank.gate_up_proj, bank.down_proj)
+        assert bank.runs_in_kernel and library.runs_on(x, bank.gate_up_proj, bank.down_proj)
         got = bank(x, slots, weights)
     assert got.dtype == dtype and got.shape == x.shape
     assert relative_error(got, definition(bank, x, slots, weights)) < TOLERANCE[dtype]
@@ -111,7 +111,7 @@ def test_the_kernel_keeps_out_of_what_it_cannot_serve(monkeypatch):
     x = torch.randn(4, HIDDEN)
     # a gradient wanted (training); row-major weights (a bank not in the decoding layouts); sizes not multiples
     # of 32; the library not loaded
-    assert not ffn.runs_on(x.requires_grad_(), bank.gate_up_proj, bank.down_proj)
+    assert not library.runs_on(x.requires_grad_(), bank.gate_up_proj, bank.down_proj)
     row_major = ExpertBank(SLOTS, HIDDEN, INTER)
     assert not row_major.runs_in_kernel and row_major.max_gathered_tokens(TOP_K) == SLOTS // TOP_K
     narrow = bank_of(torch.float32, inter=24)

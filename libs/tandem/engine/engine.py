@@ -92,7 +92,7 @@ class Engine:
             self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size),
             self.config.kv_cache_bytes // PagedKVCache.bytes_per_block(mc, self.config.block_size, self.dtype))
         self.cache = PagedKVCache(mc, num_blocks, self.config.block_size, self.dtype, self.device)
-        if self.device.type == "cpu":  # decode attention, and an eager forward's layer operations, run in its kernels
+        if self.device.type == "cpu":  # attention, matmuls of a few rows and layer operations run in its kernels
             library.load()
         self.scheduler = Scheduler(self.cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         max_drafts = self.config.num_speculative_tokens if mc.num_nextn_predict_layers else 0

@@ -104,12 +104,6 @@ void run_ffn(const at::Tensor& x, const std::vector<int64_t>& offsets, const std
   });
 }
 
-void check_input(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, op,
-              "'s x must be a CPU [tokens, hidden] tensor with contiguous rows, got ", x.sizes(), " strides ",
-              x.strides());
-}
-
 void check_sizes(int64_t D, int64_t I, const char* op) {
   TORCH_CHECK(D % kCols == 0 && I % kCols == 0, op, "'s hidden and intermediate sizes must be multiples of ", kCols,
               ", got ", D, " and ", I);
@@ -121,7 +115,7 @@ void check_sizes(int64_t D, int64_t I, const char* op) {
 // (the CPU decoding layouts); D and I multiples of 32.
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& slot_ids, const at::Tensor& weights,
                        const at::Tensor& gate_up, const at::Tensor& down) {
-  check_input(x, "moe_experts");
+  check_rows(x, "moe_experts' x");
   const int64_t T = x.size(0), D = x.size(1);
   TORCH_CHECK(slot_ids.dim() == 2 && slot_ids.size(0) == T && slot_ids.scalar_type() == at::kLong,
               "moe_experts' slot_ids must be [", T, ", K] int64, got ", slot_ids.sizes(), " ", slot_ids.scalar_type());
@@ -168,7 +162,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& slot_ids, const at
 // down(silu(gate(x)) * up(x)) of a dense SwiGLU MLP: x [T, D]; gate and up [I, D] and down [D, I] (nn.Linear's
 // weights) of x's dtype, column-major (the CPU decoding layout); D and I multiples of 32.
 at::Tensor mlp(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down) {
-  check_input(x, "mlp");
+  check_rows(x, "mlp's x");
   const int64_t T = x.size(0), D = x.size(1), I = gate.size(0);
   TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.size(1) == D && down.dim() == 2 &&
                   down.size(0) == D && down.size(1) == I,

@@ -62,13 +62,8 @@ def runs_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.
     """Whether the kernel runs a dense MLP of these weights on x [T, D]: it serves them (`serves_mlp`), x's rows are
     contiguous, and T is at most `MLP_MAX_ROWS` or the pass is being compiled (a decode step's few rows, whose count
     a compiled pass must not branch on)."""
-    return x.dim() == 2 and x.stride(-1) == 1 and serves_mlp(gate, up, down) and runs_on(x, gate, up, down) \
+    return x.dim() == 2 and x.stride(-1) == 1 and serves_mlp(gate, up, down) and library.runs_on(x, gate, up, down) \
         and (torch.compiler.is_compiling() or x.shape[0] <= MLP_MAX_ROWS)
-
-
-def runs_on(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether a kernel serving `weights` runs on x: on the CPU, and no gradient wanted of any."""
-    return x.device.type == "cpu" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)))
 
 
 def moe_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

@@ -43,11 +43,6 @@ int64_t grain(int64_t row_elements) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements));
 }
 
-void check_rows(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1, what,
-              " must be a CPU [rows, columns] tensor with contiguous rows, got ", t.sizes(), " strides ", t.strides());
-}
-
 // RMSNorm as DeepSeek's reference computes it: x normalised in float32, rounded to x's dtype, times the weight.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, "rms_norm's x");

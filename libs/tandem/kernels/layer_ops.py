@@ -27,8 +27,7 @@ library.OPS.define("silu_mul(Tensor gate, Tensor up, Tensor? scale) -> Tensor")
 def applies(x: torch.Tensor, *more: torch.Tensor) -> bool:
     """Whether the kernels serve an operation on x (and tensors `more`, its weights say): loaded, on the CPU, not
     being traced by a compiler, and no gradient wanted of any."""
-    return library.loaded() and x.device.type == "cpu" and not torch.compiler.is_compiling() and \
-        not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *more)))
+    return library.runs_on(x, *more) and not torch.compiler.is_compiling()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -47,6 +47,13 @@ def load(build_dir: Path | None = None) -> bool:
     return _loaded
 
 
+def runs_on(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether the library's kernels can run an operation on x and `tensors` (its weights, its other inputs): loaded,
+    x on the CPU, and no gradient wanted of any of them (the kernels have no backward)."""
+    return loaded() and x.device.type == "cpu" \
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)))
+
+
 def default_build_dir() -> Path:
     """`kernels` beside the compiled decode passes (`tandem.engine.aot_passes.writable_cache_dir`)."""
     from tandem.engine.aot_passes import writable_cache_dir  # it imports the model, which imports the kernels

@@ -20,9 +20,7 @@ using namespace tandem;
 // x [M, K] . weight^T, weight [N, K] column-major (nn.Linear's weight in the CPU decoding layout), of x's dtype;
 // N a multiple of 16 (a last block of 16 columns is a half tile). Returns [M, N].
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
-              "linear's x must be a CPU [rows, in] tensor with contiguous rows, got ", x.sizes(), " strides ",
-              x.strides());
+  check_rows(x, "linear's x");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.scalar_type() == x.scalar_type(),
               "linear's weight must be [out, ", x.size(1), "] of x's dtype ", x.scalar_type(), ", got ",
               weight.sizes(), " ", weight.scalar_type());

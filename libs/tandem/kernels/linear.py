@@ -31,10 +31,9 @@ def runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernel runs x [rows, in] . weight^T: loaded; x on the CPU with contiguous rows, at most `MAX_ROWS`
     of them unless compiled (a decode step's, whose count a compiled pass must not branch on); the weight
     column-major (the CPU decoding layout) with an output size a multiple of `COLUMNS`; no gradient wanted."""
-    return library.loaded() and x.device.type == "cpu" and x.dim() == 2 and x.stride(-1) == 1 \
+    return library.runs_on(x, weight) and x.dim() == 2 and x.stride(-1) == 1 \
         and weight.stride(0) == 1 and weight.shape[0] % COLUMNS == 0 and x.dtype == weight.dtype \
-        and (torch.compiler.is_compiling() or x.shape[0] <= MAX_ROWS) \
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and (torch.compiler.is_compiling() or x.shape[0] <= MAX_ROWS)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

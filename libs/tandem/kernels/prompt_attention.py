@@ -25,9 +25,8 @@ library.OPS.define("prompt_attention(Tensor q, Tensor k, Tensor v, int[] lengths
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel serves attention of these queries, keys and values ([T, H, E], [T, H, E], [T, H, V]):
     loaded, on the CPU, not being traced by a compiler, no gradient wanted, E even and V a multiple of 32."""
-    return library.loaded() and q.device.type == "cpu" and not torch.compiler.is_compiling() \
-        and q.shape[-1] % 2 == 0 and v.shape[-1] % VALUE_MULTIPLE == 0 \
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    return library.runs_on(q, k, v) and not torch.compiler.is_compiling() \
+        and q.shape[-1] % 2 == 0 and v.shape[-1] % VALUE_MULTIPLE == 0
 
 
 def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],

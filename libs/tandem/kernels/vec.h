@@ -106,6 +106,12 @@ inline f16 silu(f16 g) {
   return g * ((g < zero ? e : zero + 1.0f) / (1.0f + e));
 }
 
+// A kernel's [rows, columns] input `what` on the CPU, each row contiguous (rows may be strided), or a clear error
+inline void check_rows(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1, what,
+              " must be a CPU [rows, columns] tensor with contiguous rows, got ", t.sizes(), " strides ", t.strides());
+}
+
 // f(T{}) with T the C++ type of a float32, bfloat16 or float16 dtype
 template <typename F>
 void dispatch_dtype(at::ScalarType dtype, const char* name, F&& f) {

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.kernels import ffn, layer_ops
+from tandem.kernels import ffn, layer_ops, library
 from tandem.model.layout import decode_layout
 from tandem.moe.placement import LayerPlacement
 
@@ -63,7 +63,7 @@ class ExpertBank(nn.Module):
         On the CPU the kernel (`tandem.kernels.ffn`), where it serves the bank, runs instead of all of these.
         """
         # T tokens, K active experts, D hidden, I expert intermediate
-        if self.runs_in_kernel and ffn.runs_on(x, self.gate_up_proj, self.down_proj):
+        if self.runs_in_kernel and library.runs_on(x, self.gate_up_proj, self.down_proj):
             return ffn.moe_experts(x, slot_ids, weights, self.gate_up_proj, self.down_proj)
         if torch.compiler.is_compiling() and not grouped_mm_available(x.device, x.dtype):
             return self._traceable(x, slot_ids, weights)
