@@ -11,6 +11,7 @@ from tandem.engine.aot_passes import (CACHE_ENV, AOTPasses, FlatPass, ShapeClass
 from tandem.engine.decode_graphs import DecodeGraphs
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.kernels import library
+from tandem.kernels.tiles import pack_model_
 from tandem.model.attention_metadata import Paged, PagedStep
 from tandem.model.loading import load_model
 
@@ -41,6 +42,7 @@ def test_shape_classes_split_the_batches_where_the_experts_change_path(model, mo
 
 def test_experts_the_cpu_kernel_runs_split_no_shape_class(model, cpu_kernels):
     """The kernel runs the experts the same way for any number of tokens: batch 1, then every other batch."""
+    pack_model_(model)  # as a CPU engine does
     assert model.model.layers[1].mlp.experts.bank.max_gathered_tokens(4) is None
     assert shape_classes(model, 32, 1) == [ShapeClass(1, 1, 1), ShapeClass(1, 2, 32)]
     assert shape_classes(model, 32, 3) == [ShapeClass(3, 1, 1), ShapeClass(3, 2, 32)]
@@ -73,9 +75,11 @@ def test_a_compiled_pass_reads_the_models_weights_and_comes_from_the_cache_next_
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert graphs.num_graphs == 2 and graphs._aot.num_built == 1 and len(list(tmp_path.glob("*.pt2"))) == 1
 
-    # the weights are the model's tensors, not copies: a change shows in the next step
+    # the weights are the model's tensors, not copies: a change shows in the next step (packed again where the
+    # kernels read them packed)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    assert pack_model_(model) > 0
     got, want = one_step(model, graphs, engine.cache.tensor, 40)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tandem.kernels import ffn, library
+from tandem.kernels import ffn, library, tiles
 from tandem.model.deepseek_v3 import MLP
 from tandem.model.layout import use_decode_layout_
 from tandem.moe.experts import ExpertBank
@@ -72,8 +72,8 @@ def test_the_kernel_reads_strided_rows_and_weights_of_any_float_dtype():
     x = wide[:, :96]  # rows 128 apart
     slots, weights = routed(20, slots=16, top_k=4)
     with torch.no_grad():
-        got = ffn.moe_experts(x, slots, weights.bfloat16(), bank.gate_up_proj, bank.down_proj)
-        same = ffn.moe_experts(x.contiguous(), slots, weights.bfloat16(), bank.gate_up_proj, bank.down_proj)
+        got = ffn.moe_experts(x, slots, weights.bfloat16(), bank.gate_up_tiles, bank.down_tiles)
+        same = ffn.moe_experts(x.contiguous(), slots, weights.bfloat16(), bank.gate_up_tiles, bank.down_tiles)
     assert torch.equal(got, same)
     assert relative_error(got, definition(bank, x, slots, weights.bfloat16())) < 1e-2
 
@@ -109,16 +109,16 @@ def test_unused_experts_and_no_tokens_are_fine():
 def test_the_kernel_keeps_out_of_what_it_cannot_serve(monkeypatch):
     bank = bank_of(torch.float32)
     x = torch.randn(4, HIDDEN)
-    # a gradient wanted (training); row-major weights (a bank not in the decoding layouts); sizes not multiples
-    # of 32; the library not loaded
+    # a gradient wanted (training); weights not packed (a bank not made for a CPU server or engine); sizes not
+    # multiples of 32; the library not loaded
     assert not library.runs_on(x.requires_grad_(), bank.gate_up_proj, bank.down_proj)
-    row_major = ExpertBank(SLOTS, HIDDEN, INTER)
-    assert not row_major.runs_in_kernel and row_major.max_gathered_tokens(TOP_K) == SLOTS // TOP_K
+    unpacked = ExpertBank(SLOTS, HIDDEN, INTER)
+    assert not unpacked.runs_in_kernel and unpacked.max_gathered_tokens(TOP_K) == SLOTS // TOP_K
     narrow = bank_of(torch.float32, inter=24)
     assert not narrow.runs_in_kernel
     assert narrow.max_gathered_tokens(TOP_K) == SLOTS // TOP_K and bank.max_gathered_tokens(TOP_K) is None
     monkeypatch.setattr(library, "_loaded", False)
-    assert not bank.runs_in_kernel
+    assert not bank_of(torch.float32).runs_in_kernel
 
 
 def test_torch_export_traces_the_kernel_into_the_graph():
@@ -135,30 +135,32 @@ def test_bad_inputs_get_clear_errors():
     bank = bank_of(torch.float32)
     x = torch.randn(3, HIDDEN)
     slots, weights = routed(3)
-    gate_up, down = bank.gate_up_proj, bank.down_proj
+    gate_up, down = bank.gate_up_tiles, bank.down_tiles
     run = ffn.moe_experts
     with pytest.raises(RuntimeError, match="slot 6 outside the 6 slots"):
         run(x, slots.index_fill(1, torch.tensor([0]), SLOTS), weights, gate_up, down)
-    with pytest.raises(RuntimeError, match="must be of x's dtype"):
+    with pytest.raises(RuntimeError, match="gate_up must be a weight of 64 x 64 BFloat16 packed for the tiles"):
         run(x.bfloat16(), slots, weights, gate_up, down)
     with pytest.raises(RuntimeError, match=r"slot_ids must be \[3, K\] int64"):
         run(x, slots.int(), weights, gate_up, down)
     with pytest.raises(RuntimeError, match="weights must be floats of slot_ids' shape"):
         run(x, slots, weights[:, :2], gate_up, down)
-    with pytest.raises(RuntimeError, match="second dim contiguous"):
-        run(x, slots, weights, gate_up.contiguous(), down)
+    with pytest.raises(RuntimeError, match=r"must be \[P, 2I, D\] and \[P, D, I\] packed for the tiles"):
+        run(x, slots, weights, bank.gate_up_proj, bank.down_proj)  # as they lie, not packed
     narrow = bank_of(torch.float32, inter=24)
     with pytest.raises(RuntimeError, match="multiples of 32, got 64 and 24"):
-        run(x, slots, weights, narrow.gate_up_proj, narrow.down_proj)
-    with pytest.raises(RuntimeError, match=r"gate_up must be \[P, 2I, 64\]"):
+        run(x, slots, weights, tiles.pack(narrow.gate_up_proj), tiles.pack(narrow.down_proj))
+    with pytest.raises(RuntimeError, match=r"gate_up must be a weight of 64 x 64 Float .* got \[6, 2, 32, 32\]"):
         run(x, slots, weights, gate_up[:, :, :32], down)
 
 
 def mlp_of(dtype: torch.dtype, hidden: int = HIDDEN, inter: int = 96, seed: int = 2) -> MLP:
-    """A dense MLP in the CPU decoding layout (column-major weights), as `load_model` lays a CPU model out."""
+    """A dense MLP in the CPU decoding layout (column-major weights), as `load_model` lays a CPU model out, its
+    weights packed for the kernels, as a CPU engine packs them."""
     torch.manual_seed(seed)
     mlp = MLP(hidden, inter).to(dtype).requires_grad_(False)
     use_decode_layout_(mlp)
+    tiles.pack_model_(mlp)
     return mlp
 
 
@@ -171,12 +173,12 @@ def mlp_definition(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("num_tokens", [1, 5, 128, 300])
 def test_a_dense_mlp_runs_in_the_kernel_as_its_definition(dtype, num_tokens):
     mlp = mlp_of(dtype)
-    weights = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    projections = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     x = torch.randn(num_tokens, HIDDEN).to(dtype)
     with torch.no_grad():
         # eager forwards of more rows (prompts) keep the matmuls
-        assert ffn.runs_mlp(x, *weights) == (num_tokens <= ffn.MLP_MAX_ROWS)
-        got = ffn.mlp(x, *weights)
+        assert ffn.runs_mlp(x, *projections) == (num_tokens <= ffn.MLP_MAX_ROWS)
+        got = ffn.mlp(x, *(p.tiles for p in projections))
         if num_tokens <= ffn.MLP_MAX_ROWS:
             assert torch.equal(mlp(x), got)  # the forward took the kernel
     assert got.dtype == dtype
@@ -184,12 +186,13 @@ def test_a_dense_mlp_runs_in_the_kernel_as_its_definition(dtype, num_tokens):
 
 
 def test_the_mlp_kernel_keeps_out_of_what_it_cannot_serve():
-    row_major = MLP(HIDDEN, 96)
-    assert not ffn.serves_mlp(row_major.gate_proj.weight, row_major.up_proj.weight, row_major.down_proj.weight)
-    narrow = mlp_of(torch.float32, inter=40)
-    assert not ffn.serves_mlp(narrow.gate_proj.weight, narrow.up_proj.weight, narrow.down_proj.weight)
-    mlp = mlp_of(torch.float32)
     x = torch.randn(3, HIDDEN)
+    unpacked = MLP(HIDDEN, 96)
+    assert not ffn.runs_mlp(x, unpacked.gate_proj, unpacked.up_proj, unpacked.down_proj)
+    narrow = mlp_of(torch.float32, inter=48)  # each projection packs, but 48 is no multiple of 32
+    assert narrow.gate_proj.tiles is not None and not ffn.runs_mlp(x, narrow.gate_proj, narrow.up_proj, narrow.down_proj)
+    torch.testing.assert_close(narrow(x), mlp_definition(narrow, x), rtol=1e-5, atol=1e-5)
+    mlp = mlp_of(torch.float32)
     torch.testing.assert_close(mlp(x), mlp_definition(mlp, x), rtol=1e-5, atol=1e-5)
     # training: the weights want gradients, which the kernel has none of
     mlp.requires_grad_(True)
@@ -199,11 +202,11 @@ def test_the_mlp_kernel_keeps_out_of_what_it_cannot_serve():
 
 def test_the_mlp_kernel_refuses_bad_weights_clearly():
     mlp = mlp_of(torch.float32)
-    gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    gate, up, down = mlp.gate_proj.tiles, mlp.up_proj.tiles, mlp.down_proj.tiles
     x = torch.randn(3, HIDDEN)
-    with pytest.raises(RuntimeError, match="mlp's weights must be column-major"):
-        ffn.mlp(x, gate.contiguous(), up, down)
-    with pytest.raises(RuntimeError, match="mlp's weights must be of x's dtype"):
+    with pytest.raises(RuntimeError, match="mlp's gate, up and down must be single weights packed for the tiles"):
+        ffn.mlp(x, mlp.gate_proj.weight, up, down)
+    with pytest.raises(RuntimeError, match="mlp's gate must be a weight of 96 x 64 BFloat16"):
         ffn.mlp(x.bfloat16(), gate, up, down)
-    with pytest.raises(RuntimeError, match=r"mlp's gate and up must be \[I, 64\]"):
-        ffn.mlp(x, gate, up[:32], down)
+    with pytest.raises(RuntimeError, match=r"mlp's up must be a weight of 96 x 64 Float .* got \[1, 64, 32\]"):
+        ffn.mlp(x, gate, up[:1], down)

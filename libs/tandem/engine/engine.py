@@ -25,6 +25,7 @@ from tandem.engine.kv_cache import OutOfBlocks
 from tandem.engine.sequence import MTPState, Sequence, SpecStats, Status
 from tandem.engine.speculative import MTPDrafter, SpeculationPolicy
 from tandem.kernels import library
+from tandem.kernels.tiles import pack_model_
 from tandem.model.attention_metadata import Paged, PagedStep
 from tandem.model.deepseek_v3 import DeepseekV3ForCausalLM
 
@@ -92,8 +93,9 @@ class Engine:
             self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size),
             self.config.kv_cache_bytes // PagedKVCache.bytes_per_block(mc, self.config.block_size, self.dtype))
         self.cache = PagedKVCache(mc, num_blocks, self.config.block_size, self.dtype, self.device)
-        if self.device.type == "cpu":  # attention, matmuls of a few rows and layer operations run in its kernels
-            library.load()
+        if self.device.type == "cpu" and library.load():
+            # attention, matmuls of a few rows and layer operations run in its kernels, over weights packed for them
+            log.info("packed the weights of %d modules for the CPU kernels", pack_model_(model))
         self.scheduler = Scheduler(self.cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         max_drafts = self.config.num_speculative_tokens if mc.num_nextn_predict_layers else 0
         self.policy = SpeculationPolicy(max_drafts, adaptive=self.config.adaptive_speculation)

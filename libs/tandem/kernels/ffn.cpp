@@ -5,8 +5,8 @@
 // on its pairs' rows in tiles of up to 8 rows x 32 columns (`tile`); silu(gate) * up times the pair's gate weight
 // is rounded to the input's dtype (as the tensor operations round it), the down projection writes each pair's
 // output row in float32, and each token's rows are summed, in the order of its experts, and rounded once. Threads
-// take runs of (expert, 32-column block) tasks of about equal rows. In bfloat16 on a CPU with AVX512-BF16 the
-// products are `vdpbf16ps`, two rows of a weight interleaved on the fly; elsewhere float32 FMAs.
+// take runs of (expert, 32-column block) tasks of about equal rows. The weights are packed for the tiles (`pack`);
+// in bfloat16 on a CPU with AVX512-BF16 the products are `vdpbf16ps`, elsewhere float32 FMAs.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,16 +26,16 @@ using namespace tandem;
 
 constexpr int64_t kTaskCost = 8;  // a task's cost beyond its rows (reading its weights), in rows
 
-// The weights of P experts as the tiles read them: expert e's gate, up and down projections from column c0,
-// each (k, n) at k * stride + n from its first column, the experts `expert_stride` apart
+// The weights of P experts as the tiles read them (`pack`ed): expert e's gate, up and down projections' block b of
+// 32 columns, the experts `*_expert_stride` apart
 template <typename X>
 struct FFNWeights {
   const X *gate, *up, *down;
-  int64_t gate_stride, up_stride, down_stride, gate_up_expert_stride, down_expert_stride;
+  int64_t D, I, gate_up_expert_stride, down_expert_stride;
 
-  Columns<X> gate_columns(int64_t e, int64_t c0) const { return {gate + e * gate_up_expert_stride + c0, gate_stride}; }
-  Columns<X> up_columns(int64_t e, int64_t c0) const { return {up + e * gate_up_expert_stride + c0, up_stride}; }
-  Columns<X> down_columns(int64_t e, int64_t c0) const { return {down + e * down_expert_stride + c0, down_stride}; }
+  Columns<X> gate_columns(int64_t e, int64_t b) const { return packed_block(gate + e * gate_up_expert_stride, D, b); }
+  Columns<X> up_columns(int64_t e, int64_t b) const { return packed_block(up + e * gate_up_expert_stride, D, b); }
+  Columns<X> down_columns(int64_t e, int64_t b) const { return packed_block(down + e * down_expert_stride, I, b); }
 };
 
 // The FFN of T tokens of K experts each (x [T, D] of dtype X, intermediate size I) into out [T, D]: pairs (token
@@ -61,7 +61,7 @@ void run_ffn(const at::Tensor& x, const std::vector<int64_t>& offsets, const std
   plan(I / kCols);
   run_tasks(costs, [&](int64_t i) {
     const int64_t e = task_expert[i], c0 = task_block[i] * kCols;
-    const Columns<X> gate = w.gate_columns(e, c0), up = w.up_columns(e, c0);
+    const Columns<X> gate = w.gate_columns(e, task_block[i]), up = w.up_columns(e, task_block[i]);
     const X* a[kMaxRows];
     float g[kMaxRows * kCols], u[kMaxRows * kCols];
     for (int64_t start = offsets[e]; start < offsets[e + 1]; start += kMaxRows) {
@@ -81,7 +81,7 @@ void run_ffn(const at::Tensor& x, const std::vector<int64_t>& offsets, const std
   plan(D / kCols);
   run_tasks(costs, [&](int64_t i) {
     const int64_t e = task_expert[i], c0 = task_block[i] * kCols;
-    const Columns<X> down = w.down_columns(e, c0);
+    const Columns<X> down = w.down_columns(e, task_block[i]);
     const X* a[kMaxRows];
     float y[kMaxRows * kCols];
     for (int64_t start = offsets[e]; start < offsets[e + 1]; start += kMaxRows) {
@@ -111,8 +111,8 @@ void check_sizes(int64_t D, int64_t I, const char* op) {
 
 // Each token's sum over its K experts (slot_ids [T, K], local slots) of weight [T, K] * the expert's FFN, the
 // weight scaling the expert's intermediate: down(silu(gate(x)) * up(x) * weight). x [T, D]; gate_up [P, 2I, D]
-// (each expert's gate rows, then its up rows) and down [P, D, I], of x's dtype, with their second dim contiguous
-// (the CPU decoding layouts); D and I multiples of 32.
+// (each expert's gate rows, then its up rows) and down [P, D, I], of x's dtype, `pack`ed for the tiles; D and I
+// multiples of 32.
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& slot_ids, const at::Tensor& weights,
                        const at::Tensor& gate_up, const at::Tensor& down) {
   check_rows(x, "moe_experts' x");
@@ -124,18 +124,13 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& slot_ids, const at
   TORCH_CHECK(weights.sizes() == slot_ids.sizes() && at::isFloatingType(weights.scalar_type()),
               "moe_experts' weights must be floats of slot_ids' shape ", slot_ids.sizes(), ", got ", weights.sizes(),
               " ", weights.scalar_type());
-  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(0) == down.size(0) && gate_up.size(2) == D &&
-                  down.size(1) == D && gate_up.size(1) == 2 * down.size(2),
-              "moe_experts' gate_up must be [P, 2I, ", D, "] and down [P, ", D, ", I], got ", gate_up.sizes(), " and ",
-              down.sizes());
-  TORCH_CHECK(gate_up.scalar_type() == x.scalar_type() && down.scalar_type() == x.scalar_type(),
-              "moe_experts' weights must be of x's dtype ", x.scalar_type(), ", got ", gate_up.scalar_type(), " and ",
-              down.scalar_type());
-  TORCH_CHECK(gate_up.stride(1) == 1 && down.stride(1) == 1,
-              "moe_experts' gate_up and down must have their second dim contiguous, got strides ", gate_up.strides(),
-              " and ", down.strides());
+  TORCH_CHECK(gate_up.dim() == 4 && down.dim() == 4 && gate_up.size(0) == down.size(0),
+              "moe_experts' gate_up and down must be [P, 2I, D] and [P, D, I] packed for the tiles, got ",
+              gate_up.sizes(), " and ", down.sizes());
   const int64_t P = gate_up.size(0), I = down.size(2);
   check_sizes(D, I, "moe_experts");
+  check_packed(gate_up, 2 * I, D, x.scalar_type(), "moe_experts' gate_up");
+  check_packed(down, D, I, x.scalar_type(), "moe_experts' down");
   const auto slots = slot_ids.contiguous();
   const auto gate_weights = weights.to(at::kFloat).contiguous();
   const int64_t* sp = slots.data_ptr<int64_t>();
@@ -151,37 +146,31 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& slot_ids, const at
   auto out = at::empty({T, D}, x.options());
   dispatch_dtype(x.scalar_type(), "moe_experts", [&](auto zero) {
     using X = decltype(zero);
-    const X *gu = gate_up.data_ptr<X>(), *dn = down.data_ptr<X>();
-    const FFNWeights<X> w{gu, gu + I, dn, gate_up.stride(2), gate_up.stride(2), down.stride(2), gate_up.stride(0),
-                          down.stride(0)};
+    const X* gu = gate_up.data_ptr<X>();
+    const FFNWeights<X> w{gu, gu + I * D, down.data_ptr<X>(), D, I, 2 * I * D, D * I};
     run_ffn(x, offsets, pairs, gate_weights.data_ptr<float>(), w, K, I, out);
   });
   return out;
 }
 
 // down(silu(gate(x)) * up(x)) of a dense SwiGLU MLP: x [T, D]; gate and up [I, D] and down [D, I] (nn.Linear's
-// weights) of x's dtype, column-major (the CPU decoding layout); D and I multiples of 32.
+// weights) of x's dtype, `pack`ed for the tiles; D and I multiples of 32.
 at::Tensor mlp(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down) {
   check_rows(x, "mlp's x");
-  const int64_t T = x.size(0), D = x.size(1), I = gate.size(0);
-  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.size(1) == D && down.dim() == 2 &&
-                  down.size(0) == D && down.size(1) == I,
-              "mlp's gate and up must be [I, ", D, "] and down [", D, ", I], got ", gate.sizes(), ", ", up.sizes(),
-              " and ", down.sizes());
-  TORCH_CHECK(gate.scalar_type() == x.scalar_type() && up.scalar_type() == x.scalar_type() &&
-                  down.scalar_type() == x.scalar_type(),
-              "mlp's weights must be of x's dtype ", x.scalar_type());
-  TORCH_CHECK(gate.stride(0) == 1 && up.stride(0) == 1 && down.stride(0) == 1,
-              "mlp's weights must be column-major, got strides ", gate.strides(), ", ", up.strides(), " and ",
-              down.strides());
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(gate.dim() == 3 && down.dim() == 3, "mlp's gate, up and down must be single weights packed for the "
+              "tiles, got ", gate.sizes(), ", ", up.sizes(), " and ", down.sizes());
+  const int64_t I = down.size(1);
   check_sizes(D, I, "mlp");
+  check_packed(gate, I, D, x.scalar_type(), "mlp's gate");
+  check_packed(up, I, D, x.scalar_type(), "mlp's up");
+  check_packed(down, D, I, x.scalar_type(), "mlp's down");
   std::vector<int64_t> offsets{0, T}, pairs(T);
   for (int64_t t = 0; t < T; ++t) pairs[t] = t;
   auto out = at::empty({T, D}, x.options());
   dispatch_dtype(x.scalar_type(), "mlp", [&](auto zero) {
     using X = decltype(zero);
-    const FFNWeights<X> w{gate.data_ptr<X>(), up.data_ptr<X>(), down.data_ptr<X>(), gate.stride(1), up.stride(1),
-                          down.stride(1), 0, 0};
+    const FFNWeights<X> w{gate.data_ptr<X>(), up.data_ptr<X>(), down.data_ptr<X>(), D, I, 0, 0};
     run_ffn(x, offsets, pairs, nullptr, w, 1, I, out);
   });
   return out;

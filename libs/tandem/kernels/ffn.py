@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 
 from tandem.kernels import library
+from tandem.kernels.linear import Linear
+from tandem.kernels.tiles import packs, repack
 
 COLUMNS = 32  # the kernels' tiles are 32 columns wide: the hidden and intermediate sizes must be multiples
 # the most rows an eager dense MLP runs in the kernel: past about this many, oneDNN's matmuls were the faster (on a
@@ -43,36 +45,36 @@ def _(x, gate, up, down):
     return x.new_empty(x.shape)
 
 
-def serves_experts(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
-    """Whether the kernel serves routed experts of these stacked weights (on CPU inputs wanting no gradient): loaded,
-    the weights on the CPU with their second dim contiguous (the decoding layouts, `tandem.model.layout`), and the
-    hidden and intermediate sizes multiples of `COLUMNS`."""
-    return library.loaded() and gate_up.device.type == "cpu" and gate_up.stride(1) == 1 and down.stride(1) == 1 \
-        and down.shape[1] % COLUMNS == 0 and down.shape[2] % COLUMNS == 0
+def pack_experts(gate_up: torch.Tensor, down: torch.Tensor, packed: tuple[torch.Tensor | None, torch.Tensor | None]) \
+        -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A bank's stacked weights gate_up [P, 2I, D] and down [P, D, I] packed for the routed experts' kernel where it
+    serves them (on the CPU, the library loaded, D and I multiples of `COLUMNS`), into `packed` where it holds an
+    earlier packing (`repack`); else (None, None)."""
+    if not (packs(gate_up) and down.shape[1] % COLUMNS == 0 and down.shape[2] % COLUMNS == 0):
+        return None, None
+    return repack(packed[0], gate_up), repack(packed[1], down)
 
 
-def serves_mlp(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
-    """Whether the kernel serves a dense MLP of these weights ([I, D], [I, D], [D, I]): loaded, on the CPU,
-    column-major (the decoding layout), sizes multiples of `COLUMNS`."""
-    return library.loaded() and gate.device.type == "cpu" and all(w.stride(0) == 1 for w in (gate, up, down)) \
-        and gate.shape[0] % COLUMNS == 0 and gate.shape[1] % COLUMNS == 0
-
-
-def runs_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
-    """Whether the kernel runs a dense MLP of these weights on x [T, D]: it serves them (`serves_mlp`), x's rows are
-    contiguous, and T is at most `MLP_MAX_ROWS` or the pass is being compiled (a decode step's few rows, whose count
-    a compiled pass must not branch on)."""
-    return x.dim() == 2 and x.stride(-1) == 1 and serves_mlp(gate, up, down) and library.runs_on(x, gate, up, down) \
+def runs_mlp(x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> bool:
+    """Whether the kernel runs a dense MLP of these projections on x [T, D]: their weights packed (`Linear.tiles`),
+    D and I multiples of `COLUMNS`; x's rows contiguous, of their dtype, on the CPU, no gradient wanted, and T at
+    most `MLP_MAX_ROWS` or the pass being compiled (a decode step's few rows, whose count a compiled pass must not
+    branch on)."""
+    packed = gate.tiles is not None and up.tiles is not None and down.tiles is not None
+    return packed and x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] % COLUMNS == 0 \
+        and down.weight.shape[1] % COLUMNS == 0 and x.dtype == gate.tiles.dtype \
+        and library.runs_on(x, gate.weight, up.weight, down.weight) \
         and (torch.compiler.is_compiling() or x.shape[0] <= MLP_MAX_ROWS)
 
 
 def moe_experts(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                 down: torch.Tensor) -> torch.Tensor:
     """Each token's weighted sum over its experts, as `ExpertBank.forward`: x [T, D], slot_ids [T, K] (local
-    slots), weights [T, K], gate_up [P, 2I, D] and down [P, D, I] of x's dtype."""
+    slots), weights [T, K], gate_up [P, 2I, D] and down [P, D, I] of x's dtype, packed (`pack_experts`)."""
     return torch.ops.tandem.moe_experts(x, slot_ids, weights, gate_up, down)
 
 
 def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) for x [T, D] and nn.Linear weights gate, up [I, D] and down [D, I]."""
+    """down(silu(gate(x)) * up(x)) for x [T, D] and nn.Linear weights gate, up [I, D] and down [D, I], packed
+    (`tandem.kernels.tiles.pack`)."""
     return torch.ops.tandem.mlp(x, gate, up, down)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.kernels import ffn, layer_ops, mla_decode, prompt_attention
-from tandem.kernels.linear import Linear, linear
+from tandem.kernels.linear import Linear, linear, pack_for_linear
 from tandem.model.attention_metadata import AttentionMetadata, DenseCausal, Paged
 from tandem.model.config import ModelConfig, RopeConfig
 from tandem.moe.experts import ExpertBank, LocalExperts
@@ -281,14 +281,13 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size)
+        self.up_proj = Linear(hidden_size, intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
-        if ffn.runs_mlp(x, *weights):  # a decode step's few rows, eager or compiled
-            return ffn.mlp(x, *weights)
+        if ffn.runs_mlp(x, self.gate_proj, self.up_proj, self.down_proj):  # a decode step's few rows
+            return ffn.mlp(x, self.gate_proj.tiles, self.up_proj.tiles, self.down_proj.tiles)
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.dim() == 2 and layer_ops.applies(gate):
             return self.down_proj(layer_ops.silu_mul(gate, up))
@@ -303,10 +302,15 @@ class Gate(nn.Module):
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts), requires_grad=False)
+        self.register_buffer("tiles", None, persistent=False)  # the weight packed for the CPU kernel
+
+    def pack_tiles_(self) -> bool:
+        self.tiles = pack_for_linear(self.weight.float(), self.tiles)
+        return self.tiles is not None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        logits = linear(x.float(), self.weight.float())
+        logits = linear(x.float(), self.weight.float(), self.tiles)
         return route(logits, self.e_score_correction_bias.float(), top_k=c.num_experts_per_tok, n_group=c.n_group,
                      topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
                      routed_scaling_factor=c.routed_scaling_factor)

@@ -21,11 +21,20 @@ class ExpertBank(nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.gate_up_proj = nn.Parameter(torch.empty(num_slots, 2 * intermediate_size, hidden_size, **kw))
         self.down_proj = nn.Parameter(torch.empty(num_slots, hidden_size, intermediate_size, **kw))
+        # the weights packed for the CPU kernel (`pack_tiles_`), beside them
+        self.register_buffer("gate_up_tiles", None, persistent=False)
+        self.register_buffer("down_tiles", None, persistent=False)
+
+    def pack_tiles_(self) -> bool:
+        """Pack the weights for the CPU kernel (`tandem.kernels.ffn`) where it serves them; whether it does."""
+        self.gate_up_tiles, self.down_tiles = ffn.pack_experts(self.gate_up_proj, self.down_proj,
+                                                               (self.gate_up_tiles, self.down_tiles))
+        return self.gate_up_tiles is not None
 
     @classmethod
     def from_weights(cls, weights: dict[str, torch.Tensor]) -> "ExpertBank":
         """A bank holding the given stacked weights ({"gate_proj", "up_proj", "down_proj"}), on the CPU in the
-        layout decoding reads fastest (see `tandem.model.layout`)."""
+        layout decoding reads fastest (see `tandem.model.layout`), and packed for the CPU kernel where it is loaded."""
         _, inter, hidden = weights["gate_proj"].shape
         bank = cls(0, hidden, inter)
         stacked = {"gate_up_proj": torch.cat([weights["gate_proj"], weights["up_proj"]], dim=1),
@@ -33,6 +42,7 @@ class ExpertBank(nn.Module):
         for name, w in stacked.items():
             setattr(bank, name, nn.Parameter(decode_layout(name, w) if w.device.type == "cpu" else w,
                                              requires_grad=False))
+        bank.pack_tiles_()
         return bank
 
     @property
@@ -64,7 +74,7 @@ class ExpertBank(nn.Module):
         """
         # T tokens, K active experts, D hidden, I expert intermediate
         if self.runs_in_kernel and library.runs_on(x, self.gate_up_proj, self.down_proj):
-            return ffn.moe_experts(x, slot_ids, weights, self.gate_up_proj, self.down_proj)
+            return ffn.moe_experts(x, slot_ids, weights, self.gate_up_tiles, self.down_tiles)
         if torch.compiler.is_compiling() and not grouped_mm_available(x.device, x.dtype):
             return self._traceable(x, slot_ids, weights)
         if x.shape[0] == 1 and x.device.type == "cpu":
@@ -138,8 +148,9 @@ class ExpertBank(nn.Module):
 
     @property
     def runs_in_kernel(self) -> bool:
-        """Whether the CPU kernel (`tandem.kernels.ffn`) runs this bank's experts, on inputs wanting no gradient."""
-        return ffn.serves_experts(self.gate_up_proj, self.down_proj)
+        """Whether the CPU kernel (`tandem.kernels.ffn`) runs this bank's experts, on inputs wanting no gradient: it
+        is loaded and they are packed for it (`pack_tiles_`)."""
+        return self.gate_up_tiles is not None and library.loaded()
 
     def _per_expert(self, h: torch.Tensor, sorted_slots: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The experts one at a time, each over its run of `h` (its rows' intermediates times `scale`, their gate
