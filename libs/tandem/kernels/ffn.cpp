@@ -3,10 +3,11 @@
 //
 // The (token, expert) pairs are sorted by expert (a counting sort). Each expert's gate and up projections then run
 // on its pairs' rows in tiles of up to 8 rows x 32 columns (`tile`); silu(gate) * up times the pair's gate weight
-// is rounded to the input's dtype (as the tensor operations round it), the down projection writes each pair's
-// output row in float32, and each token's rows are summed, in the order of its experts, and rounded once. Threads
-// take runs of (expert, 32-column block) tasks of about equal rows. The weights are packed for the tiles (`pack`);
-// in bfloat16 on a CPU with AVX512-BF16 the products are `vdpbf16ps`, elsewhere float32 FMAs.
+// is rounded to the input's dtype (as the tensor operations round it), and the down projection, 32 output columns
+// of every expert at a time, sums each token's rows in float32 and rounds them once. Threads take runs of (expert,
+// 32-column block) tasks of about equal rows for the gate and up projections, 32-column blocks for the down one.
+// The weights are packed for the tiles (`pack`); in bfloat16 on a CPU with AVX512-BF16 the products are
+// `vdpbf16ps`, elsewhere float32 FMAs.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -46,19 +47,14 @@ void run_ffn(const at::Tensor& x, const std::vector<int64_t>& offsets, const std
              const float* gate_weights, const FFNWeights<X>& w, int64_t K, int64_t I, at::Tensor& out) {
   const int64_t T = x.size(0), D = x.size(1), P = static_cast<int64_t>(offsets.size()) - 1, N = T * K;
   const X* xp = x.data_ptr<X>();
-  std::vector<X> hidden(N * I);    // each pair's silu(gate) * up * gate weight, by expert
-  std::vector<float> rows(N * D);  // each pair's output, by pair
+  std::vector<X> hidden(N * I);  // each pair's silu(gate) * up * gate weight, by expert
+  // the gate and up projections, 32 columns of each at a time: a task per (expert with rows, column block)
   std::vector<int64_t> task_expert, task_block, costs;
-  const auto plan = [&](int64_t blocks) {
-    task_expert.clear(), task_block.clear(), costs.clear();
-    for (int64_t e = 0; e < P; ++e)
-      for (int64_t b = 0; b < blocks && offsets[e + 1] > offsets[e]; ++b) {
-        task_expert.push_back(e), task_block.push_back(b);
-        costs.push_back(offsets[e + 1] - offsets[e] + kTaskCost);
-      }
-  };
-  // the gate and up projections, 32 columns of each at a time
-  plan(I / kCols);
+  for (int64_t e = 0; e < P; ++e)
+    for (int64_t b = 0; b < I / kCols && offsets[e + 1] > offsets[e]; ++b) {
+      task_expert.push_back(e), task_block.push_back(b);
+      costs.push_back(offsets[e + 1] - offsets[e] + kTaskCost);
+    }
   run_tasks(costs, [&](int64_t i) {
     const int64_t e = task_expert[i], c0 = task_block[i] * kCols;
     const Columns<X> gate = w.gate_columns(e, task_block[i]), up = w.up_columns(e, task_block[i]);
@@ -77,30 +73,28 @@ void run_ffn(const at::Tensor& x, const std::vector<int64_t>& offsets, const std
       }
     }
   });
-  // the down projection, 32 output columns at a time
-  plan(D / kCols);
-  run_tasks(costs, [&](int64_t i) {
-    const int64_t e = task_expert[i], c0 = task_block[i] * kCols;
-    const Columns<X> down = w.down_columns(e, task_block[i]);
+  // the down projection, 32 output columns at a time over every expert, each token's rows summed in float32 (in
+  // the order of its experts' slots) and rounded once
+  X* op = out.data_ptr<X>();
+  run_tasks(std::vector<int64_t>(D / kCols, 1), [&](int64_t b) {
+    const int64_t c0 = b * kCols;
+    std::vector<float> sums(T * kCols, 0.0f);  // the tokens' outputs in these columns
     const X* a[kMaxRows];
     float y[kMaxRows * kCols];
-    for (int64_t start = offsets[e]; start < offsets[e + 1]; start += kMaxRows) {
-      const int64_t m = std::min(kMaxRows, offsets[e + 1] - start);
-      for (int64_t r = 0; r < m; ++r) a[r] = hidden.data() + (start + r) * I;
-      tile_rows(m, a, down, I, y);
-      for (int64_t r = 0; r < m; ++r)
-        std::memcpy(&rows[pairs[start + r] * D + c0], y + r * kCols, sizeof(float) * kCols);
-    }
-  });
-  // each token's pairs summed
-  X* op = out.data_ptr<X>();
-  at::parallel_for(0, T, std::max<int64_t>(1, 4096 / (K * D)), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t d = 0; d < D; d += 16) {
-        f16 sum = load(&rows[t * K * D + d]);
-        for (int64_t k = 1; k < K; ++k) sum += load(&rows[(t * K + k) * D + d]);
-        store_float(op + t * D + d, sum);
+    for (int64_t e = 0; e < P; ++e) {
+      const Columns<X> down = w.down_columns(e, b);
+      for (int64_t start = offsets[e]; start < offsets[e + 1]; start += kMaxRows) {
+        const int64_t m = std::min(kMaxRows, offsets[e + 1] - start);
+        for (int64_t r = 0; r < m; ++r) a[r] = hidden.data() + (start + r) * I;
+        tile_rows(m, a, down, I, y);
+        for (int64_t r = 0; r < m; ++r) {
+          float* sum = sums.data() + pairs[start + r] / K * kCols;
+          for (int64_t v = 0; v < kCols; v += 16) store(sum + v, load(sum + v) + load(y + r * kCols + v));
+        }
       }
+    }
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t v = 0; v < kCols; v += 16) store_float(op + t * D + c0 + v, load(sums.data() + t * kCols + v));
   });
 }
 

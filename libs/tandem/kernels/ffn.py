@@ -8,9 +8,14 @@ projection; compiled, past a few tokens, every expert on every token (`ExpertBan
 the experts side by side, with P/K times the multiplies (4x for the bundled model's 16 experts, 4 active; 32x for
 DeepSeek-V3's). The kernels (`ffn.cpp`) sort the (token, expert) pairs by expert and run each expert's projections
 on its own rows, in register tiles of 8 rows x 32 columns, with `vdpbf16ps` in bfloat16 where the CPU has
-AVX512-BF16, and threads splitting (expert, column block) tasks by rows; a dense MLP is one expert every token
-uses. On that EPYC, a bfloat16 MLP of 256 -> 384 -> 256 took 13 us against 60 us for its two matmuls at 1 row, 22
-against 65 at 8 rows, 86 against 129 at 32; a prompt's hundreds of rows keep the matmuls (`runs_mlp`).
+AVX512-BF16, over weights packed for the tiles (`tandem.kernels.tiles`): the gate and up projections as (expert,
+column block) tasks the threads split by rows, the down projection by column blocks, each summing its columns of
+every token's experts; a dense MLP is one expert every token uses. On that EPYC, a bfloat16 MLP of 256 -> 384 ->
+256 took 13 us against 60 us for its two matmuls at 1 row, 22 against 65 at 8 rows, 86 against 129 at 32; a
+prompt's hundreds of rows keep the matmuls (`runs_mlp`). Summing in the down projection's tasks, where each pair's
+output row was written out and summed in a pass of its own, took the bundled model's routed experts (16, 4 per
+token) from 22 to 12-21 ms at 4096 tokens, 0.16-0.19 to 0.11-0.12 ms at 32 and 28-30 to 13-22 us at 1 (fastest of
+each run, alternating).
 
 They are part of the CPU kernels' library (`tandem.kernels.library`), loaded by CPU engines and expert servers.
 Eager forwards call them, and so do compiled decode passes (`torch.export` traces the operators into AOTInductor's

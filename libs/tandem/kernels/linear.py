@@ -3,9 +3,11 @@
 A decode step multiplies a handful of rows by each weight, and oneDNN's bfloat16 matmuls cost 15-30 us a call on a
 2-core EPYC (Zen 4) whatever their size: at batch 1 the calls, not the multiplies, set a step's time. The kernel
 (`linear.cpp`) runs the product in the register tiles the feed-forward kernels use (`tiles.h`), each 32-column
-block of the output over every row, reading each block of the packed weight (`tandem.kernels.tiles`) once. On that EPYC, in bfloat16: 6 against 28 us at
-1 row of 256 -> 384, 20 against 36 us at 32 rows, 57 against 104 us for the bundled model's output head at 1 row;
-at 128 rows the two are about even, and the output head's 4096 columns 876 against 725 us.
+block of the output over every row, reading each block of the weight, packed for the tiles (`tandem.kernels.tiles`),
+once. On that EPYC, in bfloat16, before the weights were packed: 6 against 28 us at 1 row of 256 -> 384, 20 against
+36 us at 32 rows, 57 against 104 us for the bundled model's output head at 1 row. Packed, at 64 rows 41 against 63
+us (256 -> 384) and 410 against 523 us (the output head); at 128 rows the two are about even (73 against 87 us, 866
+against 794), and past 512 oneDNN's matmuls are the faster (the kernel does not block its rows for the cache).
 """
 
 from __future__ import annotations
