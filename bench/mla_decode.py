@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> None:
             for batch in (int(b) for b in args.batch_sizes.split(",")):
                 steps = [step_inputs(attention, batch, context, args.block_size, cache, g) for _ in range(8)]
                 want, got = in_tensor_ops(attention, *steps[0]), in_kernel(attention, *steps[0])
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                # over a bfloat16 cache the kernel rounds queries and probabilities to bfloat16 for its products, as
+                # GPU attention does (tests/unit/test_mla_decode_kernel.py holds it to 2^-7)
+                tolerance = 2 ** -7 if dtype == torch.bfloat16 else 1e-4
+                torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
                 times = {"kernel": [], "tensor_ops": []}
                 for _ in range(args.rounds):
                     for name, fn in (("kernel", in_kernel), ("tensor_ops", in_tensor_ops)):

@@ -26,6 +26,7 @@ using namespace tandem;
 constexpr int64_t kHeads = 8;   // heads per vector
 constexpr int64_t kPairs = 8;   // key pairs scored together, each with its own accumulator
 constexpr int64_t kLatent = 16; // latent columns summed together per head (two vectors of 8 columns x 2 keys)
+constexpr int64_t kPrefetchPairs = 4;  // key pairs ahead whose cache rows are prefetched
 constexpr i16 kSwapPairs = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
 constexpr i16 kEvenLanes = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
 
@@ -187,6 +188,12 @@ void attend_row_bf16(const float* q_latent, const float* q_pe, const c10::BFloat
   for (int i = 0; i < 16; ++i) interleave[i] = (i & 1) << 4 | i >> 1;
   const __m512i take = _mm512_load_si512(interleave);
   for (int64_t p = 0; p < pairs; ++p) {
+    // the keys a few pairs on, from wherever their blocks lie: the hardware prefetchers follow a block, not the
+    // jump to the next
+    if (p + kPrefetchPairs < pairs)
+      for (int64_t j = 0; j < 2; ++j)
+        for (int64_t byte = 0; byte < 2 * D; byte += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(rows[2 * (p + kPrefetchPairs) + j]) + byte, _MM_HINT_T0);
     const bool both = 2 * p + 1 < num_keys;
     uint64_t* k = scratch.key_pairs.data() + p * D2;
     for (int64_t d2 = 0; d2 < D2; d2 += 8) {
