@@ -126,6 +126,7 @@ class SpeculationPolicy:
         self._steps = 0  # timed decode steps so far: the clock of the measurements' freshness
         self._renewed_at: dict[tuple[int, int], int] = {}  # (drafts, bucket) -> clock when last measured again
         self._pending = [[0, 0] for _ in range(max_drafts)]  # per draft position: (reached, accepted) this step
+        self._all_tried: set[int] = set()  # buckets with no count left to measure (`_untried`)
         self._last_verified: int | None = None  # drafts verified by the step before, None if it did not count
         self._last_drafted: int | None = None
 
@@ -173,10 +174,16 @@ class SpeculationPolicy:
 
     def _untried(self, bucket: int) -> list[int]:
         """Draft counts not yet measured (or measured again) often enough in this batch size bucket, largest
-        first."""
-        return [k for k in range(self.max_drafts, -1, -1)
-                if min(m.new_samples for m in self._models(k, bucket)) < self.SAMPLES_TO_TRUST
-                and self._tries[k, bucket] < self.MAX_TRIES]
+        first. None, once, stays none until a count is measured again (`_renew`): samples and tries only grow until
+        then; so a bucket where none is left skips the count (a decode step of one sequence asks it several times)."""
+        if bucket in self._all_tried:
+            return []
+        untried = [k for k in range(self.max_drafts, -1, -1)
+                   if min(m.new_samples for m in self._models(k, bucket)) < self.SAMPLES_TO_TRUST
+                   and self._tries[k, bucket] < self.MAX_TRIES]
+        if not untried:
+            self._all_tried.add(bucket)
+        return untried
 
     def drafts_in_use(self, batch_size: int) -> int:
         """The most drafts a sequence decoding at this batch size may be asked for: the count chosen here and any
@@ -204,6 +211,8 @@ class SpeculationPolicy:
             self._pending[j][1] += j < num_accepted
 
     def _fold_pending(self) -> None:
+        if not self._pending[0][0]:  # nothing verified since (every draft reached verifies the first)
+            return
         for j, (reached, landed) in enumerate(self._pending):
             if reached:
                 self.acceptance[j] += self.decay * (landed / reached - self.acceptance[j])
@@ -261,6 +270,7 @@ class SpeculationPolicy:
         return self._steps - newest > self.FRESH_STEPS
 
     def _renew(self, k: int, bucket: int) -> None:
+        self._all_tried.discard(bucket)
         for m in self._models(k, bucket):
             m.renew()
         self._tries[k, bucket] = 0
