@@ -79,3 +79,17 @@ def test_bad_inputs_get_clear_errors():
         torch.ops.tandem.linear(x.bfloat16(), module.tiles, 64)
     with pytest.raises(RuntimeError, match="pack takes a weight"):
         tiles.pack(torch.ones(4))
+
+
+def test_converting_a_packed_module_drops_its_packing_which_holds_for_one_dtype():
+    """bfloat16 rows are packed in pairs, float32 ones are not: a packing cast along with its module would be read
+    wrong, so converting drops it (and packing again restores the kernel)."""
+    module = layer(96, 64, torch.float32)
+    assert module.tiles is not None
+    module.to(torch.bfloat16)
+    x = torch.randn(3, 96).bfloat16()
+    with torch.no_grad():
+        assert module.tiles is None and not linear.runs(x, module.weight, module.tiles)
+        torch.testing.assert_close(module(x), F.linear(x, module.weight))
+        assert module.pack_tiles_() and linear.runs(x, module.weight, module.tiles)
+        torch.testing.assert_close(module(x), F.linear(x, module.weight), rtol=2e-2, atol=2e-2)

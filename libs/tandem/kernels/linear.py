@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.kernels import library
-from tandem.kernels.tiles import packs, repack
+from tandem.kernels.tiles import HoldsTiles, packs, repack
 
 COLUMNS = 16  # output sizes must be multiples of the kernel's 16-column vectors
 MAX_ROWS = 64  # the most rows an eager call runs in the kernel: about where oneDNN's matmuls become as fast
@@ -49,9 +49,11 @@ def pack_for_linear(weight: torch.Tensor, packed: torch.Tensor | None = None) ->
     return repack(packed, weight if packs(weight) and weight.shape[0] % COLUMNS == 0 else None)
 
 
-class Linear(nn.Linear):
+class Linear(HoldsTiles, nn.Linear):
     """nn.Linear without bias, running the CPU kernel where it serves (`runs`), once `pack_tiles_` packed its weight
     (a buffer beside it, not in the state dict)."""
+
+    TILES = ("tiles",)
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)

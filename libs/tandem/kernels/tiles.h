@@ -77,7 +77,7 @@ Columns<W> packed_block(const W* packed, int64_t K, int64_t b) {
 }
 
 // out[r, n] = sum over k < K of a[r][k] * w(k, n), for MR rows a[r] and the kCols columns n from w.base; out is
-// [MR, kCols] float32
+// [MR, kCols] float32. w is not `paired`: rows are packed in pairs only where tile_dpbf16 reads them.
 template <int MR, typename A, typename W>
 void tile_fma(const A* const* a, Columns<W> w, int64_t K, float* out) {
   f16 acc[MR][2] = {};

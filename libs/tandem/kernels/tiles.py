@@ -4,14 +4,16 @@ The kernels (`linear`, `ffn`) multiply a few rows by a weight 32 output columns 
 it lies (column-major, the CPU decoding layout), a block's rows are `out` elements apart: the hardware prefetchers
 do not follow them across pages, and at power-of-two widths they share a few cache sets. Packed (`pack`), each
 block is one contiguous stream, its rows in pairs where the CPU multiplies bfloat16 pairs (`vdpbf16ps`), so the
-kernel interleaves nothing either. On a 2-core Zen 4 EPYC, one thread, bfloat16, weights out of cache: the output
-head (256 -> 4096) at 1 row 294 against 1391 us, at 32 rows 518 against 1359 us; 256 -> 384 at 1 row 15 against 64
-us; 1024 rows of 256 -> 4096 (a prompt's expert) 15 against 21 ms.
+kernel interleaves nothing either. On a 2-core Zen 4 EPYC, one thread, bfloat16, the weights out of cache (24 copies
+taken in turn), packed against as they lie: the output head (256 -> 4096) at 1 row 294 against 1391 us, at 32 rows
+518 against 1359 us; 256 -> 384 at 1 row 15 against 64 us, at 32 rows 50 against 69 us; 1024 rows of 256 -> 4096
+15 against 21 ms. With the weights in cache the two were within 7% but for the output head (1.6x).
 
 The packed weight is a copy, made once the weights are final (`pack_model_`, by CPU engines and expert servers after
 loading the kernels): a module that packs keeps it as a buffer beside its parameter, which keeps serving
 checkpoints, the GPU and whatever the kernels do not run. Weights changed in place afterwards need packing again
-(`pack_model_`), which writes over the packed buffers in place, so that compiled passes reading them follow.
+(`pack_model_`), which writes over the packed buffers in place, so that compiled passes reading them follow;
+converted modules (`.to`) drop theirs (`HoldsTiles`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,19 @@ def repack(packed: torch.Tensor | None, weight: torch.Tensor | None) -> torch.Te
     if packed is not None and new is not None and packed.shape == new.shape and packed.dtype == new.dtype:
         return packed.copy_(new)
     return new
+
+
+class HoldsTiles(nn.Module):
+    """A module keeping weights packed for the kernels in the buffers named `TILES` (`pack_tiles_`). Converting it
+    (`.to`, `.float()`, `.cuda()`) drops them: a packing's layout holds for its dtype only (bfloat16 rows are
+    paired, float32 ones not), and the kernels run on the CPU only. Pack again after."""
+
+    TILES: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        for name in self.TILES:
+            setattr(self, name, None)
+        return super()._apply(fn, recurse)
 
 
 def pack_model_(model: nn.Module) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 
 from tandem.kernels import ffn, layer_ops, mla_decode, prompt_attention
 from tandem.kernels.linear import Linear, linear, pack_for_linear
+from tandem.kernels.tiles import HoldsTiles
 from tandem.model.attention_metadata import AttentionMetadata, DenseCausal, Paged
 from tandem.model.config import ModelConfig, RopeConfig
 from tandem.moe.experts import ExpertBank, LocalExperts
@@ -294,8 +295,10 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class Gate(nn.Module):
+class Gate(HoldsTiles):
     """The router: token-to-expert affinities, computed in float32 as DeepSeek does."""
+
+    TILES = ("tiles",)
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -7,13 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.kernels import ffn, layer_ops, library
+from tandem.kernels.tiles import HoldsTiles
 from tandem.model.layout import decode_layout
 from tandem.moe.placement import LayerPlacement
 
 
-class ExpertBank(nn.Module):
+class ExpertBank(HoldsTiles):
     """The physical experts one process holds for one MoE layer, stacked: the gate and up projections as one
     [P, 2I, D] (each expert's gate rows, then its up rows, as transformers stacks them) and down [P, D, I]."""
+
+    TILES = ("gate_up_tiles", "down_tiles")
 
     def __init__(self, num_slots: int, hidden_size: int, intermediate_size: int,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
@@ -34,7 +37,7 @@ class ExpertBank(nn.Module):
     @classmethod
     def from_weights(cls, weights: dict[str, torch.Tensor]) -> "ExpertBank":
         """A bank holding the given stacked weights ({"gate_proj", "up_proj", "down_proj"}), on the CPU in the
-        layout decoding reads fastest (see `tandem.model.layout`), and packed for the CPU kernel where it is loaded."""
+        layout decoding reads fastest (see `tandem.model.layout`), packed for the CPU kernel where it is loaded."""
         _, inter, hidden = weights["gate_proj"].shape
         bank = cls(0, hidden, inter)
         stacked = {"gate_up_proj": torch.cat([weights["gate_proj"], weights["up_proj"]], dim=1),
