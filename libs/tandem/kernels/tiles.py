@@ -23,8 +23,6 @@ from torch import nn
 
 from tandem.kernels import library
 
-COLUMNS = 32  # a packed block's output columns
-
 library.OPS.define("pack(Tensor weight) -> Tensor")
 
 
