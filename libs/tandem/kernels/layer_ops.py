@@ -16,6 +16,7 @@ gradients (`applies`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from tandem.kernels import library
 
@@ -45,3 +46,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for [N, I] gate and up, each row times scale [N] where given."""
     return torch.ops.tandem.silu_mul(gate, up, scale)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up, times scale (gate's shape but its last dim: a routed expert's gate weight per token) where
+    given: in the kernel (`silu_mul`) for rows [N, I] where it applies, else as tensor operations."""
+    if gate.dim() == 2 and applies(gate, up, *([] if scale is None else [scale])):
+        return silu_mul(gate, up, scale)
+    out = F.silu(gate) * up
+    return out if scale is None else out * scale.to(gate.dtype)[..., None]

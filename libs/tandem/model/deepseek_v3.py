@@ -289,10 +289,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ffn.runs_mlp(x, self.gate_proj, self.up_proj, self.down_proj):  # a decode step's few rows
             return ffn.mlp(x, self.gate_proj.tiles, self.up_proj.tiles, self.down_proj.tiles)
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if gate.dim() == 2 and layer_ops.applies(gate):
-            return self.down_proj(layer_ops.silu_mul(gate, up))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(layer_ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Gate(HoldsTiles):

@@ -118,7 +118,7 @@ class ExpertBank(HoldsTiles):
         intermediate weighed by the token's gate weight (zero for experts it did not choose): each weight is read
         once, for up to P/K times the multiplies. On a 2-core Xeon either made a compiled forward of the bundled
         model (16 experts, 4 active) 1.7-3x faster than eager."""
-        if x.shape[0] <= self.num_slots // slot_ids.shape[1]:
+        if x.shape[0] <= self._most_gathered_tokens(slot_ids.shape[1]):
             h = _swiglu((x[:, None, None, :] * self.gate_up_proj[slot_ids]).sum(-1), weights)  # [T, K, I]
             return (h[..., None, :] * self.down_proj[slot_ids]).sum(-1).sum(1)  # [T, K, D] summed over K
         combine = torch.zeros(x.shape[0], self.num_slots, dtype=x.dtype, device=x.device)
@@ -147,7 +147,10 @@ class ExpertBank(HoldsTiles):
         """The most tokens of `top_k` experts each that `_traceable` runs by gathering their experts' weights
         (no more (token, expert) pairs than slots); more run densely. A compiled graph serves one side of this.
         None where the CPU kernel runs the bank (`runs_in_kernel`), whatever the tokens."""
-        return None if self.runs_in_kernel else self.num_slots // top_k
+        return None if self.runs_in_kernel else self._most_gathered_tokens(top_k)
+
+    def _most_gathered_tokens(self, top_k: int) -> int:
+        return self.num_slots // top_k
 
     @property
     def runs_in_kernel(self) -> bool:
@@ -172,10 +175,7 @@ def _swiglu(gate_up: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up times each token's gate weight for the expert (`scale`, gate_up's shape but its last dim),
     from gate and up projections side by side in the last dim ([..., 2I] -> [..., I]). The weight scales the
     intermediate, not the output: the down projection is linear, and the intermediate is the narrower."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    if gate_up.dim() == 2 and layer_ops.applies(gate_up, scale):
-        return layer_ops.silu_mul(gate, up, scale)
-    return F.silu(gate) * up * scale.to(gate.dtype)[..., None]
+    return layer_ops.swiglu(*gate_up.chunk(2, dim=-1), scale)
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
