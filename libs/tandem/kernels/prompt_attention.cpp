@@ -50,8 +50,18 @@ void attend_sequence(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     for (int64_t r = 0; r < m; ++r) {
       const int64_t visible = r0 + r + 1;
       float* s = scores.data() + r * padded;
+      // the largest score, 16 at a time (scale > 0 commutes with max)
+      f16 most = {};
+      for (int i = 0; i < 16; ++i) most[i] = -INFINITY;
+      int64_t seen_max = 0;
+      for (; seen_max + 16 <= visible; seen_max += 16) {
+        const f16 v = load(s + seen_max);
+        most = v > most ? v : most;
+      }
       float mx = -INFINITY, sum = 0.0f;
-      for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, s[j] * scale);
+      for (int i = 0; i < 16; ++i) mx = std::max(mx, most[i]);
+      for (; seen_max < visible; ++seen_max) mx = std::max(mx, s[seen_max]);
+      mx *= scale;
       X* p = probs.data() + r * padded;
       int64_t j = 0;
       f16 sums = {};
