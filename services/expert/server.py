@@ -336,8 +336,9 @@ class ExpertServer:
             library.load()  # the experts run in its kernel
         banks, phy2log = load_server_experts(ckpt, placement, self.member.index, slots_per_server, num_mtp,
                                              dtype=DTYPES[self.config.dtype], device=self._device())
-        log.info("loaded %d slots x %d MoE layers (placement version %d) from %s", slots_per_server, len(banks),
-                 placement.version, self.config.model_dir)
+        log.info("loaded %d slots x %d MoE layers (placement version %d) from %s; %d banks packed for the CPU "
+                 "kernels", slots_per_server, len(banks), placement.version, self.config.model_dir,
+                 sum(bank.runs_in_kernel for bank in banks.values()))
         return banks, phy2log
 
     def _device(self) -> torch.device:
