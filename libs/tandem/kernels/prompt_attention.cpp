@@ -1,7 +1,7 @@
 // Causal attention of prompts over their own expanded keys and values on the CPU: see prompt_attention.py.
 //
-// A task is one (sequence, head): its keys transposed into a [E, L] buffer and its values copied into a [L, V] one
-// (both zero-padded, so that tiles may read whole blocks), then 8 query rows at a time: their scores over the keys
+// A task is one (sequence, head): its keys packed as the tiles read a weight (`pack`) and its values copied into a
+// [L, V] buffer (both zero-padded, so that tiles may read whole blocks), then 8 query rows at a time: their scores over the keys
 // up to the block's last row in register tiles (`tiles.h`), softmax in float32 with the future masked, the
 // probabilities rounded to the inputs' dtype, and their product with the values normalised. Threads take runs of
 // tasks of about equal L^2.
@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "tiles.h"
@@ -28,10 +29,18 @@ void attend_sequence(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int64_t E = q.size(2), V = v.size(2), padded = (length + kCols - 1) / kCols * kCols;
   const X *qp = q.data_ptr<X>(), *kp = k.data_ptr<X>(), *vp = v.data_ptr<X>();
   X* op = out.data_ptr<X>();
-  std::vector<X> keys(E * padded, X(0.0f)), values(padded * V, X(0.0f));  // keys [E, L], values [L, V]
+  // keys as the weight of the scores' tiles, [L, E] packed (`pack`: blocks of 32 positions, in pairs of key
+  // dims where the tiles take pairs, then moved 32 bits at a time), values [L, V]
+  const bool paired = packs_pairs(c10::CppTypeToScalarType<X>::value, E);
+  std::vector<X> keys(E * padded, X(0.0f)), values(padded * V, X(0.0f));
   for (int64_t j = 0; j < length; ++j) {
     const X* key = kp + (start + j) * k.stride(0) + h * k.stride(1);
-    for (int64_t e = 0; e < E; ++e) keys[e * padded + j] = key[e];
+    X* block = keys.data() + j / kCols * kCols * E;
+    if (paired) {
+      for (int64_t e = 0; e < E; e += 2) std::memcpy(block + e * kCols + 2 * (j % kCols), key + e, 2 * sizeof(X));
+    } else {
+      for (int64_t e = 0; e < E; ++e) block[e * kCols + j % kCols] = key[e];
+    }
     std::copy_n(vp + (start + j) * v.stride(0) + h * v.stride(1), V, values.data() + j * V);
   }
   std::vector<float> scores(kMaxRows * padded), tile_out(kMaxRows * kCols);
@@ -43,7 +52,7 @@ void attend_sequence(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     const int64_t blocks = (seen + kCols - 1) / kCols, even = (seen + 1) / 2 * 2;
     for (int64_t r = 0; r < m; ++r) a[r] = qp + (start + r0 + r) * q.stride(0) + h * q.stride(1);
     for (int64_t b = 0; b < blocks; ++b) {
-      tile_rows(m, a, Columns<X>{keys.data() + b * kCols, padded}, E, tile_out.data());
+      tile_rows(m, a, packed_block(keys.data(), E, b), E, tile_out.data());
       for (int64_t r = 0; r < m; ++r)
         std::copy_n(tile_out.data() + r * kCols, kCols, scores.data() + r * padded + b * kCols);
     }
