@@ -57,7 +57,6 @@ class Linear(HoldsTiles, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.register_buffer("tiles", None, persistent=False)
 
     def pack_tiles_(self) -> bool:
         self.tiles = pack_for_linear(self.weight, self.tiles)

@@ -48,11 +48,17 @@ def repack(packed: torch.Tensor | None, weight: torch.Tensor | None) -> torch.Te
 
 
 class HoldsTiles(nn.Module):
-    """A module keeping weights packed for the kernels in the buffers named `TILES` (`pack_tiles_`). Converting it
-    (`.to`, `.float()`, `.cuda()`) drops them: a packing's layout holds for its dtype only (bfloat16 rows are
-    paired, float32 ones not), and the kernels run on the CPU only. Pack again after."""
+    """A module keeping weights packed for the kernels in the buffers named `TILES` (`pack_tiles_`), None until
+    packed and not in the state dict. Converting it (`.to`, `.float()`, `.cuda()`) drops them: a packing's layout
+    holds for its dtype only (bfloat16 rows are paired, float32 ones not), and the kernels run on the CPU only. Pack
+    again after."""
 
     TILES: tuple[str, ...] = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in self.TILES:
+            self.register_buffer(name, None, persistent=False)
 
     def _apply(self, fn, recurse=True):
         for name in self.TILES:

@@ -295,14 +295,13 @@ class MLP(nn.Module):
 class Gate(HoldsTiles):
     """The router: token-to-expert affinities, computed in float32 as DeepSeek does."""
 
-    TILES = ("tiles",)
+    TILES = ("tiles",)  # the weight packed for the CPU kernel
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts), requires_grad=False)
-        self.register_buffer("tiles", None, persistent=False)  # the weight packed for the CPU kernel
 
     def pack_tiles_(self) -> bool:
         self.tiles = pack_for_linear(self.weight.float(), self.tiles)

@@ -16,7 +16,7 @@ class ExpertBank(HoldsTiles):
     """The physical experts one process holds for one MoE layer, stacked: the gate and up projections as one
     [P, 2I, D] (each expert's gate rows, then its up rows, as transformers stacks them) and down [P, D, I]."""
 
-    TILES = ("gate_up_tiles", "down_tiles")
+    TILES = ("gate_up_tiles", "down_tiles")  # the weights packed for the CPU kernel (`pack_tiles_`), beside them
 
     def __init__(self, num_slots: int, hidden_size: int, intermediate_size: int,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
@@ -24,9 +24,6 @@ class ExpertBank(HoldsTiles):
         kw = {"dtype": dtype, "device": device}
         self.gate_up_proj = nn.Parameter(torch.empty(num_slots, 2 * intermediate_size, hidden_size, **kw))
         self.down_proj = nn.Parameter(torch.empty(num_slots, hidden_size, intermediate_size, **kw))
-        # the weights packed for the CPU kernel (`pack_tiles_`), beside them
-        self.register_buffer("gate_up_tiles", None, persistent=False)
-        self.register_buffer("down_tiles", None, persistent=False)
 
     def pack_tiles_(self) -> bool:
         """Pack the weights for the CPU kernel (`tandem.kernels.ffn`) where it serves them; whether it does."""
