@@ -123,10 +123,12 @@ class DecodeGraphs:
         rows = graph.load(input_ids, step, prev_hidden)
         self.num_replays += 1
         hidden, logits = graph.replay() if self.with_logits else (graph.replay(), None)
-        # hidden may be a CUDA graph's static output, which the next replay overwrites; logits are new each time
         if rows is None:
             real = num_seqs * query_len
-            return hidden[:real].clone(), None if logits is None else logits[:real]
+            hidden = hidden[:real]
+            # a CUDA graph's output is static, and the next replay overwrites it; compiled and eager passes return
+            # new tensors, as they do logits
+            return hidden.clone() if self.kind == "cuda" else hidden, None if logits is None else logits[:real]
         rows = rows.to(hidden.device)
         return hidden.index_select(0, rows), None if logits is None else logits.index_select(0, rows)
 
@@ -247,18 +249,19 @@ class _StepGraph:
         tokens (of a shorter sequence, or a padding sequence) are id 0 at position 0 writing to the scratch slot.
         Returns the rows of the step's tokens in the [batch*Q] grid, or None when they are its first rows."""
         ids, positions, slots, tables = self._arrays
-        tables.fill(0)
-        for row, table in zip(tables, step.block_tables):
-            n = min(len(table), len(row))
-            row[:n] = table[:n]
+        num_seqs, width = step.num_seqs, tables.shape[1]
+        # each table's first `width` blocks, zero-padded, in one assignment (a row at a time cost twice as much)
+        padding = [0] * width
+        tables[:num_seqs] = [(table + padding)[:width] for table in step.block_tables]
+        tables[num_seqs:] = 0
         query_lens = np.asarray(step.query_lens, dtype=np.int64)
-        num_seqs, offsets = len(query_lens), self._offsets
+        offsets = self._offsets
         real = offsets < query_lens[:, None]  # [B, Q]
         pos = np.where(real, (np.asarray(step.context_lens, dtype=np.int64) - query_lens)[:, None] + offsets, 0)
         positions.fill(0)
         positions[:num_seqs] = pos
         slots.fill(self.scratch_slot)
-        blocks = np.take_along_axis(tables[:num_seqs], pos // self.block_size, 1)
+        blocks = tables[np.arange(num_seqs)[:, None], pos // self.block_size]  # [B, Q]
         slots[:num_seqs] = np.where(real, blocks * self.block_size + pos % self.block_size, self.scratch_slot)
         rows = None if real.all() else torch.from_numpy(np.flatnonzero(real))
         ids.fill(0)
