@@ -1,11 +1,14 @@
 """DeepSeekMoE routing: sigmoid affinities, bias-corrected group-limited top-k selection.
 
-Pure tensor math so that attention workers (which route) and tests can call it without the model.
+Pure tensor math so that attention workers (which route) and tests can call it without the model; on the CPU, for
+inference, one kernel (`tandem.kernels.routing`) where it applies.
 """
 
 from __future__ import annotations
 
 import torch
+
+from tandem.kernels import routing as routing_kernel
 
 
 def route(
@@ -24,6 +27,10 @@ def route(
     The correction bias steers *which* experts are chosen (auxiliary-loss-free load balancing) but the
     weights come from the uncorrected sigmoid scores, as in DeepSeek-V3.
     """
+    if routing_kernel.applies(logits, e_score_correction_bias):
+        return routing_kernel.route(logits, e_score_correction_bias, top_k=top_k, n_group=n_group,
+                                    topk_group=topk_group, norm_topk_prob=norm_topk_prob,
+                                    routed_scaling_factor=routed_scaling_factor)
     # T tokens, E experts, G groups, K active experts
     scores = logits.sigmoid()
     choice = scores + e_score_correction_bias
