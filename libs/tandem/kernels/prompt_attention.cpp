@@ -23,6 +23,8 @@ namespace {
 
 using namespace tandem;
 
+constexpr f16 kLanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
 template <typename X>
 void attend_sequence(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start, int64_t length,
                      int64_t h, float scale, at::Tensor& out) {
@@ -57,35 +59,29 @@ void attend_sequence(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         std::copy_n(tile_out.data() + r * kCols, kCols, scores.data() + r * padded + b * kCols);
     }
     for (int64_t r = 0; r < m; ++r) {
-      const int64_t visible = r0 + r + 1;
+      // whole vectors of 16 scores, the future's masked: -inf before the max, 0 after the exponential
+      const int64_t visible = r0 + r + 1, whole = (visible + 15) / 16 * 16;
       float* s = scores.data() + r * padded;
-      // the largest score, 16 at a time (scale > 0 commutes with max)
-      f16 most = {};
-      for (int i = 0; i < 16; ++i) most[i] = -INFINITY;
-      int64_t seen_max = 0;
-      for (; seen_max + 16 <= visible; seen_max += 16) {
-        const f16 v = load(s + seen_max);
+      std::fill(s + visible, s + whole, -INFINITY);
+      f16 most = load(s);
+      for (int64_t j = 16; j < whole; j += 16) {
+        const f16 v = load(s + j);
         most = v > most ? v : most;
       }
-      float mx = -INFINITY, sum = 0.0f;
-      for (int i = 0; i < 16; ++i) mx = std::max(mx, most[i]);
-      for (; seen_max < visible; ++seen_max) mx = std::max(mx, s[seen_max]);
-      mx *= scale;
+      float mx = most[0];
+      for (int i = 1; i < 16; ++i) mx = std::max(mx, most[i]);
+      mx *= scale;  // scale > 0 commutes with max
       X* p = probs.data() + r * padded;
-      int64_t j = 0;
       f16 sums = {};
-      for (; j + 16 <= visible; j += 16) {
+      for (int64_t j = 0; j < whole; j += 16) {
         const f16 e = exp_nonpositive(load(s + j) * scale - mx);
-        store_float(p + j, e);
-        sums += e;
+        const f16 kept = (kLanes + static_cast<float>(j)) < static_cast<float>(visible) ? e : f16{};
+        store_float(p + j, kept);
+        sums += kept;
       }
+      float sum = 0.0f;
       for (int i = 0; i < 16; ++i) sum += sums[i];
-      for (; j < visible; ++j) {
-        const float e = std::exp(s[j] * scale - mx);
-        p[j] = X(e);
-        sum += e;
-      }
-      for (; j < even; ++j) p[j] = X(0.0f);
+      std::fill(p + whole, p + std::max(whole, even), X(0.0f));
       inv_sum[r] = 1.0f / sum;
       a[r] = p;
     }
