@@ -328,19 +328,25 @@ class Engine:
             -> tuple[list[StepOutput], list[tuple[Sequence, int, slice]]]:
         """Sample or verify, emit; returns the outputs and, per unfinished sequence, what the main pass verified
         (first new position, its rows of `hidden`) for the MTP modules to catch up on."""
-        ends = list(itertools.accumulate(s.num_fed for s in batch))  # one past each sequence's rows of `hidden`
-        new_tokens = self._accept([(s, end) for s, end in zip(batch, ends) if s.samples], hidden, logits)
+        fed = [s.num_fed for s in batch]
+        ends = list(itertools.accumulate(fed))  # one past each sequence's rows of `hidden`
+        samples = [s.samples for s in batch]
+        new_tokens = self._accept([(s, end) for s, end, sampling in zip(batch, ends, samples) if sampling], hidden,
+                                  logits)
         outputs: list[StepOutput] = []
         verified: list[tuple[Sequence, int, slice]] = []  # seq, first new position, hidden rows verified
-        for s, end in zip(batch, ends):
-            seq, start, first_row = s.seq, s.seq.num_cached, end - s.num_fed
-            if not s.samples:
+        speculating = self.policy.max_drafts > 0  # else nothing reads `verified`
+        for s, end, num_fed, sampling in zip(batch, ends, fed, samples):
+            seq, start, first_row = s.seq, s.seq.num_cached, end - num_fed
+            if not sampling:
                 seq.num_cached += s.num_new
-                verified.append((seq, start, slice(first_row, end)))
+                if speculating:
+                    verified.append((seq, start, slice(first_row, end)))
                 continue
             tokens = new_tokens[id(seq)]
             seq.num_cached += s.num_new + len(tokens) - 1  # the fed tokens whose successors are now known
-            verified.append((seq, start, slice(first_row, first_row + s.num_new + len(tokens) - 1)))
+            if speculating:
+                verified.append((seq, start, slice(first_row, first_row + s.num_new + len(tokens) - 1)))
             outputs.append(self._emit(seq, tokens))
         return outputs, [v for v in verified if not v[0].is_finished]
 
@@ -362,18 +368,22 @@ class Engine:
         self._constrain_first_tokens(logits, [s.seq for s, _ in sampling], counts)
         out: dict[int, list[int]] = {}
         rows = list(itertools.accumulate(counts, initial=0))
-        greedy = [i for i, (s, _) in enumerate(sampling) if s.seq.params.is_greedy]
+        greedy: list[int] = []
+        sampled: list[int] = []
+        for i, (s, _) in enumerate(sampling):
+            (greedy if s.seq.params.is_greedy else sampled).append(i)
         if greedy:
             # argmax: the lowest index on ties, as target_probs' one-hot rows
             best = greedy_tokens(logits)
             for i in greedy:
                 s = sampling[i][0]
+                if not s.draft_ids:
+                    out[id(s.seq)] = [best[rows[i]]]
+                    continue
                 target = best[rows[i]:rows[i + 1]]
                 accepted = next((j for j, d in enumerate(s.draft_ids) if d != target[j]), len(s.draft_ids))
                 out[id(s.seq)] = target[: accepted + 1]
-                if s.draft_ids:
-                    self._record_acceptance(s.seq, len(s.draft_ids), accepted)
-        sampled = [i for i, (s, _) in enumerate(sampling) if not s.seq.params.is_greedy]
+                self._record_acceptance(s.seq, len(s.draft_ids), accepted)
         if not sampled:
             return out
         probs = target_probs(logits[torch.cat([torch.arange(rows[i], rows[i + 1]) for i in sampled])],
@@ -416,11 +426,13 @@ class Engine:
 
     def _emit(self, seq: Sequence, new_tokens: list[int]) -> StepOutput:
         """Append tokens one by one until a stop condition; tokens after a stop are dropped."""
-        seq.draft_ids, seq.draft_probs = [], None
+        if seq.draft_ids:
+            seq.draft_ids, seq.draft_probs = [], None
         params, detok = seq.params, self._requests[seq.request_id][1]
         emitted, text, reason = [], "", None
+        token_ids, last_output = seq.token_ids, seq.num_prompt_tokens + params.max_tokens
         for token in new_tokens:
-            seq.token_ids.append(token)
+            token_ids.append(token)
             emitted.append(token)
             if detok is not None:
                 piece, hit_stop = detok.add(token)
@@ -431,19 +443,19 @@ class Engine:
                 reason = "stop"
             if reason is None and token in params.stop_token_ids:
                 reason = "stop"
-            if reason is None and seq.num_output_tokens >= params.max_tokens:
+            if reason is None and len(token_ids) >= last_output:
                 reason = "length"
             if reason:
                 break
         # the cache may not hold more than the tokens kept; roll back what the rejected drafts wrote
-        seq.num_cached = min(seq.num_cached, seq.num_tokens - 1)
+        seq.num_cached = min(seq.num_cached, len(token_ids) - 1)
         if reason:
             if detok is not None:
                 text += detok.flush()
             self.scheduler.finish(seq, reason)
             self._requests.pop(seq.request_id, None)
             return StepOutput(seq.request_id, emitted, text, True, reason)
-        self.cache.shrink(seq.block_table, seq.num_tokens)
+        self.cache.shrink(seq.block_table, len(token_ids))
         if seq.prefill_only:
             seq.status = Status.PREFILLED
             self.scheduler.running.remove(seq)

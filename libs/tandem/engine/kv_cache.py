@@ -8,8 +8,6 @@ layers share a sequence's block table.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from tandem.model.config import ModelConfig
@@ -85,7 +83,7 @@ class PagedKVCache:
         return config.num_kv_layers * block_size * config.kv_cache_dim * dtype.itemsize
 
     def blocks_for(self, num_tokens: int) -> int:
-        return math.ceil(num_tokens / self.block_size)
+        return -(-num_tokens // self.block_size)
 
     def ensure_capacity(self, block_table: list[int], num_tokens: int) -> bool:
         """Grow `block_table` in place to hold `num_tokens` positions; False (and no change) if the pool is short."""
