@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import machine_info  # noqa: E402  (bench/engine.py)
 
 from tandem.kernels import library, mla_decode  # noqa: E402
+from tandem.kernels.tiles import pack_model_  # noqa: E402
 from tandem.model.attention_metadata import Paged  # noqa: E402
 from tandem.model.loading import load_model  # noqa: E402
 
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     if not library.load():
         sys.exit("the CPU kernels could not be built here (see the warning above)")
     model = load_model(args.model, dtype=dtype)
+    pack_model_(model)  # as a CPU engine prepares its weights for the kernels
     attention = model.main_layers[0].self_attn
     if not mla_decode.supports(attention.num_heads, attention.kv_lora_rank):
         sys.exit(f"the kernel does not serve {attention.num_heads} heads of kv_lora_rank {attention.kv_lora_rank}")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tandem.kernels import mla_decode
+from tandem.kernels.tiles import pack_model_
 from tandem.model.attention_metadata import Paged
 from tandem.model.loading import load_model
 
@@ -80,6 +81,8 @@ def test_the_kernel_refuses_what_it_cannot_attend():
         attend(q_nope, q_pe, w_kv, cache[:, 8:].contiguous(), tables, positions, 16, 1.0)
     with pytest.raises(RuntimeError, match="w_kv must be"):
         attend(q_nope, q_pe, w_kv.bfloat16(), cache, tables, positions, 16, 1.0)
+    with pytest.raises(RuntimeError, match=r"w_uv_t must be \[8, 64, 24\] of the cache's dtype"):
+        attend(q_nope, q_pe, w_kv, cache, tables, positions, 16, 1.0, w_uv_t=w_kv[:, 16:])
     with pytest.raises(RuntimeError, match="cache must be float32, bfloat16 or float16"):
         attend(q_nope, q_pe, w_kv.double(), cache.double(), tables, positions, 16, 1.0)
     assert mla_decode.supports(16, 512) and not mla_decode.supports(4, 64) and not mla_decode.supports(8, 40)
@@ -113,9 +116,30 @@ def test_a_decode_step_attends_alike_in_the_kernel_and_in_tensor_operations(step
 
     with torch.no_grad():
         in_kernel = attend()
+        pack_model_(model)  # W_UV transposed once, as an engine prepares it, not on every call
+        assert attention.w_uv_t is not None
+        in_kernel_prepared = attend()
         monkeypatch.setattr(mla_decode, "supports", lambda *dims: False)
         in_tensor_ops = attend()
     torch.testing.assert_close(in_kernel, in_tensor_ops, rtol=1e-5, atol=1e-5)
+    # (packed, the projections run in the linear kernel too: float32 sums in another order)
+    torch.testing.assert_close(in_kernel_prepared, in_tensor_ops, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_prepares_the_value_projection_once_in_place_and_drops_it_when_converted():
+    model = load_model(MODEL, dtype=torch.bfloat16)
+    attention = model.main_layers[0].self_attn
+    assert attention.w_uv_t is None and pack_model_(model) > 0
+    prepared = attention.w_uv_t
+    per_head = attention.kv_b_proj.weight.view(attention.num_heads, -1, attention.kv_lora_rank)
+    assert torch.equal(prepared, per_head[:, attention.qk_nope_head_dim:].transpose(1, 2))
+    before = prepared.clone()
+    with torch.no_grad():
+        attention.kv_b_proj.weight.mul_(2)
+    pack_model_(model)  # in place: a compiled pass reading it follows
+    assert attention.w_uv_t is prepared and torch.equal(prepared, 2 * before)
+    model.float()
+    assert attention.w_uv_t is None
 
 
 def test_only_steps_of_a_query_grid_over_the_cache_carry_block_tables():

@@ -288,45 +288,45 @@ void attend_row_bf16(const float* q_latent, const float* q_pe, const c10::BFloat
 }
 #endif
 
-// out[0, m) = sum over i < n of x[i] * w[i, 0, m) (w [n, m] row-major), 64 columns at a time in registers
-inline void vector_times_matrix(const float* x, int64_t n, const float* w, int64_t m, float* out) {
+// out[0, m) = sum over i < n of x[i] * w[i, 0, m) (w [n, m] row-major, of the cache's dtype, converted as read),
+// 64 columns at a time in registers
+template <typename W>
+inline void vector_times_matrix(const float* x, int64_t n, const W* w, int64_t m, float* out) {
   int64_t j = 0;
   for (; j + 64 <= m; j += 64) {
     f16 acc[4] = {};
     for (int64_t i = 0; i < n; ++i)
-      for (int v = 0; v < 4; ++v) acc[v] += x[i] * load(w + i * m + j + 16 * v);
+      for (int v = 0; v < 4; ++v) acc[v] += x[i] * load_float(w + i * m + j + 16 * v);
     for (int v = 0; v < 4; ++v) store(out + j + 16 * v, acc[v]);
   }
   for (; j + 16 <= m; j += 16) {
     f16 acc = {};
-    for (int64_t i = 0; i < n; ++i) acc += x[i] * load(w + i * m + j);
+    for (int64_t i = 0; i < n; ++i) acc += x[i] * load_float(w + i * m + j);
     store(out + j, acc);
   }
   for (; j < m; ++j) {
     float acc = 0.0f;
-    for (int64_t i = 0; i < n; ++i) acc += x[i] * w[i * m + j];
+    for (int64_t i = 0; i < n; ++i) acc += x[i] * to_float(w[i * m + j]);
     out[j] = acc;
   }
 }
 
 // Rows [begin, end) of a step: their queries absorbed into the latent (q_nope . W_UK per head), attended
 // (`attend_row`, or `attend_row_bf16` where it serves), and the attended latents projected to each head's value
-// (. W_UV^T). The projections run head by head over all the rows, so each head's weights are converted and read
-// once per call of this, not once per row.
+// (. W_UV^T). The projections run head by head over all the rows, each head's weights read in place: W_UK [N, C]
+// as `kv_b_proj` holds it, W_UV transposed to [C, V] ahead of time (`w_uv_t`), so that each term is a row.
 template <typename cache_t>
 void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q_pe, const cache_t* w_kv,
-                 const cache_t* cache, const int64_t* block_tables, const int64_t* positions, int64_t Q, int64_t N,
-                 int64_t H, int64_t NH, int64_t V, int64_t C, int64_t R, int64_t block_size, float scale, float* out) {
+                 const cache_t* w_uv_t, const cache_t* cache, const int64_t* block_tables, const int64_t* positions,
+                 int64_t Q, int64_t N, int64_t H, int64_t NH, int64_t V, int64_t C, int64_t R, int64_t block_size,
+                 float scale, float* out) {
   const int64_t rows = end - begin;
-  std::vector<float> latent(rows * H * C), weights(std::max(NH, V) * C);
+  std::vector<float> latent(rows * H * C);
   // q_latent[r, h, :] = sum_n q_nope[r, h, n] W_UK[h, n, :]
-  for (int64_t h = 0; h < H; ++h) {
-    const cache_t* w_uk = w_kv + h * (NH + V) * C;
-    for (int64_t i = 0; i < NH * C; ++i) weights[i] = to_float(w_uk[i]);
+  for (int64_t h = 0; h < H; ++h)
     for (int64_t r = 0; r < rows; ++r)
-      vector_times_matrix(q_nope + ((begin + r) * H + h) * NH, NH, weights.data(), C,
+      vector_times_matrix(q_nope + ((begin + r) * H + h) * NH, NH, w_kv + h * (NH + V) * C, C,
                           latent.data() + (r * H + h) * C);
-  }
   auto attend = attend_row<cache_t>;
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<cache_t, c10::BFloat16>)
@@ -340,19 +340,15 @@ void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q
            block_size, H, C + R, C, scale, scratch, attended.data());
     std::copy(attended.begin(), attended.end(), latent.begin() + r * H * C);  // the row's query is spent
   }
-  // out[r, h, :] = W_UV[h] . latent[r, h, :], W_UV[h] transposed to [C, V] so that each term is a contiguous row
-  for (int64_t h = 0; h < H; ++h) {
-    const cache_t* w_uv = w_kv + (h * (NH + V) + NH) * C;
-    for (int64_t v = 0; v < V; ++v)
-      for (int64_t c = 0; c < C; ++c) weights[c * V + v] = to_float(w_uv[v * C + c]);
+  // out[r, h, :] = latent[r, h, :] . W_UV[h]^T
+  for (int64_t h = 0; h < H; ++h)
     for (int64_t r = 0; r < rows; ++r)
-      vector_times_matrix(latent.data() + (r * H + h) * C, C, weights.data(), V, out + ((begin + r) * H + h) * V);
-  }
+      vector_times_matrix(latent.data() + (r * H + h) * C, C, w_uv_t + h * C * V, V, out + ((begin + r) * H + h) * V);
 }
 
 at::Tensor mla_paged_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& w_kv,
-                            const at::Tensor& cache, const at::Tensor& block_tables, const at::Tensor& positions,
-                            int64_t block_size, double scale) {
+                            const at::Tensor& w_uv_t, const at::Tensor& cache, const at::Tensor& block_tables,
+                            const at::Tensor& positions, int64_t block_size, double scale) {
   TORCH_CHECK(q_nope.device().is_cpu() && cache.device().is_cpu(), "mla_paged_decode runs on the CPU");
   TORCH_CHECK(q_nope.dim() == 4 && q_nope.scalar_type() == at::kFloat && q_pe.dim() == 4 &&
                   q_pe.scalar_type() == at::kFloat && q_pe.sizes().slice(0, 3) == q_nope.sizes().slice(0, 3),
@@ -369,11 +365,16 @@ at::Tensor mla_paged_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, co
               "w_kv must be [", H, ", ", NH, " + V, ", C, "] of the cache's dtype, got ", w_kv.sizes(), " ",
               w_kv.scalar_type());
   const int64_t V = w_kv.size(1) - NH;
+  TORCH_CHECK(w_uv_t.dim() == 3 && w_uv_t.size(0) == H && w_uv_t.size(1) == C && w_uv_t.size(2) == V &&
+                  w_uv_t.scalar_type() == cache.scalar_type(),
+              "w_uv_t must be [", H, ", ", C, ", ", V, "] of the cache's dtype (w_kv's values transposed), got ",
+              w_uv_t.sizes(), " ", w_uv_t.scalar_type());
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.scalar_type() == at::kLong,
               "block_tables must be [", B, ", N] int64");
   TORCH_CHECK(positions.numel() == B * Q && positions.scalar_type() == at::kLong, "positions must be [", B * Q,
               "] int64");
   const auto qn = q_nope.contiguous(), qp = q_pe.contiguous(), weights = w_kv.contiguous();
+  const auto values = w_uv_t.contiguous();
   const auto tables = block_tables.contiguous();
   const auto pos = positions.contiguous();
   const int64_t N = tables.size(1), num_blocks = cache.size(0) / block_size;
@@ -385,18 +386,17 @@ at::Tensor mla_paged_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, co
   for (int64_t i = 0; i < B * N; ++i)
     TORCH_CHECK(tp[i] >= 0 && tp[i] < num_blocks, "block ", tp[i], " outside the cache's ", num_blocks);
   auto out = at::empty({B, Q, H, V}, q_nope.options());
-  const auto run = [&](auto* cp, auto* wp) {
+  TORCH_CHECK(cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16 ||
+                  cache.scalar_type() == at::kHalf,
+              "cache must be float32, bfloat16 or float16, got ", cache.scalar_type());
+  dispatch_dtype(cache.scalar_type(), "mla_paged_decode", [&](auto zero) {
+    using cache_t = decltype(zero);
     at::parallel_for(0, B * Q, 1, [&](int64_t begin, int64_t end) {
-      attend_rows(begin, end, qn.data_ptr<float>(), qp.data_ptr<float>(), wp, cp, tp, pp, Q, N, H, NH, V, C, R,
-                  block_size, static_cast<float>(scale), out.data_ptr<float>());
+      attend_rows(begin, end, qn.data_ptr<float>(), qp.data_ptr<float>(), weights.data_ptr<cache_t>(),
+                  values.data_ptr<cache_t>(), cache.data_ptr<cache_t>(), tp, pp, Q, N, H, NH, V, C, R, block_size,
+                  static_cast<float>(scale), out.data_ptr<float>());
     });
-  };
-  switch (cache.scalar_type()) {
-    case at::kFloat: run(cache.data_ptr<float>(), weights.data_ptr<float>()); break;
-    case at::kBFloat16: run(cache.data_ptr<c10::BFloat16>(), weights.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: run(cache.data_ptr<c10::Half>(), weights.data_ptr<c10::Half>()); break;
-    default: TORCH_CHECK(false, "cache must be float32, bfloat16 or float16, got ", cache.scalar_type());
-  }
+  });
   return out;
 }
 

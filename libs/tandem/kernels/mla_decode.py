@@ -26,12 +26,12 @@ from tandem.kernels import library
 HEADS_MULTIPLE = 8  # the kernel scores 8 heads per vector
 LATENT_MULTIPLE = 16  # and sums the latent 16 columns at a time
 
-library.OPS.define("mla_paged_decode(Tensor q_nope, Tensor q_pe, Tensor w_kv, Tensor cache, Tensor block_tables, "
-                   "Tensor positions, int block_size, float scale) -> Tensor")
+library.OPS.define("mla_paged_decode(Tensor q_nope, Tensor q_pe, Tensor w_kv, Tensor w_uv_t, Tensor cache, "
+                   "Tensor block_tables, Tensor positions, int block_size, float scale) -> Tensor")
 
 
 @torch.library.register_fake("tandem::mla_paged_decode")
-def _(q_nope, q_pe, w_kv, cache, block_tables, positions, block_size, scale):
+def _(q_nope, q_pe, w_kv, w_uv_t, cache, block_tables, positions, block_size, scale):
     """The output's shape, for torch.export to trace the operator."""
     return q_nope.new_empty(*q_nope.shape[:3], w_kv.shape[1] - q_nope.shape[3])
 
@@ -46,11 +46,22 @@ def supports(num_heads: int, kv_lora_rank: int) -> bool:
     return library.loaded() and fits(num_heads, kv_lora_rank)
 
 
+def values_transposed(w_kv: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    """W_UV^T [H, C, V] of `kv_b_proj`'s weight per head w_kv [H, N + V, C]: the value projection as the kernel reads
+    it, each latent column's values a row. A model prepares it once (`MLA.pack_tiles_`), where transposing it on
+    every call was most of a one-sequence step's attention."""
+    return w_kv[:, nope_dim:].transpose(1, 2).contiguous()
+
+
 def paged_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kv: torch.Tensor, cache: torch.Tensor,
-                 block_tables: torch.Tensor, positions: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+                 block_tables: torch.Tensor, positions: torch.Tensor, block_size: int, scale: float,
+                 w_uv_t: torch.Tensor | None = None) -> torch.Tensor:
     """Each head's value [B, Q, H, V] float32 of weight-absorbed MLA attention: the no-rope queries q_nope
     [B, Q, H, N] and rope queries q_pe [B, Q, H, R] (float32), `kv_b_proj`'s weight per head w_kv [H, N + V, C] (W_UK
-    then W_UV, in the cache's dtype), each query attending to the cached positions 0 to its own (`positions`
-    [B*Q]) of its sequence (block_tables [B, num_blocks] of cache [slots, C + R], `block_size` slots per block),
-    with softmax `scale`."""
-    return torch.ops.tandem.mla_paged_decode(q_nope, q_pe, w_kv, cache, block_tables, positions, block_size, scale)
+    then W_UV, in the cache's dtype; `w_uv_t` its values transposed, `values_transposed`, made here where not
+    given), each query attending to the cached positions 0 to its own (`positions` [B*Q]) of its sequence
+    (block_tables [B, num_blocks] of cache [slots, C + R], `block_size` slots per block), with softmax `scale`."""
+    if w_uv_t is None:
+        w_uv_t = values_transposed(w_kv, q_nope.shape[-1])
+    return torch.ops.tandem.mla_paged_decode(q_nope, q_pe, w_kv, w_uv_t, cache, block_tables, positions, block_size,
+                                             scale)

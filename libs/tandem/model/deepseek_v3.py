@@ -19,7 +19,7 @@ from torch import nn
 
 from tandem.kernels import ffn, layer_ops, mla_decode, prompt_attention
 from tandem.kernels.linear import Linear, linear, pack_for_linear
-from tandem.kernels.tiles import HoldsTiles
+from tandem.kernels.tiles import HoldsTiles, packs
 from tandem.model.attention_metadata import AttentionMetadata, DenseCausal, Paged
 from tandem.model.config import ModelConfig, RopeConfig
 from tandem.moe.experts import ExpertBank, LocalExperts
@@ -112,7 +112,7 @@ class RotaryEmbedding(nn.Module):
 
 # --- Multi-head Latent Attention ---------------------------------------------------------------------------
 
-class MLA(nn.Module):
+class MLA(HoldsTiles):
     """Multi-head Latent Attention.
 
     Queries pass through a low-rank bottleneck (`q_a_proj -> q_a_layernorm -> q_b_proj`, or one `q_proj` when
@@ -121,6 +121,8 @@ class MLA(nn.Module):
     no-rope keys (W_UK) and values (W_UV). Training and prompt chunks expand them; decode steps absorb W_UK into
     the query and W_UV into the output, attending over the cached latent directly (`_expanding_pays`).
     """
+
+    TILES = ("w_uv_t",)  # W_UV transposed for the CPU decode kernel (`pack_tiles_`)
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -142,6 +144,21 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
         self.o_proj = Linear(H * config.v_head_dim, D)
+
+    def pack_tiles_(self) -> bool:
+        """Prepare W_UV as the CPU decode kernel reads it (`mla_decode.values_transposed`), in place where it was
+        prepared before (compiled passes read it there), where the kernel serves this attention."""
+        weight = self.kv_b_proj.weight
+        if not (packs(weight) and mla_decode.fits(self.num_heads, self.kv_lora_rank)):
+            return False
+        w_uv_t = mla_decode.values_transposed(self._kv_b_per_head(weight), self.qk_nope_head_dim).detach()
+        fits = self.w_uv_t is not None and self.w_uv_t.shape == w_uv_t.shape and self.w_uv_t.dtype == w_uv_t.dtype
+        self.w_uv_t = self.w_uv_t.copy_(w_uv_t) if fits else w_uv_t
+        return True
+
+    def _kv_b_per_head(self, weight: torch.Tensor) -> torch.Tensor:
+        """kv_b_proj's weight per head [H, N + V, C]: W_UK, then W_UV."""
+        return weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: RopeTables) -> torch.Tensor:
         # T tokens, H heads, C kv_lora_rank, R rope dim, N no-rope dim, V value dim
@@ -243,7 +260,7 @@ class MLA(nn.Module):
         """Weight-absorbed: W_UK folds into the queries, which attend over the cached latents directly, and W_UV
         projects the attended latent to each head's value."""
         H, C = self.num_heads, self.kv_lora_rank
-        w_kv = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C).to(keys.dtype)
+        w_kv = self._kv_b_per_head(self.kv_b_proj.weight).to(keys.dtype)
         w_uk, w_uv = w_kv.split_with_sizes([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, C]
         q_full = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, C+R]
@@ -261,10 +278,11 @@ class MLA(nn.Module):
         attention reading each sequence's keys from its cache blocks, and the value projection. For a step whose T
         tokens are the [B, Q] query grid, graphed or eager."""
         B, Q, H = meta.num_seqs, meta.max_query_len, self.num_heads
-        w_kv = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        out = mla_decode.paged_decode(q_nope.float().view(B, Q, H, -1), q_pe.float().view(B, Q, H, -1),
-                                      w_kv.to(cache.dtype), cache, meta.block_tables, meta.positions,
-                                      meta.block_size, self.softmax_scale)  # [B, Q, H, V]
+        w_kv = self._kv_b_per_head(self.kv_b_proj.weight).to(cache.dtype)
+        w_uv_t = self.w_uv_t if self.w_uv_t is not None and self.w_uv_t.dtype == cache.dtype else None
+        out = mla_decode.paged_decode(q_nope.float().view(B, Q, H, -1), q_pe.float().view(B, Q, H, -1), w_kv, cache,
+                                      meta.block_tables, meta.positions, meta.block_size, self.softmax_scale,
+                                      w_uv_t)  # [B, Q, H, V]
         return out.view(B * Q, H, -1)
 
 
