@@ -19,7 +19,9 @@ def build_dir(cpu_kernels):
     return cpu_kernels
 
 
-def reference(q, k, v, lengths, scale):
+def reference(q_nope, q_pe, k_nope, k_pe, v, lengths, scale):
+    q = torch.cat([q_nope, q_pe], dim=-1)
+    k = torch.cat([k_nope, k_pe[:, None].expand(-1, k_nope.shape[1], -1)], dim=-1)
     outs, start = [], 0
     for n in lengths:
         qq, kk, vv = (t[start:start + n].float().transpose(0, 1) for t in (q, k, v))
@@ -28,44 +30,54 @@ def reference(q, k, v, lengths, scale):
     return torch.cat(outs)
 
 
-def inputs(lengths, heads=8, key_dim=48, value_dim=32, dtype=torch.float32, seed=0):
+def inputs(lengths, heads=8, nope_dim=32, rope_dim=16, value_dim=32, dtype=torch.float32, seed=0):
+    """q_nope, q_pe, k_nope, k_pe (one rope key per token, for every head), v."""
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
-    q, k = (torch.randn(T, heads, key_dim, generator=g).to(dtype) for _ in range(2))
-    return q, k, torch.randn(T, heads, value_dim, generator=g).to(dtype)
+    shapes = [(T, heads, nope_dim), (T, heads, rope_dim), (T, heads, nope_dim), (T, rope_dim), (T, heads, value_dim)]
+    return tuple(torch.randn(*shape, generator=g).to(dtype) for shape in shapes)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("lengths", [[1], [5, 1, 17, 40], [100, 100], [300]])  # partial tiles, many blocks of keys
 def test_each_prompt_attends_causally_to_itself(dtype, tolerance, lengths):
-    q, k, v = inputs(lengths, dtype=dtype)
+    parts = inputs(lengths, dtype=dtype)
     with torch.no_grad():
-        got = prompt_attention.prompt_attention(q, k, v, lengths, 0.2)
-    want = reference(q, k, v, lengths, 0.2)
-    assert got.dtype == dtype and got.shape == v.shape
+        got = prompt_attention.prompt_attention(*parts, lengths, 0.2)
+    want = reference(*parts, lengths, 0.2)
+    assert got.dtype == dtype and got.shape == parts[-1].shape
     assert float((got.float() - want).norm() / want.norm()) < tolerance
 
 
-def test_strided_inputs_as_attention_makes_them():
-    """q a slice of wider rows, k a concatenation's view: rows strided, the last dim contiguous."""
-    q, k, v = inputs([9, 23])
-    wide = torch.cat([q, torch.zeros(32, 8, 16)], dim=-1)
-    got = prompt_attention.prompt_attention(wide[..., :48], k, v, [9, 23], 0.3)
-    torch.testing.assert_close(got, reference(q, k, v, [9, 23], 0.3), rtol=1e-5, atol=1e-5)
+def test_odd_parts_and_strided_inputs_as_attention_makes_them():
+    """Parts of odd widths (a pair of key dims spanning both), rows strided as MLA's splits leave them: q_nope and
+    q_pe slices of one projection's rows, k_nope a slice of the expanded keys and values; the last dims contiguous."""
+    q_nope, q_pe, k_nope, k_pe, v = inputs([9, 23], nope_dim=31, rope_dim=17)
+    projected = torch.cat([q_nope, q_pe], dim=-1)
+    expanded = torch.cat([k_nope, v], dim=-1)
+    got = prompt_attention.prompt_attention(projected[..., :31], projected[..., 31:], expanded[..., :31], k_pe,
+                                            expanded[..., 31:], [9, 23], 0.3)
+    torch.testing.assert_close(got, reference(q_nope, q_pe, k_nope, k_pe, v, [9, 23], 0.3), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_get_clear_errors():
-    q, k, v = inputs([4, 4])
+    q_nope, q_pe, k_nope, k_pe, v = inputs([4, 4])
     attend = prompt_attention.prompt_attention
     with pytest.raises(RuntimeError, match="lengths sum to 7, not the 8 tokens"):
-        attend(q, k, v, [4, 3], 1.0)
+        attend(q_nope, q_pe, k_nope, k_pe, v, [4, 3], 1.0)
     with pytest.raises(RuntimeError, match="lengths must be positive"):
-        attend(q, k, v, [8, 0], 1.0)
+        attend(q_nope, q_pe, k_nope, k_pe, v, [8, 0], 1.0)
     with pytest.raises(RuntimeError, match="value dim must be a multiple of 32"):
-        attend(q, k, v[..., :24], [4, 4], 1.0)
+        attend(q_nope, q_pe, k_nope, k_pe, v[..., :24], [4, 4], 1.0)
     with pytest.raises(RuntimeError, match="must have one dtype"):
-        attend(q, k.bfloat16(), v, [4, 4], 1.0)
-    assert not prompt_attention.applies(q, k, v[..., :24]) and not prompt_attention.applies(q.requires_grad_(), k, v)
+        attend(q_nope, q_pe, k_nope.bfloat16(), k_pe, v, [4, 4], 1.0)
+    with pytest.raises(RuntimeError, match=r"k_pe \[T, R\]"):
+        attend(q_nope, q_pe, k_nope, k_pe[:, None], v, [4, 4], 1.0)
+    with pytest.raises(RuntimeError, match="last dim contiguous"):
+        attend(q_nope, q_pe, k_nope, k_pe.t().contiguous().t(), v, [4, 4], 1.0)
+    assert not prompt_attention.applies(q_nope, q_pe, k_nope, k_pe, v[..., :24])
+    assert not prompt_attention.applies(q_nope, q_pe[..., :15], k_nope, k_pe, v)  # an odd key dim
+    assert not prompt_attention.applies(q_nope.requires_grad_(), q_pe, k_nope, k_pe, v)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -19,18 +19,22 @@ from tandem.kernels import library
 
 VALUE_MULTIPLE = 32  # the kernel's value tiles are 32 wide
 
-library.OPS.define("prompt_attention(Tensor q, Tensor k, Tensor v, int[] lengths, float scale) -> Tensor")
+library.OPS.define("prompt_attention(Tensor q_nope, Tensor q_pe, Tensor k_nope, Tensor k_pe, Tensor v, int[] lengths, "
+                   "float scale) -> Tensor")
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel serves attention of these queries, keys and values ([T, H, E], [T, H, E], [T, H, V]):
-    loaded, on the CPU, not being traced by a compiler, no gradient wanted, E even and V a multiple of 32."""
-    return library.runs_on(q, k, v) and not torch.compiler.is_compiling() \
-        and q.shape[-1] % 2 == 0 and v.shape[-1] % VALUE_MULTIPLE == 0
+def applies(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
+            v: torch.Tensor) -> bool:
+    """Whether the kernel serves attention of these queries, keys and values (`prompt_attention`'s): loaded, on the
+    CPU, not being traced by a compiler, no gradient wanted, the key dim N + R even and V a multiple of 32."""
+    return library.runs_on(q_nope, q_pe, k_nope, k_pe, v) and not torch.compiler.is_compiling() \
+        and (q_nope.shape[-1] + q_pe.shape[-1]) % 2 == 0 and v.shape[-1] % VALUE_MULTIPLE == 0
 
 
-def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
-                     scale: float) -> torch.Tensor:
+def prompt_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
+                     v: torch.Tensor, lengths: list[int], scale: float) -> torch.Tensor:
     """[T, H, V]: each sequence of `lengths` (one after another along T) attending causally to itself, with softmax
-    `scale`; q, k [T, H, E] and v [T, H, V] of one dtype."""
-    return torch.ops.tandem.prompt_attention(q, k, v, lengths, scale)
+    `scale`. Queries and keys come as MLA makes them, in two parts that the kernel joins per (sequence, head) where
+    concatenating whole tensors cost a pass over memory each (and the rope key, shared by every head, was
+    broadcast): q_nope [T, H, N] and q_pe [T, H, R], k_nope [T, H, N] and k_pe [T, R]; v [T, H, V]; one dtype."""
+    return torch.ops.tandem.prompt_attention(q_nope, q_pe, k_nope, k_pe, v, lengths, scale)

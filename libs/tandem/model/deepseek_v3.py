@@ -179,9 +179,18 @@ class MLA(HoldsTiles):
 
     def _expand(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys [..., H, N+R] and values [..., H, V] from latents [..., C] and rope keys [..., R]."""
-        k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (self.num_heads, -1)).split_with_sizes(
+        k_nope, v = self._expand_latent(c_kv)
+        return self._with_rope_key(k_nope, k_pe), v
+
+    def _expand_latent(self, c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head no-rope keys [..., H, N] and values [..., H, V] from latents [..., C]."""
+        return self.kv_b_proj(c_kv).unflatten(-1, (self.num_heads, -1)).split_with_sizes(
             [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        return torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], -1)], dim=-1), v
+
+    @staticmethod
+    def _with_rope_key(k_nope: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """Per-head keys [..., H, N+R]: the no-rope keys, then the rope key every head shares."""
+        return torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], -1)], dim=-1)
 
     def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                          causal: bool = False) -> torch.Tensor:
@@ -208,10 +217,10 @@ class MLA(HoldsTiles):
         read, no padding, the masked half of each sequence's blocks skipped). Sequences of one length run as one
         batch; on the CPU the kernel (`tandem.kernels.prompt_attention`) runs them where it applies. Returns
         [T, H, V]."""
-        k, v = self._expand(c_kv, k_pe)  # [T, H, N+R], [T, H, V]
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        if prompt_attention.applies(q, k, v):
-            return prompt_attention.prompt_attention(q, k, v, lengths, self.softmax_scale)
+        k_nope, v = self._expand_latent(c_kv)  # [T, H, N], [T, H, V]
+        if prompt_attention.applies(q_nope, q_pe, k_nope, k_pe, v):
+            return prompt_attention.prompt_attention(q_nope, q_pe, k_nope, k_pe, v, lengths, self.softmax_scale)
+        q, k = torch.cat([q_nope, q_pe], dim=-1), self._with_rope_key(k_nope, k_pe)  # [T, H, N+R]
         if len(set(lengths)) == 1:
             out = self._fused_attention(*(t.view(-1, lengths[0], *t.shape[1:]) for t in (q, k, v)), causal=True)
             return out.flatten(0, 1)
