@@ -40,8 +40,8 @@ struct SplitRows {
         rope_h(rope_part.dim() == 3 ? rope_part.stride(1) : 0), N(nope_part.size(2)), R(rope_part.size(-1)) {}
 
   void copy(int64_t t, int64_t h, X* row) const {
-    std::copy_n(nope + t * nope_t + h * nope_h, N, row);
-    std::copy_n(rope + t * rope_t + h * rope_h, R, row + N);
+    copy_values(nope + t * nope_t + h * nope_h, N, row);
+    copy_values(rope + t * rope_t + h * rope_h, R, row + N);
   }
 };
 
@@ -54,7 +54,8 @@ void attend_sequence(const SplitRows<X>& q, const SplitRows<X>& k, const at::Ten
   // queries [L, E]; keys as the weight of the scores' tiles, [L, E] packed (`pack`: blocks of 32 positions, in
   // pairs of key dims where the tiles take pairs, then moved 32 bits at a time); values [L, V]
   const bool paired = packs_pairs(c10::CppTypeToScalarType<X>::value, E);
-  std::vector<X> queries(length * E), key(E), keys(E * padded, X(0.0f)), values(padded * V, X(0.0f));
+  // (value-initialised: zero bits, set in one pass, where a fill with X(0.0f) converted element by element)
+  std::vector<X> queries(length * E), key(E), keys(E * padded), values(padded * V);
   for (int64_t j = 0; j < length; ++j) {
     q.copy(start + j, h, queries.data() + j * E);
     k.copy(start + j, h, key.data());
@@ -65,7 +66,7 @@ void attend_sequence(const SplitRows<X>& q, const SplitRows<X>& k, const at::Ten
     } else {
       for (int64_t e = 0; e < E; ++e) block[e * kCols + j % kCols] = key[e];
     }
-    std::copy_n(vp + (start + j) * v.stride(0) + h * v.stride(1), V, values.data() + j * V);
+    copy_values(vp + (start + j) * v.stride(0) + h * v.stride(1), V, values.data() + j * V);
   }
   std::vector<float> scores(kMaxRows * padded), tile_out(kMaxRows * kCols);
   std::vector<X> probs(kMaxRows * padded);
