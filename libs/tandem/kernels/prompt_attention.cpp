@@ -79,7 +79,7 @@ void attend_sequence(const SplitRows<X>& q, const SplitRows<X>& k, const at::Ten
     for (int64_t b = 0; b < blocks; ++b) {
       tile_rows(m, a, packed_block(keys.data(), E, b), E, tile_out.data());
       for (int64_t r = 0; r < m; ++r)
-        std::copy_n(tile_out.data() + r * kCols, kCols, scores.data() + r * padded + b * kCols);
+        copy_values(tile_out.data() + r * kCols, kCols, scores.data() + r * padded + b * kCols);
     }
     for (int64_t r = 0; r < m; ++r) {
       // whole vectors of 16 scores, the future's masked: -inf before the max, 0 after the exponential
