@@ -316,8 +316,9 @@ class Engine:
         """The main pass over the batch's tokens: hidden states [T, D], and logits [T, V] where a graph ran the
         output head too."""
         ids = [t for s in batch for t in s.seq.token_ids[s.seq.num_cached:s.seq.num_cached + s.num_new] + s.draft_ids]
-        step = PagedStep([s.num_fed for s in batch], [s.seq.num_cached + s.num_fed for s in batch],
-                         [s.seq.block_table for s in batch], self.cache.block_size)
+        fed = [s.num_fed for s in batch]
+        step = PagedStep(fed, [s.seq.num_cached + n for s, n in zip(batch, fed)], [s.seq.block_table for s in batch],
+                         self.cache.block_size)
         graphed = self.graphs.run(ids, step) if self.graphs is not None else None
         if graphed is not None:
             return graphed

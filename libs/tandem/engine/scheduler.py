@@ -58,14 +58,15 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            chunk = min(seq.num_uncached, budget) if seq.num_uncached > 1 else 1
+            uncached = seq.num_uncached
+            chunk = min(uncached, budget) if uncached > 1 else 1
             if chunk == 0:
                 continue
-            drafts = seq.draft_ids if seq.num_cached + chunk == seq.num_tokens else []
+            drafts = seq.draft_ids if chunk == uncached else []  # drafts follow the last known token
             if not self._reserve(seq, seq.num_cached + chunk + len(drafts)):
                 continue  # seq itself was preempted
             batch.append(ScheduledSeq(seq, chunk, list(drafts)))
-            budget -= chunk if seq.num_uncached > 1 else 0
+            budget -= chunk if uncached > 1 else 0
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             chunk = min(seq.num_uncached, budget)
