@@ -55,7 +55,7 @@ struct Scratch {
   // attend_row_bf16's: cache rows of the keys, key and query pairs, probabilities as bfloat16 pairs
   std::vector<const c10::BFloat16*> rows;
   std::vector<uint64_t> key_pairs;
-  std::vector<uint32_t> query_pairs, prob_pairs;
+  std::vector<uint32_t> query_pairs, prob_pairs, head_pairs;
 };
 
 template <typename cache_t>
@@ -203,20 +203,30 @@ void attend_row_bf16(const float* q_latent, const float* q_pe, const c10::BFloat
       _mm512_storeu_si512(k + d2, _mm512_permutex2var_epi32(a, take, b));  // may spill into the next pair's start
     }
   }
-  // queries [D/2, G, 16] of bfloat16 pairs: lane 2h + j holds head h's (d, d + 1) values, scaled, for both keys j
+  // queries [D/2, G, 16] of bfloat16 pairs: lane 2h + j holds head h's (d, d + 1) values, scaled, for both keys j;
+  // each head's latent values rounded to bfloat16 32 at a time (to nearest even, as c10 rounds), its rope values a
+  // pair at a time, then spread over the lanes
   scratch.query_pairs.resize(D2 * G * 16);
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t d2 = 0; d2 < D2; ++d2) {
-      c10::BFloat16 two[2];
-      for (int i = 0; i < 2; ++i) {
-        const int64_t d = 2 * d2 + i;
-        two[i] = c10::BFloat16((d < C ? q_latent[h * C + d] : q_pe[h * (D - C) + d - C]) * scale);
-      }
-      uint32_t pair;
-      std::memcpy(&pair, two, 4);
-      uint32_t* lanes = scratch.query_pairs.data() + (d2 * G + h / kHeads) * 16 + 2 * (h % kHeads);
-      lanes[0] = lanes[1] = pair;
+  scratch.head_pairs.resize(D2);
+  uint32_t* head = scratch.head_pairs.data();  // one head's pairs
+  const __m512 scales = _mm512_set1_ps(scale);
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t d = 0; d < C; d += 32) {
+      const __m512 low_half = _mm512_mul_ps(_mm512_loadu_ps(q_latent + h * C + d), scales);
+      const __m512 high_half = _mm512_mul_ps(_mm512_loadu_ps(q_latent + h * C + d + 16), scales);
+      _mm512_storeu_si512(head + d / 2, (__m512i)_mm512_cvtne2ps_pbh(high_half, low_half));
     }
+    for (int64_t d = C; d < D; d += 2) {
+      const c10::BFloat16 two[2] = {c10::BFloat16(q_pe[h * (D - C) + d - C] * scale),
+                                    c10::BFloat16(q_pe[h * (D - C) + d + 1 - C] * scale)};
+      std::memcpy(head + d / 2, two, sizeof two);
+    }
+    uint32_t* lanes = scratch.query_pairs.data() + h / kHeads * 16 + 2 * (h % kHeads);
+    for (int64_t d2 = 0; d2 < D2; ++d2) {
+      const uint64_t both = head[d2] * 0x100000001ull;  // the pair in both keys' lanes
+      std::memcpy(lanes + d2 * G * 16, &both, sizeof both);
+    }
+  }
   scratch.probs.resize(pairs * G * 16);
   scratch.prob_pairs.resize(pairs * kHeads);
   float* probs = scratch.probs.data();
