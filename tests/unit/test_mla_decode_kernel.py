@@ -79,10 +79,12 @@ def test_the_kernel_refuses_what_it_cannot_attend():
         attend(q_nope[:, :, :4], q_pe[:, :, :4], w_kv[:4], cache, tables, positions, 16, 1.0)
     with pytest.raises(RuntimeError, match="cache's latent width must be a multiple of 16, got 56"):
         attend(q_nope, q_pe, w_kv, cache[:, 8:].contiguous(), tables, positions, 16, 1.0)
-    with pytest.raises(RuntimeError, match="w_kv must be"):
+    with pytest.raises(RuntimeError, match=r"uk_tiles \(W_UK\^T, per head\) must be a weight of 64 x 16 Float"):
         attend(q_nope, q_pe, w_kv.bfloat16(), cache, tables, positions, 16, 1.0)
-    with pytest.raises(RuntimeError, match=r"w_uv_t must be \[8, 64, 24\] of the cache's dtype"):
-        attend(q_nope, q_pe, w_kv, cache, tables, positions, 16, 1.0, w_uv_t=w_kv[:, 16:])
+    with pytest.raises(RuntimeError, match=r"uv_tiles \(W_UV, per head\) must be a weight of 24 x 64 Float"):
+        uk_tiles = mla_decode.absorption_tiles(w_kv, 16)[0]
+        attend(q_nope, q_pe, w_kv, cache, tables, positions, 16, 1.0,
+               tiles=(uk_tiles, mla_decode.absorption_tiles(w_kv[..., :32], 16)[1]))  # W_UV of a narrower latent
     with pytest.raises(RuntimeError, match="cache must be float32, bfloat16 or float16"):
         attend(q_nope, q_pe, w_kv.double(), cache.double(), tables, positions, 16, 1.0)
     assert mla_decode.supports(16, 512) and not mla_decode.supports(4, 64) and not mla_decode.supports(8, 40)
@@ -116,8 +118,8 @@ def test_a_decode_step_attends_alike_in_the_kernel_and_in_tensor_operations(step
 
     with torch.no_grad():
         in_kernel = attend()
-        pack_model_(model)  # W_UV transposed once, as an engine prepares it, not on every call
-        assert attention.w_uv_t is not None
+        pack_model_(model)  # the absorptions packed once, as an engine packs them, not on every call
+        assert attention.uk_tiles is not None
         in_kernel_prepared = attend()
         monkeypatch.setattr(mla_decode, "supports", lambda *dims: False)
         in_tensor_ops = attend()
@@ -126,29 +128,19 @@ def test_a_decode_step_attends_alike_in_the_kernel_and_in_tensor_operations(step
     torch.testing.assert_close(in_kernel_prepared, in_tensor_ops, rtol=1e-5, atol=1e-5)
 
 
-def test_a_model_prepares_the_value_projection_once_in_place_and_drops_it_when_converted():
+def test_a_model_packs_the_absorptions_once_in_place_and_drops_them_when_converted():
     model = load_model(MODEL, dtype=torch.bfloat16)
     attention = model.main_layers[0].self_attn
-    assert attention.w_uv_t is None and pack_model_(model) > 0
-    prepared = attention.w_uv_t
+    assert attention.uk_tiles is None and pack_model_(model) > 0
+    packed = attention.uk_tiles, attention.uv_tiles
     per_head = attention.kv_b_proj.weight.view(attention.num_heads, -1, attention.kv_lora_rank)
-    assert torch.equal(prepared, per_head[:, attention.qk_nope_head_dim:].transpose(1, 2))
-    before = prepared.clone()
+    for got, want in zip(packed, mla_decode.absorption_tiles(per_head, attention.qk_nope_head_dim)):
+        assert torch.equal(got, want)
+    before = [t.clone() for t in packed]
     with torch.no_grad():
         attention.kv_b_proj.weight.mul_(2)
-    pack_model_(model)  # in place: a compiled pass reading it follows
-    assert attention.w_uv_t is prepared and torch.equal(prepared, 2 * before)
+    pack_model_(model)  # in place: a compiled pass reading them follows
+    for got, old, tiles in zip(packed, before, (attention.uk_tiles, attention.uv_tiles)):
+        assert tiles is got and torch.equal(got, 2 * old)
     model.float()
-    assert attention.w_uv_t is None
-
-
-def test_only_steps_of_a_query_grid_over_the_cache_carry_block_tables():
-    """Prompts' first chunks attend to themselves, and a step of uneven token counts is no [B, Q] grid."""
-    cache = torch.zeros(1, 64, 80)
-    tables = [[0, 1], [2, 3]]
-    assert Paged.build(query_lens=[1, 1], context_lens=[20, 9], block_tables=tables, block_size=16,
-                       kv_cache=cache).block_tables.tolist() == tables
-    assert Paged.build(query_lens=[3, 3], context_lens=[3, 3], block_tables=tables, block_size=16,
-                       kv_cache=cache).block_tables is None
-    assert Paged.build(query_lens=[2, 1], context_lens=[20, 9], block_tables=tables, block_size=16,
-                       kv_cache=cache).block_tables is None
+    assert attention.uk_tiles is None and attention.uv_tiles is None

@@ -1,9 +1,9 @@
 // Weight-absorbed MLA attention of decode steps over the paged latent cache, on the CPU: see mla_decode.py.
 //
 // Each thread takes a run of query rows (a sequence's token, with its heads): their no-rope queries absorbed into
-// the latent (W_UK), then one row at a time its keys read from the cache blocks its block table names, converted
-// to float32 once into a buffer of the thread's own, scored against every head, softmaxed and summed into the
-// attended latent, and that projected to each head's value (W_UV); nothing of [batch, context] size is written.
+// the latent (W_UK, in the register tiles of tiles.h), then one row at a time its keys read from the cache blocks
+// its block table names, scored against every head, softmaxed and summed into the attended latent, and the rows'
+// latents projected to each head's value (W_UV, in tiles); nothing of [batch, context] size is written.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "tiles.h"
 #include "vec.h"
 
 namespace {
@@ -298,45 +299,50 @@ void attend_row_bf16(const float* q_latent, const float* q_pe, const c10::BFloat
 }
 #endif
 
-// out[0, m) = sum over i < n of x[i] * w[i, 0, m) (w [n, m] row-major, of the cache's dtype, converted as read),
-// 64 columns at a time in registers
-template <typename W>
-inline void vector_times_matrix(const float* x, int64_t n, const W* w, int64_t m, float* out) {
-  int64_t j = 0;
-  for (; j + 64 <= m; j += 64) {
-    f16 acc[4] = {};
-    for (int64_t i = 0; i < n; ++i)
-      for (int v = 0; v < 4; ++v) acc[v] += x[i] * load_float(w + i * m + j + 16 * v);
-    for (int v = 0; v < 4; ++v) store(out + j + 16 * v, acc[v]);
+// out [rows, width] (rows `out_stride` apart) = a [rows, K] . block `b` of the packed weight `tiles`, in tiles of up
+// to 8 rows (a's rows `a_stride` apart); width is the block's columns that exist (the packing pads the last block)
+template <typename A, typename W>
+void rows_times_block(const A* a, int64_t a_stride, int64_t rows, const W* tiles, int64_t K, int64_t b, int64_t width,
+                      float* out, int64_t out_stride) {
+  const A* a_rows[kMaxRows];
+  float tile_out[kMaxRows * kCols];
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+    const int64_t m = std::min(kMaxRows, rows - r0);
+    for (int64_t r = 0; r < m; ++r) a_rows[r] = a + (r0 + r) * a_stride;
+    tile_rows(m, a_rows, packed_block(tiles, K, b), K, tile_out);
+    for (int64_t r = 0; r < m; ++r) std::copy_n(tile_out + r * kCols, width, out + (r0 + r) * out_stride);
   }
-  for (; j + 16 <= m; j += 16) {
-    f16 acc = {};
-    for (int64_t i = 0; i < n; ++i) acc += x[i] * load_float(w + i * m + j);
-    store(out + j, acc);
-  }
-  for (; j < m; ++j) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < n; ++i) acc += x[i] * to_float(w[i * m + j]);
-    out[j] = acc;
-  }
+}
+
+// n floats as T (bfloat16 rounded to nearest even, as c10 rounds), 16 at a time
+template <typename T>
+void round_values(const float* from, int64_t n, T* to) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store_float(to + i, load(from + i));
+  for (; i < n; ++i) to[i] = T(from[i]);
 }
 
 // Rows [begin, end) of a step: their queries absorbed into the latent (q_nope . W_UK per head), attended
 // (`attend_row`, or `attend_row_bf16` where it serves), and the attended latents projected to each head's value
-// (. W_UV^T). The projections run head by head over all the rows, each head's weights read in place: W_UK [N, C]
-// as `kv_b_proj` holds it, W_UV transposed to [C, V] ahead of time (`w_uv_t`), so that each term is a row.
+// (. W_UV^T). Both projections run head by head over all the rows, in the register tiles of tiles.h over weights
+// packed for them (`uk_tiles`: W_UK^T [C, N] per head, `uv_tiles`: W_UV [V, C]), bfloat16 products where the cache
+// is bfloat16: the queries came from bfloat16, the attended latent is rounded to it (as a bfloat16 GPU rounds it).
 template <typename cache_t>
-void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q_pe, const cache_t* w_kv,
-                 const cache_t* w_uv_t, const cache_t* cache, const int64_t* block_tables, const int64_t* positions,
+void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q_pe, const cache_t* uk_tiles,
+                 const cache_t* uv_tiles, const cache_t* cache, const int64_t* block_tables, const int64_t* positions,
                  int64_t Q, int64_t N, int64_t H, int64_t NH, int64_t V, int64_t C, int64_t R, int64_t block_size,
                  float scale, float* out) {
-  const int64_t rows = end - begin;
+  // the rows' operands of the tiles: bfloat16 for a bfloat16 cache, else float32
+  using A = std::conditional_t<std::is_same_v<cache_t, c10::BFloat16>, c10::BFloat16, float>;
+  const int64_t rows = end - begin, C_blocks = (C + kCols - 1) / kCols, V_blocks = (V + kCols - 1) / kCols;
+  std::vector<A> operands(rows * H * std::max(NH, C));
   std::vector<float> latent(rows * H * C);
   // q_latent[r, h, :] = sum_n q_nope[r, h, n] W_UK[h, n, :]
+  round_values(q_nope + begin * H * NH, rows * H * NH, operands.data());
   for (int64_t h = 0; h < H; ++h)
-    for (int64_t r = 0; r < rows; ++r)
-      vector_times_matrix(q_nope + ((begin + r) * H + h) * NH, NH, w_kv + h * (NH + V) * C, C,
-                          latent.data() + (r * H + h) * C);
+    for (int64_t b = 0; b < C_blocks; ++b)
+      rows_times_block(operands.data() + h * NH, H * NH, rows, uk_tiles + h * C_blocks * NH * kCols, NH, b,
+                       std::min(kCols, C - b * kCols), latent.data() + h * C + b * kCols, H * C);
   auto attend = attend_row<cache_t>;
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<cache_t, c10::BFloat16>)
@@ -351,40 +357,42 @@ void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q
     std::copy(attended.begin(), attended.end(), latent.begin() + r * H * C);  // the row's query is spent
   }
   // out[r, h, :] = latent[r, h, :] . W_UV[h]^T
+  round_values(latent.data(), rows * H * C, operands.data());
   for (int64_t h = 0; h < H; ++h)
-    for (int64_t r = 0; r < rows; ++r)
-      vector_times_matrix(latent.data() + (r * H + h) * C, C, w_uv_t + h * C * V, V, out + ((begin + r) * H + h) * V);
+    for (int64_t b = 0; b < V_blocks; ++b)
+      rows_times_block(operands.data() + h * C, H * C, rows, uv_tiles + h * V_blocks * C * kCols, C, b,
+                       std::min(kCols, V - b * kCols), out + (begin * H + h) * V + b * kCols, H * V);
 }
 
-at::Tensor mla_paged_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& w_kv,
-                            const at::Tensor& w_uv_t, const at::Tensor& cache, const at::Tensor& block_tables,
-                            const at::Tensor& positions, int64_t block_size, double scale) {
+at::Tensor mla_paged_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& uk_tiles,
+                            const at::Tensor& uv_tiles, int64_t value_dim, const at::Tensor& cache,
+                            const at::Tensor& block_tables, const at::Tensor& positions, int64_t block_size,
+                            double scale) {
   TORCH_CHECK(q_nope.device().is_cpu() && cache.device().is_cpu(), "mla_paged_decode runs on the CPU");
   TORCH_CHECK(q_nope.dim() == 4 && q_nope.scalar_type() == at::kFloat && q_pe.dim() == 4 &&
                   q_pe.scalar_type() == at::kFloat && q_pe.sizes().slice(0, 3) == q_nope.sizes().slice(0, 3),
               "q_nope and q_pe must be [B, Q, H, *] float32, got ", q_nope.sizes(), " ", q_nope.scalar_type(),
               " and ", q_pe.sizes(), " ", q_pe.scalar_type());
   const int64_t B = q_nope.size(0), Q = q_nope.size(1), H = q_nope.size(2), NH = q_nope.size(3), R = q_pe.size(3);
+  const int64_t V = value_dim;
   TORCH_CHECK(H % kHeads == 0, "the heads must be a multiple of ", kHeads, ", got ", H);
   TORCH_CHECK(cache.dim() == 2 && cache.is_contiguous(), "cache must be contiguous [slots, C + R], got ",
               cache.sizes());
+  TORCH_CHECK(cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16 ||
+                  cache.scalar_type() == at::kHalf,
+              "cache must be float32, bfloat16 or float16, got ", cache.scalar_type());
   const int64_t C = cache.size(1) - R;
   TORCH_CHECK(C > 0 && C % kLatent == 0, "the cache's latent width must be a multiple of ", kLatent, ", got ", C);
-  TORCH_CHECK(w_kv.dim() == 3 && w_kv.size(0) == H && w_kv.size(1) > NH && w_kv.size(2) == C &&
-                  w_kv.scalar_type() == cache.scalar_type(),
-              "w_kv must be [", H, ", ", NH, " + V, ", C, "] of the cache's dtype, got ", w_kv.sizes(), " ",
-              w_kv.scalar_type());
-  const int64_t V = w_kv.size(1) - NH;
-  TORCH_CHECK(w_uv_t.dim() == 3 && w_uv_t.size(0) == H && w_uv_t.size(1) == C && w_uv_t.size(2) == V &&
-                  w_uv_t.scalar_type() == cache.scalar_type(),
-              "w_uv_t must be [", H, ", ", C, ", ", V, "] of the cache's dtype (w_kv's values transposed), got ",
-              w_uv_t.sizes(), " ", w_uv_t.scalar_type());
+  TORCH_CHECK(V > 0 && uk_tiles.dim() == 4 && uk_tiles.size(0) == H && uv_tiles.dim() == 4 && uv_tiles.size(0) == H,
+              "uk_tiles and uv_tiles must be ", H, " heads' W_UK^T and W_UV packed for the tiles, got ",
+              uk_tiles.sizes(), " and ", uv_tiles.sizes(), " (value dim ", V, ")");
+  check_packed(uk_tiles, C, NH, cache.scalar_type(), "uk_tiles (W_UK^T, per head)");
+  check_packed(uv_tiles, V, C, cache.scalar_type(), "uv_tiles (W_UV, per head)");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.scalar_type() == at::kLong,
               "block_tables must be [", B, ", N] int64");
   TORCH_CHECK(positions.numel() == B * Q && positions.scalar_type() == at::kLong, "positions must be [", B * Q,
               "] int64");
-  const auto qn = q_nope.contiguous(), qp = q_pe.contiguous(), weights = w_kv.contiguous();
-  const auto values = w_uv_t.contiguous();
+  const auto qn = q_nope.contiguous(), qp = q_pe.contiguous();
   const auto tables = block_tables.contiguous();
   const auto pos = positions.contiguous();
   const int64_t N = tables.size(1), num_blocks = cache.size(0) / block_size;
@@ -396,14 +404,11 @@ at::Tensor mla_paged_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, co
   for (int64_t i = 0; i < B * N; ++i)
     TORCH_CHECK(tp[i] >= 0 && tp[i] < num_blocks, "block ", tp[i], " outside the cache's ", num_blocks);
   auto out = at::empty({B, Q, H, V}, q_nope.options());
-  TORCH_CHECK(cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16 ||
-                  cache.scalar_type() == at::kHalf,
-              "cache must be float32, bfloat16 or float16, got ", cache.scalar_type());
   dispatch_dtype(cache.scalar_type(), "mla_paged_decode", [&](auto zero) {
     using cache_t = decltype(zero);
     at::parallel_for(0, B * Q, 1, [&](int64_t begin, int64_t end) {
-      attend_rows(begin, end, qn.data_ptr<float>(), qp.data_ptr<float>(), weights.data_ptr<cache_t>(),
-                  values.data_ptr<cache_t>(), cache.data_ptr<cache_t>(), tp, pp, Q, N, H, NH, V, C, R, block_size,
+      attend_rows(begin, end, qn.data_ptr<float>(), qp.data_ptr<float>(), uk_tiles.data_ptr<cache_t>(),
+                  uv_tiles.data_ptr<cache_t>(), cache.data_ptr<cache_t>(), tp, pp, Q, N, H, NH, V, C, R, block_size,
                   static_cast<float>(scale), out.data_ptr<float>());
     });
   });

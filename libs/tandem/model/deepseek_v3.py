@@ -19,7 +19,7 @@ from torch import nn
 
 from tandem.kernels import ffn, layer_ops, mla_decode, prompt_attention
 from tandem.kernels.linear import Linear, linear, pack_for_linear
-from tandem.kernels.tiles import HoldsTiles, packs
+from tandem.kernels.tiles import HoldsTiles, packs, repack
 from tandem.model.attention_metadata import AttentionMetadata, DenseCausal, Paged
 from tandem.model.config import ModelConfig, RopeConfig
 from tandem.moe.experts import ExpertBank, LocalExperts
@@ -122,7 +122,7 @@ class MLA(HoldsTiles):
     the query and W_UV into the output, attending over the cached latent directly (`_expanding_pays`).
     """
 
-    TILES = ("w_uv_t",)  # W_UV transposed for the CPU decode kernel (`pack_tiles_`)
+    TILES = ("uk_tiles", "uv_tiles")  # kv_b_proj's W_UK^T and W_UV packed for the CPU decode kernel
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -146,14 +146,14 @@ class MLA(HoldsTiles):
         self.o_proj = Linear(H * config.v_head_dim, D)
 
     def pack_tiles_(self) -> bool:
-        """Prepare W_UV as the CPU decode kernel reads it (`mla_decode.values_transposed`), in place where it was
-        prepared before (compiled passes read it there), where the kernel serves this attention."""
+        """Pack W_UK^T and W_UV for the CPU decode kernel (`mla_decode.absorption_tiles`), in place where packed
+        before (compiled passes read them there), where the kernel serves this attention."""
         weight = self.kv_b_proj.weight
         if not (packs(weight) and mla_decode.fits(self.num_heads, self.kv_lora_rank)):
             return False
-        w_uv_t = mla_decode.values_transposed(self._kv_b_per_head(weight), self.qk_nope_head_dim).detach()
-        fits = self.w_uv_t is not None and self.w_uv_t.shape == w_uv_t.shape and self.w_uv_t.dtype == w_uv_t.dtype
-        self.w_uv_t = self.w_uv_t.copy_(w_uv_t) if fits else w_uv_t
+        w_uk, w_uv = self._kv_b_per_head(weight).split_with_sizes([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        self.uk_tiles = repack(self.uk_tiles, w_uk.transpose(1, 2))
+        self.uv_tiles = repack(self.uv_tiles, w_uv)
         return True
 
     def _kv_b_per_head(self, weight: torch.Tensor) -> torch.Tensor:
@@ -288,10 +288,10 @@ class MLA(HoldsTiles):
         tokens are the [B, Q] query grid, graphed or eager."""
         B, Q, H = meta.num_seqs, meta.max_query_len, self.num_heads
         w_kv = self._kv_b_per_head(self.kv_b_proj.weight).to(cache.dtype)
-        w_uv_t = self.w_uv_t if self.w_uv_t is not None and self.w_uv_t.dtype == cache.dtype else None
+        packed = self.uk_tiles is not None and self.uk_tiles.dtype == cache.dtype
         out = mla_decode.paged_decode(q_nope.float().view(B, Q, H, -1), q_pe.float().view(B, Q, H, -1), w_kv, cache,
                                       meta.block_tables, meta.positions, meta.block_size, self.softmax_scale,
-                                      w_uv_t)  # [B, Q, H, V]
+                                      (self.uk_tiles, self.uv_tiles) if packed else None)  # [B, Q, H, V]
         return out.view(B * Q, H, -1)
 
 
