@@ -144,3 +144,15 @@ def test_a_model_packs_the_absorptions_once_in_place_and_drops_them_when_convert
         assert tiles is got and torch.equal(got, 2 * old)
     model.float()
     assert attention.uk_tiles is None and attention.uv_tiles is None
+
+
+def test_only_steps_of_a_query_grid_over_the_cache_carry_block_tables():
+    """Prompts' first chunks attend to themselves, and a step of uneven token counts is no [B, Q] grid."""
+    cache = torch.zeros(1, 64, 80)
+    tables = [[0, 1], [2, 3]]
+    assert Paged.build(query_lens=[1, 1], context_lens=[20, 9], block_tables=tables, block_size=16,
+                       kv_cache=cache).block_tables.tolist() == tables
+    assert Paged.build(query_lens=[3, 3], context_lens=[3, 3], block_tables=tables, block_size=16,
+                       kv_cache=cache).block_tables is None
+    assert Paged.build(query_lens=[2, 1], context_lens=[20, 9], block_tables=tables, block_size=16,
+                       kv_cache=cache).block_tables is None
