@@ -1,7 +1,7 @@
 """The CPU kernels' shared library: every C++ source of this package built into one library with the compiler
 AOTInductor uses (`load`; seconds, once per machine and torch version, then cached), whose operators implement the
-`tandem::` schemas the kernel modules define (`mla_decode`, `layer_ops`). Where it cannot be built, the model keeps
-tensor operations."""
+`tandem::` schemas the kernel modules define (`mla_decode`, `layer_ops`, `ffn`, `linear`, `routing`, ...). Where it
+cannot be built, the model keeps tensor operations."""
 
 from __future__ import annotations
 
