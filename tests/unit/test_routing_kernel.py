@@ -39,7 +39,8 @@ def test_the_kernel_picks_the_experts_and_weights_of_the_tensor_operations(monke
     ids_sorted, order = ids.sort(-1)
     want_sorted, want_order = want_ids.sort(-1)
     assert torch.equal(ids_sorted, want_sorted)
-    torch.testing.assert_close(weights.gather(1, order), want_weights.gather(1, want_order), rtol=1e-6, atol=1e-6)
+    # (the kernel's sigmoid is a polynomial exponential's: within a few units in the sixth place)
+    torch.testing.assert_close(weights.gather(1, order), want_weights.gather(1, want_order), rtol=1e-5, atol=1e-5)
     choice = logits.sigmoid() + bias
     assert (choice.gather(1, ids).diff(dim=-1) <= 0).all()  # best first
 

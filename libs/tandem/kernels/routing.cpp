@@ -1,6 +1,6 @@
 // DeepSeekMoE's routing on the CPU, one pass over each token's router logits: see routing.py.
 //
-// Per token: the sigmoid scores, the bias-corrected choice values, each group's best two summed, the best groups
+// Per token: the sigmoid scores (16 at a time), the bias-corrected choice values, each group's best two summed, the best groups
 // kept, the top-k experts of those by insertion into a sorted list of k (ties: the lower index first), and their
 // uncorrected scores normalised and scaled as the gating weights.
 
@@ -14,7 +14,11 @@
 #include <tuple>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
+
+using namespace tandem;
 
 constexpr int64_t kGrainScores = 1 << 13;  // expert scores a thread takes at least
 
@@ -59,7 +63,13 @@ std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& logits, const at::Ten
     std::vector<int64_t> best(best_per_group), groups(topk_group);
     std::vector<char> kept_group(n_group);
     for (int64_t t = begin; t < end; ++t) {
-      for (int64_t e = 0; e < E; ++e) {
+      int64_t e = 0;
+      for (; e + 16 <= E; e += 16) {
+        const f16 s = sigmoid(load(xp + t * E + e));
+        store(scores.data() + e, s);
+        store(choice.data() + e, s + load(bp + e));
+      }
+      for (; e < E; ++e) {
         scores[e] = 1.0f / (1.0f + std::exp(-xp[t * E + e]));
         choice[e] = scores[e] + bp[e];
       }

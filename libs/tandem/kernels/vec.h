@@ -99,12 +99,15 @@ inline f16 exp_nonpositive(f16 x) {
   return p * two_n;
 }
 
-// silu(g) = g * sigmoid(g) lane-wise, the sigmoid from e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, else e / (1 + e)
-inline f16 silu(f16 g) {
+// sigmoid(g) lane-wise, from e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, else e / (1 + e)
+inline f16 sigmoid(f16 g) {
   const f16 zero = f16{};
   const f16 e = exp_nonpositive(g < zero ? g : zero - g);
-  return g * ((g < zero ? e : zero + 1.0f) / (1.0f + e));
+  return (g < zero ? e : zero + 1.0f) / (1.0f + e);
 }
+
+// silu(g) = g * sigmoid(g) lane-wise
+inline f16 silu(f16 g) { return g * sigmoid(g); }
 
 // n values from `from` to `to`, 16 at a time in copies of a fixed size, which the compiler inlines: for rows of a few
 // dozen values a call of memmove (what std::copy_n makes of them) cost more than the copy
