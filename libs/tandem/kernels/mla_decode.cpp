@@ -310,7 +310,7 @@ void rows_times_block(const A* a, int64_t a_stride, int64_t rows, const W* tiles
     const int64_t m = std::min(kMaxRows, rows - r0);
     for (int64_t r = 0; r < m; ++r) a_rows[r] = a + (r0 + r) * a_stride;
     tile_rows(m, a_rows, packed_block(tiles, K, b), K, tile_out);
-    for (int64_t r = 0; r < m; ++r) std::copy_n(tile_out + r * kCols, width, out + (r0 + r) * out_stride);
+    for (int64_t r = 0; r < m; ++r) copy_values(tile_out + r * kCols, width, out + (r0 + r) * out_stride);
   }
 }
 

@@ -9,10 +9,11 @@ positions (not the context padded to the graph's bucket), with every intermediat
 absorbs the queries into the latent and projects the result to each head's value (`kv_b_proj`), where the step
 made two more batched matmuls, in the feed-forward kernels' register tiles over W_UK^T and W_UV packed once
 (`absorption_tiles`; at batch 32, 192 positions, bfloat16: 81-82 against 100-101 us a call with the products one
-float32 vector at a time, the weights converted as read). Its products are float32 ones of the cached values, except over a bfloat16 cache on
-a CPU with AVX512-BF16, where they are `vdpbf16ps`'s: bfloat16 products summed in float32, the queries and the
-probabilities rounded to bfloat16 as a GPU's bfloat16 attention rounds them, twice the products per instruction
-(at the bundled model's batch-32 step on a 2-core EPYC, Zen 4: 139 against 228 us a layer over 192 positions).
+float32 vector at a time, the weights converted as read). Its products are float32 ones of the cached values,
+except over a bfloat16 cache on a CPU with AVX512-BF16, where they are `vdpbf16ps`'s: bfloat16 products summed in
+float32, the queries and the probabilities rounded to bfloat16 as a GPU's bfloat16 attention rounds them, twice the
+products per instruction (at the bundled model's batch-32 step on a 2-core EPYC, Zen 4: 139 against 228 us a layer
+over 192 positions).
 
 It is part of the CPU kernels' library (`tandem.kernels.library`), which a CPU engine builds when it starts, as the
 operator `torch.ops.tandem.mla_paged_decode`, which eager steps call and `torch.export` traces into AOTInductor's
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from tandem.kernels import library
-from tandem.kernels.tiles import pack
+from tandem.kernels.tiles import repack
 
 HEADS_MULTIPLE = 8  # the kernel scores 8 heads per vector
 LATENT_MULTIPLE = 16  # and sums the latent 16 columns at a time
@@ -49,11 +50,14 @@ def supports(num_heads: int, kv_lora_rank: int) -> bool:
     return library.loaded() and fits(num_heads, kv_lora_rank)
 
 
-def absorption_tiles(w_kv: torch.Tensor, nope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def absorption_tiles(w_kv: torch.Tensor, nope_dim: int,
+                     packed: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) \
+        -> tuple[torch.Tensor, torch.Tensor]:
     """`kv_b_proj`'s weight per head w_kv [H, N + V, C] as the kernel's tiles read it (`tiles.pack`): W_UK^T [C, N]
     per head, which absorbs the queries into the latent, and W_UV [V, C], which projects the attended latent to the
-    values. A model packs them once (`MLA.pack_tiles_`); the library must be loaded."""
-    return pack(w_kv[:, :nope_dim].transpose(1, 2)), pack(w_kv[:, nope_dim:])
+    values; into `packed` where it holds an earlier packing (`tiles.repack`: compiled passes read it in place). A
+    model packs them once (`MLA.pack_tiles_`); the library must be loaded."""
+    return repack(packed[0], w_kv[:, :nope_dim].transpose(1, 2)), repack(packed[1], w_kv[:, nope_dim:])
 
 
 def paged_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kv: torch.Tensor, cache: torch.Tensor,

@@ -19,7 +19,7 @@ from torch import nn
 
 from tandem.kernels import ffn, layer_ops, mla_decode, prompt_attention
 from tandem.kernels.linear import Linear, linear, pack_for_linear
-from tandem.kernels.tiles import HoldsTiles, packs, repack
+from tandem.kernels.tiles import HoldsTiles, packs
 from tandem.model.attention_metadata import AttentionMetadata, DenseCausal, Paged
 from tandem.model.config import ModelConfig, RopeConfig
 from tandem.moe.experts import ExpertBank, LocalExperts
@@ -151,9 +151,8 @@ class MLA(HoldsTiles):
         weight = self.kv_b_proj.weight
         if not (packs(weight) and mla_decode.fits(self.num_heads, self.kv_lora_rank)):
             return False
-        w_uk, w_uv = self._kv_b_per_head(weight).split_with_sizes([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        self.uk_tiles = repack(self.uk_tiles, w_uk.transpose(1, 2))
-        self.uv_tiles = repack(self.uv_tiles, w_uv)
+        self.uk_tiles, self.uv_tiles = mla_decode.absorption_tiles(
+            self._kv_b_per_head(weight), self.qk_nope_head_dim, (self.uk_tiles, self.uv_tiles))
         return True
 
     def _kv_b_per_head(self, weight: torch.Tensor) -> torch.Tensor:
