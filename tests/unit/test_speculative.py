@@ -3,6 +3,7 @@
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -401,3 +402,27 @@ def test_step_cost_model_fits_seconds_as_a_line_in_the_batch_size():
     for batch_size, seconds in [(1, 3.0), (2, 2.0), (3, 1.0)]:  # faster with more sequences is noise: flat
         model.record(batch_size, seconds)
     assert model.predict(1) == model.predict(30) == pytest.approx(2.0)
+
+
+def test_step_cost_model_fit_follows_its_window_over_a_long_run_and_a_renewal():
+    """The sums behind the fit are updated as samples enter and leave the window, not recomputed: after
+    thousands of steps of varied sizes, and after `renew`, the fit is least squares over the window's samples."""
+    rng = random.Random(0)
+    model = StepCostModel(window=16)
+
+    def least_squares(samples: list[tuple[int, float]], batch_size: int) -> float:
+        slope, intercept = np.polyfit([b for b, _ in samples], [t for _, t in samples], 1)
+        return max(slope, 0.0) * (batch_size - np.mean([b for b, _ in samples])) + np.mean([t for _, t in samples])
+
+    for _ in range(5000):
+        batch_size = rng.randint(1, 64)
+        model.record(batch_size, rng.uniform(1e-4, 10.0) if rng.random() < 0.01 else 1e-3 * batch_size)
+    window = list(model.samples)
+    assert len(window) == 16
+    assert model.predict(24) == pytest.approx(least_squares(window, 24), rel=1e-9)
+    model.renew()
+    assert model.predict(24) == pytest.approx(least_squares(window, 24), rel=1e-9)  # serves until a new sample
+    model.record(8, 0.5)
+    model.record(16, 0.7)
+    assert list(model.samples) == [(8, 0.5), (16, 0.7)]
+    assert model.predict(24) == pytest.approx(0.9)

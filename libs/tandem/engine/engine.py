@@ -468,14 +468,16 @@ class Engine:
         policy what drafting costs."""
         if self.policy.max_drafts == 0:
             return
-        started, graphs_before = time.perf_counter(), self.num_graphs
+        started = time.perf_counter()
         # a prefill worker's sequences never draft here: the policy is for decoding batches
         batch_size = sum(not s.prefill_only for s in self.scheduler.running)
         k = self.policy.choose(batch_size) if batch_size else 0
+        timed = timed and k > 0 and self.policy.measures
+        graphs_before = self.num_graphs if timed else 0
         drafted = self._draft(hidden, verified, k)
         if self.policy.measures:
             # not a drafting time: one that includes capturing a CUDA graph
-            timed = timed and k > 0 and drafted and self.num_graphs == graphs_before
+            timed = timed and drafted and self.num_graphs == graphs_before
             self.policy.record_draft(k if timed else None, batch_size, time.perf_counter() - started)
 
     def _draft(self, hidden: torch.Tensor, verified: list[tuple[Sequence, int, slice]], k: int) -> bool:

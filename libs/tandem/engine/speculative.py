@@ -19,7 +19,7 @@ catches up to n-2 from it, and draft j is module j-1's prediction there: at most
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -43,11 +43,13 @@ class MTPWork:
 
 
 class StepCostModel:
-    """Seconds per step as a linear function of the batch size, fitted on recent steps. The fit is redone on
-    each record, not on each prediction: the policy predicts every step."""
+    """Seconds per step as a linear function of the batch size, least-squares fitted on the last `window` steps.
+    The sums the fit needs follow the samples as they come and go, and the fit is redone on each record, not on
+    each prediction: the policy predicts every step."""
 
     def __init__(self, window: int = 16):
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._sums = (0, 0.0, 0, 0.0)  # of the samples' b, t, b*b and b*t (batch sizes b, seconds t)
         self._fit = (0.0, 0.0, 0.0)  # (mean batch size, mean seconds, slope)
         self.last_recorded = 0  # the policy's step clock at the newest sample
         self._renewing = False  # the next sample replaces the old ones, which serve until it comes
@@ -55,16 +57,19 @@ class StepCostModel:
     def record(self, batch_size: int, seconds: float, now: int = 0) -> None:
         if self._renewing:
             self.samples.clear()
+            self._sums = (0, 0.0, 0, 0.0)
             self._renewing = False
+        sum_b, sum_t, sum_bb, sum_bt = self._sums
+        if len(self.samples) == self.samples.maxlen:
+            b, t = self.samples[0]  # leaves the window now
+            sum_b, sum_t, sum_bb, sum_bt = sum_b - b, sum_t - t, sum_bb - b * b, sum_bt - b * t
         self.samples.append((batch_size, seconds))
+        b, t = batch_size, seconds
+        sum_b, sum_t, sum_bb, sum_bt = sum_b + b, sum_t + t, sum_bb + b * b, sum_bt + b * t
+        self._sums = (sum_b, sum_t, sum_bb, sum_bt)
         self.last_recorded = now
-        # least squares in one pass (batch sizes are integers: with one batch size, `spread` is exactly 0)
-        n, sum_b, sum_t, sum_bb, sum_bt = len(self.samples), 0, 0.0, 0, 0.0
-        for b, t in self.samples:
-            sum_b += b
-            sum_t += t
-            sum_bb += b * b
-            sum_bt += b * t
+        # batch sizes are integers: with one batch size, `spread` is exactly 0
+        n = len(self.samples)
         x_mean, y_mean = sum_b / n, sum_t / n
         spread = sum_bb - sum_b * sum_b / n
         slope = (sum_bt - sum_b * y_mean) / spread if spread else 0.0
@@ -85,6 +90,47 @@ class StepCostModel:
     def predict(self, batch_size: int) -> float:
         x_mean, y_mean, slope = self._fit
         return max(y_mean + slope * (batch_size - x_mean), 1e-9) if self.samples else 0.0
+
+
+class DraftCountCost:
+    """What a step with k drafts costs in one batch size bucket, as two models: verifying the drafts (the main
+    pass over B*(k+1) tokens, sampling and verification) and, for k > 0, producing them (the MTP catch-up and
+    drafting passes, with their output heads); and how the policy has measured that count there."""
+
+    __slots__ = ("verify", "produce", "tries", "renewed_at")
+
+    def __init__(self, k: int):
+        self.verify = StepCostModel()
+        self.produce = StepCostModel() if k else None
+        self.tries = 0  # times chosen to be measured since it was last renewed
+        self.renewed_at = 0  # the policy's step clock when last measured again
+
+    @property
+    def samples(self) -> int:
+        """Steps measured, of both models (they are measured in the same steps)."""
+        return len(self.verify) if self.produce is None else min(len(self.verify), len(self.produce))
+
+    @property
+    def new_samples(self) -> int:
+        v = self.verify.new_samples
+        return v if self.produce is None else min(v, self.produce.new_samples)
+
+    @property
+    def last_recorded(self) -> int:
+        """The step clock when both models last had a sample."""
+        v = self.verify.last_recorded
+        return v if self.produce is None else min(v, self.produce.last_recorded)
+
+    def predict(self, batch_size: int) -> float:
+        seconds = self.verify.predict(batch_size)
+        return seconds if self.produce is None else seconds + self.produce.predict(batch_size)
+
+    def renew(self, now: int) -> None:
+        self.verify.renew()
+        if self.produce is not None:
+            self.produce.renew()
+        self.tries = 0
+        self.renewed_at = now
 
 
 class SpeculationPolicy:
@@ -120,11 +166,9 @@ class SpeculationPolicy:
         self.adaptive = adaptive
         self.acceptance = [prior_acceptance] * max_drafts
         self.decay = decay
-        self._costs: dict[tuple[int, int], list[StepCostModel]] = {}  # (drafts, bucket) -> see `_models`
-        self._tries: Counter[tuple[int, int]] = Counter()  # (drafts, bucket) -> times chosen to be measured
+        self._costs: dict[int, list[DraftCountCost]] = {}  # bucket -> per draft count 0..max_drafts
         self.choices: dict[int, int] = {}  # bucket -> drafts last chosen there once measured (for operators)
         self._steps = 0  # timed decode steps so far: the clock of the measurements' freshness
-        self._renewed_at: dict[tuple[int, int], int] = {}  # (drafts, bucket) -> clock when last measured again
         self._pending = [[0, 0] for _ in range(max_drafts)]  # per draft position: (reached, accepted) this step
         self._all_tried: set[int] = set()  # buckets with no count left to measure (`_untried`)
         self._last_verified: int | None = None  # drafts verified by the step before, None if it did not count
@@ -141,14 +185,12 @@ class SpeculationPolicy:
         worker, whose sequences leave the batch after their first token, asks for none: bucket 1 too.)"""
         return max(batch_size, 1).bit_length()
 
-    def _models(self, k: int, bucket: int) -> list[StepCostModel]:
-        """What a step with k drafts costs at the batch sizes of a bucket: [verifying them] and, for k > 0, [...,
-        producing them]. Made once per (k, bucket): the policy asks for them several times a step."""
-        key = (k, bucket)
-        models = self._costs.get(key)
-        if models is None:
-            models = self._costs[key] = [StepCostModel() for _ in range(2 if k else 1)]
-        return models
+    def _costs_in(self, bucket: int) -> list[DraftCountCost]:
+        """What each draft count costs in a bucket, indexed by the count; made when the bucket is first met."""
+        costs = self._costs.get(bucket)
+        if costs is None:
+            costs = self._costs[bucket] = [DraftCountCost(k) for k in range(self.max_drafts + 1)]
+        return costs
 
     def record_verify(self, num_drafts: int | None, batch_size: int, seconds: float) -> None:
         """A decode step in which every one of `batch_size` sequences verified `num_drafts` drafts (None: a step
@@ -159,28 +201,26 @@ class SpeculationPolicy:
         self._last_verified = num_drafts
         if steady:
             self._steps += 1
-            self._models(num_drafts, self.bucket(batch_size))[0].record(batch_size, seconds, self._steps)
+            self._costs_in(self.bucket(batch_size))[num_drafts].verify.record(batch_size, seconds, self._steps)
 
     def record_draft(self, num_drafts: int | None, batch_size: int, seconds: float) -> None:
         """The MTP work after a decode step that drafted `num_drafts` tokens for `batch_size` sequences (None: work
         that tells nothing); as `record_verify`, only after work that drafted as many."""
         steady = num_drafts is not None and num_drafts == self._last_drafted
         self._last_drafted = num_drafts
-        if steady:
-            self._models(num_drafts, self.bucket(batch_size))[-1].record(batch_size, seconds, self._steps)
-
-    def _samples(self, k: int, bucket: int) -> int:
-        return min(len(m) for m in self._models(k, bucket))
+        if steady and num_drafts:
+            self._costs_in(self.bucket(batch_size))[num_drafts].produce.record(batch_size, seconds, self._steps)
 
     def _untried(self, bucket: int) -> list[int]:
         """Draft counts not yet measured (or measured again) often enough in this batch size bucket, largest
-        first. None, once, stays none until a count is measured again (`_renew`): samples and tries only grow until
-        then; so a bucket where none is left skips the count (a decode step of one sequence asks it several times)."""
+        first. None, once, stays none until a count is measured again (`DraftCountCost.renew`): samples and tries
+        only grow until then; so a bucket where none is left skips the count (a decode step of one sequence asks it
+        several times)."""
         if bucket in self._all_tried:
             return []
+        costs = self._costs_in(bucket)
         untried = [k for k in range(self.max_drafts, -1, -1)
-                   if min(m.new_samples for m in self._models(k, bucket)) < self.SAMPLES_TO_TRUST
-                   and self._tries[k, bucket] < self.MAX_TRIES]
+                   if costs[k].new_samples < self.SAMPLES_TO_TRUST and costs[k].tries < self.MAX_TRIES]
         if not untried:
             self._all_tried.add(bucket)
         return untried
@@ -225,56 +265,49 @@ class SpeculationPolicy:
             total += run
         return total
 
-    def seconds_per_step(self, k: int, batch_size: int) -> float:
-        return sum(m.predict(batch_size) for m in self._models(k, self.bucket(batch_size)))
-
     def choose(self, batch_size: int) -> int:
+        """The drafts per sequence for the next step at this batch size. Called every decode step, so the
+        settled case (every count measured, none stale) is kept to one pass over the counts."""
         if not self.adaptive or self.max_drafts == 0:
             return self.max_drafts
         self._fold_pending()
         bucket = self.bucket(batch_size)
         untried = self._untried(bucket)
+        costs = self._costs_in(bucket)
         if untried:
-            self._tries[untried[0], bucket] += 1
+            costs[untried[0]].tries += 1
             return untried[0]
         # a larger count must pay clearly, or it is not worth the risk; turning speculation back on must pay
         # more, since sequences whose MTP modules were skipped first recompute what they missed
-        factor = self.SWITCH_ON_GAIN if self.choices.get(bucket) == 0 else self.GAIN
-        best_k, best_rate = 0, 0.0
-        for k in range(self.max_drafts + 1):
-            models = self._models(k, bucket)
-            if not min(len(m) for m in models):
+        chosen = self.choices.get(bucket)
+        factor = self.SWITCH_ON_GAIN if chosen == 0 else self.GAIN
+        best_k, best_rate, tokens, run = 0, 0.0, 1.0, 1.0
+        for k, cost in enumerate(costs):
+            if k:  # tokens a step with k drafts is expected to emit (`expected_tokens`)
+                run *= self.acceptance[k - 1]
+                tokens += run
+            if not cost.samples:
                 continue
-            rate = self.expected_tokens(k) / sum(m.predict(batch_size) for m in models)
+            rate = tokens / cost.predict(batch_size)
             if rate > best_rate * (factor if best_k == 0 else self.GAIN):
                 best_k, best_rate = k, rate
-        stale = [k for k in range(best_k + 1) if self._stale(k, bucket)]
-        if best_k != self.choices.get(bucket, best_k) and best_k in stale:
+        stale = [k for k in range(best_k + 1) if self._stale(costs[k])]
+        if best_k != (best_k if chosen is None else chosen) and best_k in stale:
             stale = [best_k]  # measured again before the policy switches to it
         elif best_k in stale:
             stale.remove(best_k)  # the count being run: its next steps measure it
         if stale:
+            self._all_tried.discard(bucket)
             for k in stale:
-                self._renew(k, bucket)
+                costs[k].renew(self._steps)
             return self.choose(batch_size)
         self.choices[bucket] = best_k
         return best_k
 
-    def _stale(self, k: int, bucket: int) -> bool:
+    def _stale(self, cost: DraftCountCost) -> bool:
         """Measured, but not in the last FRESH_STEPS timed steps, nor tried again since (a count that cannot be
         measured any more, say every request now drafts fewer, is tried again once every FRESH_STEPS)."""
-        if not self._samples(k, bucket):
-            return False
-        measured = min(m.last_recorded for m in self._models(k, bucket))  # verifying and drafting both
-        newest = max(measured, self._renewed_at.get((k, bucket), 0))
-        return self._steps - newest > self.FRESH_STEPS
-
-    def _renew(self, k: int, bucket: int) -> None:
-        self._all_tried.discard(bucket)
-        for m in self._models(k, bucket):
-            m.renew()
-        self._tries[k, bucket] = 0
-        self._renewed_at[k, bucket] = self._steps
+        return bool(cost.samples) and self._steps - max(cost.last_recorded, cost.renewed_at) > self.FRESH_STEPS
 
 
 def _last_verified(seq: Sequence, module: int, empty: torch.Tensor) -> tuple[int, torch.Tensor]:
