@@ -22,8 +22,8 @@ def as_tensor_operations(monkeypatch, logits, bias, **kw):
 
 
 # (experts, top_k, n_group, topk_group, norm_topk_prob): the bundled model's, DeepSeek-V3's, Moonlight's (one group,
-# weights not normalised), and groups of two
-SHAPES = [(16, 4, 4, 2, True), (256, 8, 8, 4, True), (64, 6, 1, 1, False), (8, 2, 4, 3, True)]
+# weights not normalised), groups of two, and experts that are not a whole number of 16-lane vectors
+SHAPES = [(16, 4, 4, 2, True), (256, 8, 8, 4, True), (64, 6, 1, 1, False), (8, 2, 4, 3, True), (40, 5, 5, 3, True)]
 
 
 @pytest.mark.parametrize("experts, top_k, n_group, topk_group, norm", SHAPES)

@@ -1,15 +1,14 @@
 // DeepSeekMoE's routing on the CPU, one pass over each token's router logits: see routing.py.
 //
-// Per token: the sigmoid scores (16 at a time), the bias-corrected choice values, each group's best two summed, the best groups
-// kept, the top-k experts of those by insertion into a sorted list of k (ties: the lower index first), and their
-// uncorrected scores normalised and scaled as the gating weights.
+// Per token: the sigmoid scores (16 at a time), the bias-corrected choice values, each group's best two summed, the
+// best groups kept, the top-k experts of those by insertion into a sorted list of k (ties: the lower index first),
+// and their uncorrected scores normalised and scaled as the gating weights.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -69,9 +68,14 @@ std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& logits, const at::Ten
         store(scores.data() + e, s);
         store(choice.data() + e, s + load(bp + e));
       }
-      for (; e < E; ++e) {
-        scores[e] = 1.0f / (1.0f + std::exp(-xp[t * E + e]));
-        choice[e] = scores[e] + bp[e];
+      if (e < E) {  // the last E % 16 through a padded vector: every score from the same exponential
+        float tail[16] = {};
+        copy_values(xp + t * E + e, E - e, tail);
+        store(tail, sigmoid(load(tail)));
+        for (int64_t i = 0; e + i < E; ++i) {
+          scores[e + i] = tail[i];
+          choice[e + i] = tail[i] + bp[e + i];
+        }
       }
       if (n_group > 1) {  // a group is as good as its best two
         for (int64_t g = 0; g < n_group; ++g) {
