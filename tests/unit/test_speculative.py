@@ -234,6 +234,19 @@ def test_policy_turns_speculation_back_on_only_for_a_clear_gain():
     assert policy.choose(8) == 1
 
 
+def test_policy_with_drafts_off_follows_new_timings_of_drafting():
+    """With drafts off, `choose` keeps the rates of drafting between steps; new samples of them (a request that pins
+    its own draft count still drafts) still turn drafts back on."""
+    policy = SpeculationPolicy(max_drafts=1)
+    measure(policy, 8, lambda k: 0.010 * (1 + k), lambda k: 0.0)  # a step with a draft: twice the time
+    policy.acceptance = [0.9]
+    assert [policy.choose(8) for _ in range(3)] == [0, 0, 0]
+    for _ in range(20):  # steps verifying one draft each, now as fast as plain ones
+        policy.record_verify(1, 8, 0.010)
+        policy.record_draft(1, 8, 0.0)
+    assert policy.choose(8) == 1
+
+
 def run_steps(policy: SpeculationPolicy, batch_size: int, steps: int, step_seconds) -> list[int]:
     """`steps` decode steps at the policy's choices, each taking step_seconds(k) (all of it verification)."""
     chosen = []

@@ -173,6 +173,8 @@ class SpeculationPolicy:
         self._all_tried: set[int] = set()  # buckets with no count left to measure (`_untried`)
         self._last_verified: int | None = None  # drafts verified by the step before, None if it did not count
         self._last_drafted: int | None = None
+        self._drafting_samples = 0  # samples recorded of steps with drafts (`_stays_off` follows them)
+        self._drafting_rates: dict[int, tuple[tuple, list[float]]] = {}  # bucket -> see `_stays_off`
 
     @property
     def measures(self) -> bool:
@@ -201,6 +203,7 @@ class SpeculationPolicy:
         self._last_verified = num_drafts
         if steady:
             self._steps += 1
+            self._drafting_samples += num_drafts > 0
             self._costs_in(self.bucket(batch_size))[num_drafts].verify.record(batch_size, seconds, self._steps)
 
     def record_draft(self, num_drafts: int | None, batch_size: int, seconds: float) -> None:
@@ -209,6 +212,7 @@ class SpeculationPolicy:
         steady = num_drafts is not None and num_drafts == self._last_drafted
         self._last_drafted = num_drafts
         if steady and num_drafts:
+            self._drafting_samples += 1
             self._costs_in(self.bucket(batch_size))[num_drafts].produce.record(batch_size, seconds, self._steps)
 
     def _untried(self, bucket: int) -> list[int]:
@@ -258,16 +262,10 @@ class SpeculationPolicy:
                 self.acceptance[j] += self.decay * (landed / reached - self.acceptance[j])
         self._pending = [[0, 0] for _ in range(self.max_drafts)]
 
-    def expected_tokens(self, k: int) -> float:
-        total, run = 1.0, 1.0
-        for a in self.acceptance[:k]:
-            run *= a
-            total += run
-        return total
-
     def choose(self, batch_size: int) -> int:
         """The drafts per sequence for the next step at this batch size. Called every decode step, so the
-        settled case (every count measured, none stale) is kept to one pass over the counts."""
+        settled cases are kept short: one pass over the counts, and where drafts are off, not even that
+        (`_stays_off`)."""
         if not self.adaptive or self.max_drafts == 0:
             return self.max_drafts
         self._fold_pending()
@@ -280,16 +278,12 @@ class SpeculationPolicy:
         # a larger count must pay clearly, or it is not worth the risk; turning speculation back on must pay
         # more, since sequences whose MTP modules were skipped first recompute what they missed
         chosen = self.choices.get(bucket)
+        if chosen == 0 and self._stays_off(bucket, costs, batch_size):
+            return 0
         factor = self.SWITCH_ON_GAIN if chosen == 0 else self.GAIN
-        best_k, best_rate, tokens, run = 0, 0.0, 1.0, 1.0
-        for k, cost in enumerate(costs):
-            if k:  # tokens a step with k drafts is expected to emit (`expected_tokens`)
-                run *= self.acceptance[k - 1]
-                tokens += run
-            if not cost.samples:
-                continue
-            rate = tokens / cost.predict(batch_size)
-            if rate > best_rate * (factor if best_k == 0 else self.GAIN):
+        best_k, best_rate = 0, 0.0
+        for k, rate in enumerate(self._rates(costs, batch_size)):
+            if rate and rate > best_rate * (factor if best_k == 0 else self.GAIN):
                 best_k, best_rate = k, rate
         stale = [k for k in range(best_k + 1) if self._stale(costs[k])]
         if best_k != (best_k if chosen is None else chosen) and best_k in stale:
@@ -303,6 +297,28 @@ class SpeculationPolicy:
             return self.choose(batch_size)
         self.choices[bucket] = best_k
         return best_k
+
+    def _rates(self, costs: list[DraftCountCost], batch_size: int, first: int = 0) -> list[float]:
+        """Expected tokens per second of a sequence at each draft count from `first` on (0.0: not measured)."""
+        rates, tokens, run = [], 1.0, 1.0
+        for k in range(first, len(costs)):
+            if k:  # tokens a step with k drafts is expected to emit: 1 + sum_j prod_{i<=j} a_i
+                run *= self.acceptance[k - 1]
+                tokens += run
+            rates.append(tokens / costs[k].predict(batch_size) if costs[k].samples else 0.0)
+        return rates
+
+    def _stays_off(self, bucket: int, costs: list[DraftCountCost], batch_size: int) -> bool:
+        """Where drafts were off, whether no count promises SWITCH_ON_GAIN times a plain step's tokens per second,
+        so that `choose` keeps them off (its own answer then, found sooner). With drafts off only the plain step's
+        cost keeps moving: the counts' rates with drafts are kept until a sample of them, the acceptance or the
+        batch size changes."""
+        key = (batch_size, self._drafting_samples, tuple(self.acceptance))
+        kept = self._drafting_rates.get(bucket)
+        if kept is None or kept[0] != key:
+            kept = self._drafting_rates[bucket] = (key, self._rates(costs, batch_size, first=1))
+        plain = costs[0]
+        return bool(plain.samples) and max(kept[1]) <= 1.0 / plain.predict(batch_size) * self.SWITCH_ON_GAIN
 
     def _stale(self, cost: DraftCountCost) -> bool:
         """Measured, but not in the last FRESH_STEPS timed steps, nor tried again since (a count that cannot be
