@@ -31,18 +31,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& tiles, int64_t N) {
     const X *xp = x.data_ptr<X>(), *wp = tiles.data_ptr<X>();
     X* op = out.data_ptr<X>();
     run_tasks(std::vector<int64_t>(tiles.size(0), M + 8), [&](int64_t block) {
-      const int64_t c0 = block * kCols, width = std::min(kCols, N - c0);
-      const Columns<X> w = packed_block(wp, K, block);
-      const X* a[kMaxRows];
-      float tile_out[kMaxRows * kCols];
-      for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
-        const int64_t m = std::min(kMaxRows, M - r0);
-        for (int64_t r = 0; r < m; ++r) a[r] = xp + (r0 + r) * x.stride(0);
-        tile_rows(m, a, w, K, tile_out);
-        for (int64_t r = 0; r < m; ++r)
-          for (int64_t c = 0; c < width; c += 16)
-            store_float(op + (r0 + r) * N + c0 + c, load(tile_out + r * kCols + c));
-      }
+      const int64_t c0 = block * kCols;
+      rows_times_block(xp, x.stride(0), M, packed_block(wp, K, block), K, std::min(kCols, N - c0), op + c0, N);
     });
   });
   return out;

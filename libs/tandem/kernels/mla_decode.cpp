@@ -299,21 +299,6 @@ void attend_row_bf16(const float* q_latent, const float* q_pe, const c10::BFloat
 }
 #endif
 
-// out [rows, width] (rows `out_stride` apart) = a [rows, K] . block `b` of the packed weight `tiles`, in tiles of up
-// to 8 rows (a's rows `a_stride` apart); width is the block's columns that exist (the packing pads the last block)
-template <typename A, typename W>
-void rows_times_block(const A* a, int64_t a_stride, int64_t rows, const W* tiles, int64_t K, int64_t b, int64_t width,
-                      float* out, int64_t out_stride) {
-  const A* a_rows[kMaxRows];
-  float tile_out[kMaxRows * kCols];
-  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-    const int64_t m = std::min(kMaxRows, rows - r0);
-    for (int64_t r = 0; r < m; ++r) a_rows[r] = a + (r0 + r) * a_stride;
-    tile_rows(m, a_rows, packed_block(tiles, K, b), K, tile_out);
-    for (int64_t r = 0; r < m; ++r) copy_values(tile_out + r * kCols, width, out + (r0 + r) * out_stride);
-  }
-}
-
 // n floats as T (bfloat16 rounded to nearest even, as c10 rounds), 16 at a time
 template <typename T>
 void round_values(const float* from, int64_t n, T* to) {
@@ -341,8 +326,9 @@ void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q
   round_values(q_nope + begin * H * NH, rows * H * NH, operands.data());
   for (int64_t h = 0; h < H; ++h)
     for (int64_t b = 0; b < C_blocks; ++b)
-      rows_times_block(operands.data() + h * NH, H * NH, rows, uk_tiles + h * C_blocks * NH * kCols, NH, b,
-                       std::min(kCols, C - b * kCols), latent.data() + h * C + b * kCols, H * C);
+      rows_times_block(operands.data() + h * NH, H * NH, rows,
+                       packed_block(uk_tiles + h * C_blocks * NH * kCols, NH, b), NH, std::min(kCols, C - b * kCols),
+                       latent.data() + h * C + b * kCols, H * C);
   auto attend = attend_row<cache_t>;
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<cache_t, c10::BFloat16>)
@@ -360,8 +346,8 @@ void attend_rows(int64_t begin, int64_t end, const float* q_nope, const float* q
   round_values(latent.data(), rows * H * C, operands.data());
   for (int64_t h = 0; h < H; ++h)
     for (int64_t b = 0; b < V_blocks; ++b)
-      rows_times_block(operands.data() + h * C, H * C, rows, uv_tiles + h * V_blocks * C * kCols, C, b,
-                       std::min(kCols, V - b * kCols), out + (begin * H + h) * V + b * kCols, H * V);
+      rows_times_block(operands.data() + h * C, H * C, rows, packed_block(uv_tiles + h * V_blocks * C * kCols, C, b),
+                       C, std::min(kCols, V - b * kCols), out + (begin * H + h) * V + b * kCols, H * V);
 }
 
 at::Tensor mla_paged_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& uk_tiles,
