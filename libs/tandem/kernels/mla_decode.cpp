@@ -299,14 +299,6 @@ void attend_row_bf16(const float* q_latent, const float* q_pe, const c10::BFloat
 }
 #endif
 
-// n floats as T (bfloat16 rounded to nearest even, as c10 rounds), 16 at a time
-template <typename T>
-void round_values(const float* from, int64_t n, T* to) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) store_float(to + i, load(from + i));
-  for (; i < n; ++i) to[i] = T(from[i]);
-}
-
 // Rows [begin, end) of a step: their queries absorbed into the latent (q_nope . W_UK per head), attended
 // (`attend_row`, or `attend_row_bf16` where it serves), and the attended latents projected to each head's value
 // (. W_UV^T). Both projections run head by head over all the rows, in the register tiles of tiles.h over weights

@@ -158,7 +158,7 @@ void tile_rows(int64_t rows, const A* const* a, Columns<W> w, int64_t K, float* 
 
 // out [rows, width] = a [rows, K] . the 32 columns of w, in tiles of up to 8 rows: a's rows `a_stride` apart, out's
 // `out_stride` apart, as summed in float32 or rounded to O; width is the columns that exist (a packing pads the
-// last block), a multiple of 16 unless O is float
+// last block)
 template <typename A, typename W, typename O>
 void rows_times_block(const A* a, int64_t a_stride, int64_t rows, Columns<W> w, int64_t K, int64_t width, O* out,
                       int64_t out_stride) {
@@ -168,14 +168,7 @@ void rows_times_block(const A* a, int64_t a_stride, int64_t rows, Columns<W> w, 
     const int64_t m = std::min(kMaxRows, rows - r0);
     for (int64_t r = 0; r < m; ++r) a_rows[r] = a + (r0 + r) * a_stride;
     tile_rows(m, a_rows, w, K, tile_out);
-    for (int64_t r = 0; r < m; ++r) {
-      O* row = out + (r0 + r) * out_stride;
-      if constexpr (std::is_same_v<O, float>) {
-        copy_values(tile_out + r * kCols, width, row);
-      } else {
-        for (int64_t c = 0; c < width; c += 16) store_float(row + c, load(tile_out + r * kCols + c));
-      }
-    }
+    for (int64_t r = 0; r < m; ++r) round_values(tile_out + r * kCols, width, out + (r0 + r) * out_stride);
   }
 }
 

@@ -118,6 +118,14 @@ inline void copy_values(const T* from, int64_t n, T* to) {
   for (; i < n; ++i) to[i] = from[i];
 }
 
+// n floats as T (bfloat16 rounded to nearest even, as c10 rounds), 16 at a time
+template <typename T>
+inline void round_values(const float* from, int64_t n, T* to) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store_float(to + i, load(from + i));
+  for (; i < n; ++i) to[i] = T(from[i]);
+}
+
 // A kernel's [rows, columns] input `what` on the CPU, each row contiguous (rows may be strided), or a clear error
 inline void check_rows(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1, what,
